@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both depend on `make install`, which is idempotent (a stamp file guards it).
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU machine here gets torch 2.13.0 from local disk in seconds. On a GPU machine,
+# the same pin from PyPI is a CUDA build; to choose another, e.g.:
+#   make install TORCH_SPEC="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench-install recipe-mistral-to-qwen clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/distill run recipes/tiny.yaml
+
+test: install
+	$(BIN)/python -m pytest tests
+
+bench-install: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+
+recipe-mistral-to-qwen: install
+	$(BIN)/distill run recipes/mistral-to-qwen.yaml
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

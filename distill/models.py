@@ -1,0 +1,70 @@
+"""Finding and loading models: a local directory or the Hugging Face cache, never a download.
+
+Safe by default: safetensors only (`use_safetensors=True`, so a pickle checkpoint is refused
+rather than unpickled) and `trust_remote_code` only when the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from distill import DistillError
+
+
+def resolve_model(ref: str | os.PathLike, what: str = "model") -> Path:
+    """Map a model reference to a directory on disk.
+
+    `ref` is a local directory, or a hub id (`org/name`) already in the Hugging Face cache.
+    Nothing is downloaded: a reference that is not on disk raises an error saying how to
+    supply it.
+    """
+    path = Path(os.path.expanduser(str(ref)))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise DistillError(f"{what} directory {path} has no config.json; point to a Hugging Face model directory")
+        return path
+    ref = str(ref)
+    if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(ref, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure means "not in the cache"
+            pass
+    raise DistillError(
+        f"{what} '{ref}' is not on disk (not a local directory, not in the Hugging Face cache "
+        f"{os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}). "
+        f"Supply it: `huggingface-cli download {ref}` on a machine with network (then copy the cache), "
+        f"or pass a local directory path instead."
+    )
+
+
+def load_causal_lm(ref, dtype=None, device=None, trust_remote_code: bool = False, what: str = "model"):
+    """Load a causal LM from a local directory or the HF cache, safetensors only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(ref, what)
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (found pickle files {pickles}; convert them to safetensors with a trusted tool first)" if pickles else ""
+        raise DistillError(f"{what} {path} has no *.safetensors weights{hint}; distill never unpickles weights")
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype if dtype is not None else torch.float32,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        local_files_only=True,
+    )
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer(ref, trust_remote_code: bool = False, what: str = "tokenizer"):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(ref, what)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
