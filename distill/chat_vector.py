@@ -1,0 +1,332 @@
+"""Chat vectors in parameter space: Δ = θ_post − θ_base, added to a same-architecture target.
+
+`extract` writes Δ as a plain safetensors directory plus `chat_vector.json` (what it was
+made from); `apply` writes θ_target + Σ λᵢ·Δᵢ as a loadable Hugging Face model directory with
+the target's config and tokenizer. Both stream tensor by tensor (see `distill.checkpoints`),
+computing in float32, so a 70B model needs the memory of a few of its tensors, not of the model.
+
+Vocabulary rows (embeddings, LM head) may differ in count between models (added chat
+tokens, padded vocabularies): the arithmetic then covers the shared leading rows only and
+says so. `skip_embeddings` leaves them out entirely, the Chat Vector paper's practice when
+the target's tokenizer differs. `stats` lives in `distill.chat_vector_stats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from distill import DistillError
+from distill.checkpoints import Checkpoint, ShardedWriter, copy_through, dtype_from_name, dtype_name
+from distill.fsutil import atomic_dir
+
+log = logging.getLogger(__name__)
+
+META_NAME = "chat_vector.json"
+FORMAT = "distill.chat_vector/1"
+# Tensors indexed by token id: their row count follows the vocabulary, not the architecture.
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")
+HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
+
+
+def is_head(name: str) -> bool:
+    return name.endswith(HEAD_SUFFIXES) or name == "output.weight"
+
+
+def is_vocab_tensor(name: str) -> bool:
+    return name.endswith(EMBED_SUFFIXES) or is_head(name)
+
+
+@dataclass
+class ExtractConfig:
+    """`distill chat-vector extract`: Δ = post − base."""
+
+    base: str
+    post: str
+    out: str
+    dtype: str | None = None  # storage dtype of Δ; None = the models' dtype (float32 if they differ)
+    max_shard_size: str = "5GB"
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ApplyConfig:
+    """`distill chat-vector apply`: θ_target + Σ scaleᵢ·Δᵢ."""
+
+    target: str
+    out: str
+    vectors: list[tuple[str, float]] = field(default_factory=list)  # (vector dir, scale λ)
+    skip_embeddings: bool = False
+    max_shard_size: str = "5GB"
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _name_diff(a: set[str], b: set[str], a_label: str, b_label: str) -> str:
+    parts = []
+    for only, label in ((sorted(a - b), a_label), (sorted(b - a), b_label)):
+        if only:
+            more = f" and {len(only) - 10} more" if len(only) > 10 else ""
+            parts.append(f"only in {label}: {', '.join(only[:10])}{more}")
+    return "; ".join(parts)
+
+
+def _architecture(config: dict) -> tuple:
+    return (config.get("model_type"), tuple(config.get("architectures") or ()))
+
+
+def _check_architectures(a: dict, b: dict, a_label: str, b_label: str) -> None:
+    if _architecture(a) != _architecture(b):
+        raise DistillError(
+            f"architectures differ: {a_label} is {_architecture(a)[1] or a.get('model_type')} "
+            f"(model_type {a.get('model_type')}), {b_label} is {_architecture(b)[1] or b.get('model_type')} "
+            f"(model_type {b.get('model_type')}); a chat vector only applies within one architecture - "
+            f"use CoDIT (distill synthesize + train) to cross architectures")
+
+
+def _shared_rows(name: str, a: tuple, b: tuple, a_label: str, b_label: str) -> int | None:
+    """Rows both tensors share: None when shapes agree, else the smaller vocab (raises on other diffs)."""
+    if a == b:
+        return None
+    if is_vocab_tensor(name) and len(a) == len(b) and a[1:] == b[1:]:
+        return min(a[0], b[0])
+    raise DistillError(f"tensor {name} has shape {list(a)} in {a_label} but {list(b)} in {b_label}; "
+                       f"only vocabulary rows may differ - are these models of the same size?")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
+
+
+def extract(base, post, out, dtype=None, overwrite: bool = False, **options) -> Path:
+    """Write Δ = θ_post − θ_base to `out` (a safetensors directory + chat_vector.json)."""
+    return run_extract(ExtractConfig(str(base), str(post), str(out), dtype=dtype, overwrite=overwrite, **options))
+
+
+def run_extract(cfg: ExtractConfig) -> Path:
+    base = Checkpoint.open(cfg.base, what="base model")
+    post = Checkpoint.open(cfg.post, what="post-trained model")
+    _check_architectures(base.config, post.config, f"base {base.path}", f"post {post.path}")
+    if set(base.tensors) != set(post.tensors):
+        raise DistillError("tensor names differ between the models: "
+                           + _name_diff(set(base.tensors), set(post.tensors), f"base {base.path}",
+                                        f"post {post.path}"))
+    if cfg.dtype is not None:
+        out_dtype = dtype_from_name(cfg.dtype)
+    elif base.dtype() == post.dtype():
+        out_dtype = post.dtype()
+    else:
+        out_dtype = torch.float32
+        log.info("base is %s, post is %s: storing the vector in float32", base.dtype(), post.dtype())
+
+    plan, rows, skipped = [], {}, []
+    for name in post.ordered():
+        b, p = base.tensors[name], post.tensors[name]
+        if not (b.dtype.is_floating_point and p.dtype.is_floating_point):
+            skipped.append(name)  # integer buffers are not weights; nothing to subtract
+            continue
+        n = _shared_rows(name, b.shape, p.shape, "base", "post")
+        if n is not None:
+            rows[name] = n
+            log.info("%s: base has %d rows, post %d; the vector covers the %d shared rows",
+                     name, b.shape[0], p.shape[0], n)
+        plan.append((name, (n, *p.shape[1:]) if n is not None else p.shape, out_dtype))
+    if skipped:
+        log.info("not part of the vector (non-floating): %s", ", ".join(skipped))
+
+    meta = {
+        "format": FORMAT,
+        "base": str(base.path.resolve()),
+        "post": str(post.path.resolve()),
+        "dtype": dtype_name(out_dtype),
+        "model_type": post.config.get("model_type"),
+        "architectures": post.config.get("architectures"),
+        "vocab_size": {"base": base.config.get("vocab_size"), "post": post.config.get("vocab_size")},
+        "shared_rows": rows,
+        "tie_word_embeddings": {"base": base.config.get("tie_word_embeddings"),
+                                "post": post.config.get("tie_word_embeddings")},
+        "num_tensors": len(plan),
+    }
+    with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        with ShardedWriter(tmp, plan, cfg.max_shard_size, metadata={"distill": FORMAT}) as writer, \
+                _progress(sum(post.tensors[n].nbytes for n, *_ in plan), "extract", cfg.progress) as bar:
+            for name, _, _ in plan:
+                n = rows.get(name)
+                delta = post.get(name, rows=n).to(torch.float32)
+                delta.sub_(base.get(name, rows=n))  # in place: one float32 buffer per tensor
+                writer.write(name, delta.to(out_dtype))
+                del delta
+                bar.update(post.tensors[name].nbytes)
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("chat vector (%d tensors, %s) written to %s", len(plan), dtype_name(out_dtype), cfg.out)
+    return Path(cfg.out)
+
+
+def open_vector(ref) -> tuple[Checkpoint, dict]:
+    """A chat vector directory and its chat_vector.json."""
+    path = Path(os.path.expanduser(str(ref)))
+    meta_path = path / META_NAME
+    if path.is_dir() and not meta_path.exists():
+        raise DistillError(f"{path} is not a chat vector directory (no {META_NAME}); make one with "
+                           f"`distill chat-vector extract --base B --post P --out {path}`")
+    vector = Checkpoint.open(path, what="chat vector", require_config=False)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DistillError(f"{meta_path} is not valid JSON ({exc}); extract the vector again") from None
+    return vector, meta
+
+
+def _plan_sources(target: Checkpoint, vector: Checkpoint, label: str, skip_embeddings: bool) -> dict[str, str]:
+    """{target tensor: vector tensor to add to it}, handling tied embeddings on either side."""
+    t_names, v_names = set(target.tensors), set(vector.tensors)
+    t_float = {n for n in t_names if target.tensors[n].dtype.is_floating_point}
+    sources = {n: n for n in t_float & v_names}
+    embeds = [n for n in t_names | v_names if n.endswith(EMBED_SUFFIXES)]
+    embed = embeds[0] if len(embeds) == 1 else None
+    extra_v = set(v_names - t_names)
+    for head in [n for n in v_names | t_names if is_head(n)]:
+        if head in v_names and head not in t_names and embed in t_names:
+            # The target ties its head to its embeddings: one matrix, one Δ (the embedding's).
+            log.warning("target %s ties lm_head to its embeddings; %s's separate %s Δ is not applied",
+                        target.path, label, head)
+            extra_v.discard(head)
+        elif head in t_float and head not in v_names and embed in v_names:
+            # The vector comes from tied models: the head moved exactly as the embeddings did.
+            log.info("%s comes from tied embeddings: applying its %s Δ to %s too", label, embed, head)
+            sources[head] = embed
+    missing = t_float - set(sources)
+    if missing or extra_v:
+        raise DistillError("tensor names differ between target and vector: "
+                           + _name_diff(missing, extra_v, f"target {target.path}", f"vector {vector.path}"))
+    if skip_embeddings:
+        sources = {t: v for t, v in sources.items() if not is_vocab_tensor(t)}
+    return sources
+
+
+def apply(target, vectors, out, skip_embeddings: bool = False, overwrite: bool = False, **options) -> Path:
+    """Write θ_target + Σ scale·Δ to `out`. `vectors` is a list of (vector dir, scale)."""
+    return run_apply(ApplyConfig(str(target), str(out), [(str(v), float(s)) for v, s in vectors],
+                                 skip_embeddings=skip_embeddings, overwrite=overwrite, **options))
+
+
+def run_apply(cfg: ApplyConfig) -> Path:
+    if not cfg.vectors:
+        raise DistillError("no chat vector given; pass --vector V (and optionally --scale λ)")
+    target = Checkpoint.open(cfg.target, what="target model")
+    opened = []  # (vector, scale, {target name: vector name}, label)
+    for path, scale in cfg.vectors:
+        vector, meta = open_vector(path)
+        label = f"vector {vector.path}"
+        _check_architectures(target.config, {"model_type": meta.get("model_type"),
+                                             "architectures": meta.get("architectures")},
+                             f"target {target.path}", label)
+        opened.append((vector, scale, _plan_sources(target, vector, label, cfg.skip_embeddings), label))
+
+    plan = [(name, target.tensors[name].shape, target.tensors[name].dtype) for name in target.ordered()]
+    logged = set()
+    with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        with ShardedWriter(tmp, plan, cfg.max_shard_size) as writer, \
+                _progress(target.total_bytes(), "apply", cfg.progress) as bar:
+            for name, shape, dtype in plan:
+                tensor = target.get(name)
+                todo = [(v, s, src[name], label) for v, s, src, label in opened if name in src and s != 0.0]
+                if todo:
+                    tensor = tensor.to(torch.float32)  # accumulate in float32, round once at the end
+                    for vector, scale, vname, label in todo:
+                        rows = _shared_rows(name, shape, vector.tensors[vname].shape, "target", label)
+                        if rows is not None and (name, label) not in logged:
+                            logged.add((name, label))
+                            log.info("%s: target has %d rows, %s %d; applying on the %d shared rows",
+                                     name, shape[0], label, vector.tensors[vname].shape[0], rows)
+                        delta = vector.get(vname, rows=rows)
+                        view = tensor if rows is None else tensor[:rows]
+                        view.add_(delta.to(torch.float32) if delta.dtype != torch.float32 else delta, alpha=scale)
+                        del delta
+                    tensor = tensor.to(dtype)
+                writer.write(name, tensor)
+                del tensor
+                bar.update(target.tensors[name].nbytes)
+        copy_through(target.path, tmp)
+    log.info("θ_target + %s written to %s",
+             " + ".join(f"{s:g}·{Path(p).name}" for p, s in cfg.vectors), cfg.out)
+    return Path(cfg.out)
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def _cmd_extract(args) -> int:
+    run_extract(ExtractConfig(args.base, args.post, args.out, dtype=None if args.dtype == "auto" else args.dtype,
+                              max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                              progress=not args.no_progress))
+    print(args.out)
+    return 0
+
+
+def _cmd_apply(args) -> int:
+    scales = args.scale or []
+    if scales and len(scales) != len(args.vector):
+        raise DistillError(f"{len(args.vector)} --vector but {len(scales)} --scale: give one --scale per "
+                           f"--vector (in the same order), or none for λ=1 everywhere")
+    vectors = list(zip(args.vector, scales or [1.0] * len(args.vector)))
+    run_apply(ApplyConfig(args.target, args.out, vectors, skip_embeddings=args.skip_embeddings,
+                          max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                          progress=not args.no_progress))
+    print(args.out)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    from distill.chat_vector_stats import add_stats_cli
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = subparsers.add_parser(
+        "chat-vector", help="extract / apply / inspect chat vectors (parameter space)", formatter_class=fmt,
+        description="Chat vectors in parameter space: Δ = θ_post − θ_base, added to a same-architecture "
+                    "target as θ_target + λ·Δ. All commands stream one tensor at a time.")
+    sub = parser.add_subparsers(dest="chat_vector_command", metavar="ACTION", required=True)
+
+    def common(p):
+        p.add_argument("--max-shard-size", default="5GB",
+                       help="largest output shard, e.g. 5GB or 500MB (default: %(default)s)")
+        p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ex = sub.add_parser("extract", formatter_class=fmt, help="Δ = post − base, written as a vector directory",
+                        description="Write the chat vector Δ = θ_post − θ_base (computed in float32) as a "
+                                    "safetensors directory with chat_vector.json.\n\nexample:\n  distill "
+                                    "chat-vector extract --base mistral-7b --post mistral-7b-instruct --out cv")
+    ex.add_argument("--base", required=True, help="pre-trained model directory (or hub id in the local HF cache)")
+    ex.add_argument("--post", required=True, help="post-trained (chat/instruct) model of the same architecture")
+    ex.add_argument("--out", required=True, help="vector directory to write")
+    ex.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="storage dtype of Δ; auto = the models' dtype (float32 if they differ). float32 "
+                         "keeps Δ exact for a bit-exact round trip (default: %(default)s)")
+    common(ex)
+    ex.set_defaults(func=_cmd_extract)
+
+    ap = sub.add_parser("apply", formatter_class=fmt, help="θ_target + Σ λ·Δ, written as a model directory",
+                        description="Add one or more chat vectors, each with its own scale λ, to a target of "
+                                    "the same architecture; the output has the target's config and tokenizer."
+                                    "\n\nexample:\n  distill chat-vector apply --target mistral-7b-cp "
+                                    "--vector cv --scale 1.0 --vector cv2 --scale -0.5 --out merged")
+    ap.add_argument("--target", required=True, help="model directory to add the vector(s) to")
+    ap.add_argument("--vector", required=True, action="append", help="vector directory (repeatable)")
+    ap.add_argument("--scale", type=float, action="append",
+                    help="λ for the --vector at the same position (repeatable; negative and fractional "
+                         "allowed; default 1.0 for all)")
+    ap.add_argument("--out", required=True, help="model directory to write")
+    ap.add_argument("--skip-embeddings", action="store_true",
+                    help="leave embeddings and LM head as the target's (use when the target's tokenizer "
+                         "differs from the source's)")
+    common(ap)
+    ap.set_defaults(func=_cmd_apply)
+    add_stats_cli(sub)
