@@ -1,0 +1,133 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distill import DistillError
+from distill.checkpoints import INDEX_NAME, Checkpoint, ShardedWriter, copy_through, parse_size
+from distill.fsutil import atomic_dir
+from tiny import make_model, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    tok = make_tokenizer()
+    make_model(root / "single", tokenizer=tok)
+    make_model(root / "sharded", tokenizer=tok, max_shard_size="20KB")
+    return root
+
+
+def test_sharded_and_single_read_the_same_tensors(models):
+    single, sharded = Checkpoint.open(models / "single"), Checkpoint.open(models / "sharded")
+    assert len({i.file for i in sharded.tensors.values()}) > 2  # really sharded
+    assert set(single.names()) == set(sharded.names())
+    for name, tensor in sharded.iter_tensors():
+        assert torch.equal(tensor, single.get(name)), name
+    assert single.config["model_type"] == "mistral"
+    assert single.get("model.embed_tokens.weight", rows=5).shape == (5, 32)
+
+
+def test_writer_shards_and_indexes_a_plan(tmp_path):
+    tensors = {"a": torch.randn(64, 64), "b": torch.randn(10).to(torch.bfloat16), "c": torch.tensor(3.0),
+               "d": torch.randn(128, 64), "e": torch.arange(6, dtype=torch.int64)}
+    plan = [(n, t.shape, t.dtype) for n, t in tensors.items()]
+    with ShardedWriter(tmp_path, plan, max_shard_size=20_000) as w:
+        for name in reversed(list(tensors)):  # any order: bytes go to their planned offsets
+            w.write(name, tensors[name])
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                     "model-00003-of-00003.safetensors"]
+    loaded = {}
+    for f in files:  # the reference reader accepts every shard
+        loaded.update(load_file(tmp_path / f))
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert torch.equal(loaded[name], t) and loaded[name].dtype == t.dtype
+
+
+def test_writer_single_shard_has_no_index_and_checks_plan(tmp_path):
+    with ShardedWriter(tmp_path, [("x", (2, 2), torch.float32)]) as w:
+        with pytest.raises(DistillError, match="planned"):
+            w.write("x", torch.zeros(3))
+        w.write("x", torch.ones(2, 2))
+    assert not (tmp_path / INDEX_NAME).exists()
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["x"], torch.ones(2, 2))
+    (tmp_path / "partial").mkdir()
+    with pytest.raises(DistillError, match="never written"):
+        with ShardedWriter(tmp_path / "partial", [("y", (1,), torch.float32)]):
+            pass
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
+    with pytest.raises(DistillError, match="cannot parse size"):
+        parse_size("lots")
+
+
+def test_copy_through_takes_config_and_tokenizer(models, tmp_path):
+    copied = copy_through(models / "single", tmp_path)
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(copied)
+    assert not any(n.endswith(".safetensors") for n in copied)
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_shard_is_named(models, tmp_path):
+    d = _copy(models / "sharded", tmp_path / "m")
+    victim = sorted(d.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(DistillError, match=f"{victim.name} is missing"):
+        Checkpoint.open(d)
+
+
+def test_truncated_file_is_named(models, tmp_path):
+    d = _copy(models / "single", tmp_path / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(DistillError, match=r"model\.safetensors is truncated"):
+        Checkpoint.open(d)
+    f.write_bytes(b"\x05")
+    with pytest.raises(DistillError, match="truncated or empty"):
+        Checkpoint.open(d)
+
+
+def test_stale_index_is_reported(models, tmp_path):
+    d = _copy(models / "sharded", tmp_path / "m")
+    index = json.loads((d / INDEX_NAME).read_text())
+    index["weight_map"]["model.ghost.weight"] = next(iter(index["weight_map"].values()))
+    (d / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(DistillError, match="stale"):
+        Checkpoint.open(d)
+
+
+def test_pickle_only_checkpoint_is_refused_with_conversion_hint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(DistillError, match=r"only pickle weights \(pytorch_model\.bin\).*never unpickles.*"
+                                           r"save_pretrained"):
+        Checkpoint.open(tmp_path)
+
+
+def test_missing_config_and_missing_dir(tmp_path):
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(DistillError, match="no config.json"):
+        Checkpoint.open(tmp_path)
+    assert Checkpoint.open(tmp_path, require_config=False).names() == ["x"]
+    with pytest.raises(DistillError, match="does not exist"):
+        Checkpoint.open(tmp_path / "nope", require_config=False)
+
+
+def test_atomic_output_refuses_existing_dir(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DistillError, match="already exists.*--overwrite"):
+        with atomic_dir(tmp_path / "out"):
+            pass
