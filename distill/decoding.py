@@ -1,0 +1,387 @@
+"""CoDIT contrastive decoding: the step as pure functions on logits, and a batched engine.
+
+The step (shared/DESIGN.md, "The method"), for each row and each decoding step:
+
+    lp_e  = log_softmax(logits_expert)          # post-trained model
+    lp_a  = log_softmax(logits_amateur)         # its pre-trained base
+    keep  = p_e >= alpha * max(p_e)             # plausibility constraint (the argmax always survives)
+    score = where(keep, lp_e - beta * lp_a, -inf)
+    next  = sample(score / temperature, top_p)  # or argmax when temperature == 0
+
+beta = 0 is plain generation from the expert (the amateur is then never run). Like Hugging
+Face generation, each transformation is one pure function and `next_token` composes them.
+
+Sampling uses counter-based noise: the Gumbel noise of a row depends only on (row seed,
+step, token id), so a row's output does not depend on which other rows share its batch.
+That makes continuous batching, multi-rank sharding and resume-after-crash reproduce an
+uninterrupted batch-1 run exactly (up to floating-point differences between kernels).
+
+`ContrastiveDecoder` runs both models in one process with one KV cache each and keeps the
+batch full by refilling finished rows (continuous batching). Two backends share that loop:
+`EagerPair` (any Hugging Face causal LM, DynamicCache; the reference) and
+`distill.fast_decoder.FastPair` (Llama/Mistral/Qwen2: static cache, CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from distill import DistillError
+
+log = logging.getLogger(__name__)
+
+_MASK32 = 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# The step: pure functions on logits
+# ---------------------------------------------------------------------------------------------
+
+def plausibility_mask(logprobs_expert: torch.Tensor, alpha: float) -> torch.Tensor:
+    """True where p_e >= alpha * max(p_e), computed in log space; alpha=0 keeps all, 1 keeps the argmax."""
+    if not 0.0 <= alpha <= 1.0:
+        raise DistillError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 0.0:
+        return torch.ones_like(logprobs_expert, dtype=torch.bool)
+    top = logprobs_expert.max(dim=-1, keepdim=True).values
+    return logprobs_expert >= top + math.log(alpha)
+
+
+def contrastive_scores(logits_expert: torch.Tensor, logits_amateur: torch.Tensor | None,
+                       alpha: float, beta: float) -> torch.Tensor:
+    """score = where(keep, lp_e - beta * lp_a, -inf), in float32; `logits_amateur` may be None if beta == 0."""
+    lp_e = torch.log_softmax(logits_expert.float(), dim=-1)
+    keep = plausibility_mask(lp_e, alpha)
+    if beta != 0.0:
+        if logits_amateur is None:
+            raise ValueError("beta != 0 needs the amateur's logits")
+        lp_e = lp_e - beta * torch.log_softmax(logits_amateur.float(), dim=-1)
+    return lp_e.masked_fill(~keep, float("-inf"))
+
+
+def top_p_filter(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one); others -inf."""
+    if top_p >= 1.0:
+        return logprobs
+    sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+    probs = sorted_lp.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= top_p  # the first token has mass_before 0, so it always stays
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logprobs.masked_fill(drop, float("-inf"))
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer on int64 tensors (values kept below 2**32, so no overflow)."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(row_seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [rows, vocab] that is a pure function of (row seed, step, token id)."""
+    row = _hash32((row_seeds.long() * 0x9E3779B1 + steps.long()) & _MASK32)
+    token = torch.arange(vocab_size, device=row_seeds.device, dtype=torch.long) * 0x27D4EB2F
+    bits = _hash32((row[:, None] ^ (token[None, :] & _MASK32)))
+    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(uniform))
+
+
+def select_next(scores: torch.Tensor, temperature: float, top_p: float,
+                row_seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Greedy (temperature 0) or temperature + top-p sampling by the Gumbel-max trick."""
+    if temperature == 0.0:
+        return scores.argmax(dim=-1)
+    logprobs = torch.log_softmax(scores / temperature, dim=-1)
+    logprobs = top_p_filter(logprobs, top_p)
+    return (logprobs + gumbel_noise(row_seeds, steps, scores.shape[-1])).argmax(dim=-1)
+
+
+def next_token(logits_expert: torch.Tensor, logits_amateur: torch.Tensor | None, config: "DecodingConfig",
+               row_seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compose the step: contrast the real vocabulary only (padded rows are dropped), then pick."""
+    logits_a = logits_amateur[..., :vocab_size] if logits_amateur is not None else None
+    scores = contrastive_scores(logits_expert[..., :vocab_size], logits_a, config.alpha, config.beta)
+    return select_next(scores, config.temperature, config.top_p, row_seeds, steps), scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary checks (before any model goes to the device)
+# ---------------------------------------------------------------------------------------------
+
+def check_same_tokenizer(expert_tok, amateur_tok, expert_name: str = "expert", amateur_name: str = "amateur") -> int:
+    """Expert and amateur must tokenize identically; returns the real vocabulary size."""
+    ve, va = expert_tok.get_vocab(), amateur_tok.get_vocab()
+    if ve != va:
+        only_e = sorted(set(ve) - set(va))[:5]
+        only_a = sorted(set(va) - set(ve))[:5]
+        moved = sorted(t for t in set(ve) & set(va) if ve[t] != va[t])[:5]
+        raise DistillError(
+            f"the tokenizers of {expert_name} ({len(ve)} tokens) and {amateur_name} ({len(va)} tokens) differ "
+            f"(only in expert: {only_e}, only in amateur: {only_a}, different ids: {moved}); contrastive "
+            f"decoding needs the post-trained model and ITS OWN base model, which share one tokenizer")
+    for attr in ("bos_token_id", "eos_token_id", "unk_token_id"):
+        if getattr(expert_tok, attr, None) != getattr(amateur_tok, attr, None):
+            raise DistillError(
+                f"{attr} differs between {expert_name} ({getattr(expert_tok, attr, None)}) and {amateur_name} "
+                f"({getattr(amateur_tok, attr, None)}); fix the tokenizer_config.json of one of them")
+    return max(len(expert_tok), max(ve.values()) + 1)
+
+
+def check_embedding_rows(model, vocab_size: int, name: str) -> None:
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise DistillError(f"{name} has {rows} output rows but its tokenizer has {vocab_size} tokens; "
+                           f"the tokenizer does not belong to this model")
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class DecodingConfig:
+    """Settings of one decoding run. Defaults are the paper's public ones."""
+
+    alpha: float = 0.01  # plausibility: keep tokens with p_e >= alpha * max p_e
+    beta: float = 1.0  # amateur penalty; 0 = plain generation from the expert
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    batch_size: int = 32  # rows decoded together; finished rows are refilled
+    engine: str = "auto"  # auto | eager | fast ("auto": fast on CUDA for Llama-family models)
+    cuda_graphs: bool = True  # fast engine only; False = plain eager kernels (a fallback)
+    check_every: int = 8  # steps between host checks for finished rows (no host sync in between)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise DistillError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise DistillError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.check_every < 1:
+            raise DistillError("max_new_tokens, batch_size and check_every must be >= 1")
+        if self.engine not in ("auto", "eager", "fast"):
+            raise DistillError(f"engine must be auto, eager or fast, got {self.engine!r}")
+
+
+@dataclass
+class Request:
+    key: str  # the prompt's id
+    prompt_ids: Sequence[int]
+    seed: int  # the row's own seed (see derive_seed); fixes its sampling noise
+
+
+@dataclass
+class Result:
+    key: str
+    tokens: list[int]  # generated ids, including the stop token when finish_reason == "stop"
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    extra: dict = field(default_factory=dict)
+
+
+def derive_seed(seed: int, key: str) -> int:
+    """A row seed from (run seed, prompt id): stable across processes, batch sizes and resumes."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+class ContrastiveDecoder:
+    """Batched two-model decoding with continuous batching. `amateur` may be None when beta == 0.
+
+    score_hook(keys, steps, active, scores), if given, sees every score matrix (tests use it).
+    """
+
+    def __init__(self, expert, amateur, vocab_size: int, stop_token_ids: Iterable[int],
+                 config: DecodingConfig | None = None, pad_token_id: int = 0,
+                 score_hook: Callable | None = None):
+        self.config = config or DecodingConfig()
+        self.config.validate()
+        if self.config.beta != 0.0 and amateur is None:
+            raise DistillError("beta != 0 needs an amateur model (or use beta=0 / --method direct)")
+        self.models = [expert] if self.config.beta == 0.0 else [expert, amateur]
+        self.vocab_size = vocab_size
+        self.stop_ids = sorted({int(t) for t in stop_token_ids if t is not None})
+        self.pad_token_id = pad_token_id
+        self.score_hook = score_hook
+        self.device = next(expert.parameters()).device
+        self.tokens_generated = 0
+
+    def _backend(self, batch: int, capacity: int):
+        engine = self.config.engine
+        if engine == "fast" or (engine == "auto" and self.device.type == "cuda"):
+            from distill.fast_decoder import FastPair, unsupported_reason
+
+            reasons = [r for r in (unsupported_reason(m) for m in self.models) if r]
+            if engine == "fast" and reasons:
+                raise DistillError(f"the fast engine cannot run this model: {reasons[0]}; use engine=eager")
+            if not reasons:
+                return FastPair(self.models, batch, capacity, cuda_graphs=self.config.cuda_graphs)
+            if reasons:
+                log.info("using the eager engine: %s", reasons[0])
+        return EagerPair(self.models, batch, self.pad_token_id)
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
+        """Yield one Result per request, in order of completion."""
+        queue = deque(requests)
+        if not queue:
+            return
+        cfg, dev = self.config, self.device
+        batch = min(cfg.batch_size, len(queue))
+        capacity = max(len(r.prompt_ids) for r in queue) + cfg.max_new_tokens
+        backend = self._backend(batch, capacity)
+        self.stops = torch.tensor(self.stop_ids or [-1], device=dev)
+        self.out = torch.zeros(batch, cfg.max_new_tokens + 1, dtype=torch.long, device=dev)
+        self.n = torch.zeros(batch, dtype=torch.long, device=dev)  # tokens generated per row
+        self.cur = torch.zeros(batch, dtype=torch.long, device=dev)  # last sampled token per row
+        self.active = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.stopped = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.seeds = torch.zeros(batch, dtype=torch.long, device=dev)
+        slots: list[Request | None] = [None] * batch
+        self._admit(backend, slots, list(range(batch)), queue)
+        while any(s is not None for s in slots):
+            for _ in range(cfg.check_every):
+                logits = backend.decode(self.cur, self.active)
+                self._pick(logits, slice(None), [r.key if r else None for r in slots])
+            done = ((~self.active).nonzero().flatten()).tolist()  # one host sync per check_every steps
+            done = [i for i in done if slots[i] is not None]
+            if not done:
+                continue
+            lengths, stopped = self.n.tolist(), self.stopped.tolist()
+            rows = self.out[done].tolist()
+            for row, i in zip(rows, done):
+                req = slots[i]
+                slots[i] = None
+                self.tokens_generated += lengths[i]
+                yield Result(req.key, row[:lengths[i]], "stop" if stopped[i] else "length", len(req.prompt_ids))
+            if queue:
+                self._admit(backend, slots, done[:len(queue)], queue)
+
+    def _admit(self, backend, slots, free: list[int], queue: deque) -> None:
+        reqs = [queue.popleft() for _ in free]
+        for i, r in zip(free, reqs):
+            slots[i] = r
+        idx = torch.tensor(free, device=self.device)
+        logits = backend.prefill(free, [list(r.prompt_ids) for r in reqs])
+        self.seeds[idx] = torch.tensor([r.seed for r in reqs], device=self.device)
+        self.n[idx] = 0
+        self.stopped[idx] = False
+        self.active[idx] = True
+        self._pick(logits, idx, [r.key for r in reqs])
+
+    def _pick(self, logits: list[torch.Tensor], rows, keys) -> None:
+        """Choose the next token for `rows` (a slice or index tensor) and update their state on device."""
+        cfg = self.config
+        n = self.n[rows]
+        tok, scores = next_token(logits[0], logits[1] if len(logits) > 1 else None, cfg,
+                                 self.seeds[rows], n, self.vocab_size)
+        if self.score_hook is not None:
+            self.score_hook(keys, n.tolist(), self.active[rows].tolist(), scores)
+        live = self.active[rows]
+        # `out` has one spare column, so a finished row (n == max_new_tokens) writes its filler
+        # token there; columns at or beyond a row's n are never read.
+        self.out[rows] = self.out[rows].scatter(1, n[:, None], tok[:, None])
+        hit_stop = torch.isin(tok, self.stops) & live
+        n = n + live.long()
+        self.n[rows] = n
+        self.cur[rows] = tok
+        self.stopped[rows] = self.stopped[rows] | hit_stop
+        self.active[rows] = live & ~hit_stop & (n < cfg.max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager backend: any Hugging Face causal LM, a DynamicCache per model, left padding
+# ---------------------------------------------------------------------------------------------
+
+class EagerPair:
+    """Rows live left-padded in one DynamicCache per model; a refilled row is merged by left padding.
+
+    Works with any HF causal LM; the reference the fast engine is tested against.
+    """
+
+    def __init__(self, models, batch: int, pad_token_id: int = 0):
+        self.models, self.batch, self.pad = models, batch, pad_token_id
+        self.caches = [None] * len(models)
+        self.mask: torch.Tensor | None = None  # [batch, columns], 1 where a column holds a real token
+
+    @torch.no_grad()
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
+        from transformers import DynamicCache
+
+        dev = next(self.models[0].parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long, device=dev)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, device=dev)
+            mask[i, width - len(p):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = []
+        for m, model in enumerate(self.models):
+            cache = DynamicCache()  # no config: plain layers we can re-pad (no sliding-window cropping)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{_cache_kwarg(model): cache})
+            logits.append(out.logits[:, -1].float())
+            self._merge(m, slots, cache)
+        self._merge_mask(slots, mask)
+        return logits
+
+    def _merge(self, m: int, slots: list[int], new) -> None:
+        if self.caches[m] is None:  # the first fill covers every slot in order
+            self.caches[m] = new
+            return
+        for old_layer, new_layer in zip(self.caches[m].layers, new.layers):
+            for name in ("keys", "values"):
+                old, fresh = _left_pad_pair(getattr(old_layer, name), getattr(new_layer, name))
+                old[slots] = fresh
+                setattr(old_layer, name, old)
+
+    def _merge_mask(self, slots: list[int], mask: torch.Tensor) -> None:
+        if self.mask is None:
+            self.mask = mask
+            return
+        self.mask, mask = _left_pad_pair(self.mask, mask, dim=1)
+        self.mask[slots] = mask
+        # Drop leading columns no row uses any more, so the cache does not grow without bound.
+        first = int(self.mask.any(0).long().argmax())
+        if first:
+            self.mask = self.mask[:, first:]
+            for cache in self.caches:
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
+        positions = self.mask.sum(-1, keepdim=True)  # the new token's position = real tokens so far
+        self.mask = torch.cat([self.mask, active.long()[:, None]], dim=1)  # finished rows: masked filler
+        return [model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions,
+                      use_cache=True, **{_cache_kwarg(model): cache}).logits[:, -1].float()
+                for model, cache in zip(self.models, self.caches)]
+
+
+def _cache_kwarg(model) -> str:
+    """transformers >= 5.2x calls the cache argument `cache`; earlier 5.x `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _left_pad_pair(a: torch.Tensor, b: torch.Tensor, dim: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad the shorter of a and b with zeros along `dim` so both have the same length."""
+    def pad(x, length):
+        extra = length - x.shape[dim]
+        if extra == 0:
+            return x
+        shape = list(x.shape)
+        shape[dim] = extra
+        return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+    length = max(a.shape[dim], b.shape[dim])
+    return pad(a, length), pad(b, length)
