@@ -55,6 +55,7 @@ class ExtractConfig:
     max_shard_size: str = "5GB"
     overwrite: bool = False
     progress: bool = True
+    device: str = "cpu"  # where the arithmetic runs; reading and writing stay on the CPU
 
 
 @dataclass
@@ -68,6 +69,7 @@ class ApplyConfig:
     max_shard_size: str = "5GB"
     overwrite: bool = False
     progress: bool = True
+    device: str = "cpu"
 
 
 def _name_diff(a: set[str], b: set[str], a_label: str, b_label: str) -> str:
@@ -160,8 +162,8 @@ def run_extract(cfg: ExtractConfig) -> Path:
                 _progress(sum(post.tensors[n].nbytes for n, *_ in plan), "extract", cfg.progress) as bar:
             for name, _, _ in plan:
                 n = rows.get(name)
-                delta = post.get(name, rows=n).to(torch.float32)
-                delta.sub_(base.get(name, rows=n))  # in place: one float32 buffer per tensor
+                delta = post.get(name, rows=n).to(cfg.device, torch.float32)
+                delta.sub_(base.get(name, rows=n).to(cfg.device))  # in place: one float32 buffer per tensor
                 writer.write(name, delta.to(out_dtype))
                 del delta
                 bar.update(post.tensors[name].nbytes)
@@ -240,16 +242,16 @@ def run_apply(cfg: ApplyConfig) -> Path:
                 tensor = target.get(name)
                 todo = [(v, s, src[name], label) for v, s, src, label in opened if name in src and s != 0.0]
                 if todo:
-                    tensor = tensor.to(torch.float32)  # accumulate in float32, round once at the end
+                    tensor = tensor.to(cfg.device, torch.float32)  # accumulate in float32, round once at the end
                     for vector, scale, vname, label in todo:
                         rows = _shared_rows(name, shape, vector.tensors[vname].shape, "target", label)
                         if rows is not None and (name, label) not in logged:
                             logged.add((name, label))
                             log.info("%s: target has %d rows, %s %d; applying on the %d shared rows",
                                      name, shape[0], label, vector.tensors[vname].shape[0], rows)
-                        delta = vector.get(vname, rows=rows)
+                        delta = vector.get(vname, rows=rows).to(cfg.device, torch.float32)
                         view = tensor if rows is None else tensor[:rows]
-                        view.add_(delta.to(torch.float32) if delta.dtype != torch.float32 else delta, alpha=scale)
+                        view.add_(delta, alpha=scale)
                         del delta
                     tensor = tensor.to(dtype)
                 writer.write(name, tensor)
@@ -266,7 +268,7 @@ def run_apply(cfg: ApplyConfig) -> Path:
 def _cmd_extract(args) -> int:
     run_extract(ExtractConfig(args.base, args.post, args.out, dtype=None if args.dtype == "auto" else args.dtype,
                               max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                              progress=not args.no_progress))
+                              progress=not args.no_progress, device=args.device))
     print(args.out)
     return 0
 
@@ -279,7 +281,7 @@ def _cmd_apply(args) -> int:
     vectors = list(zip(args.vector, scales or [1.0] * len(args.vector)))
     run_apply(ApplyConfig(args.target, args.out, vectors, skip_embeddings=args.skip_embeddings,
                           max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                          progress=not args.no_progress))
+                          progress=not args.no_progress, device=args.device))
     print(args.out)
     return 0
 
@@ -299,6 +301,9 @@ def add_cli(subparsers) -> None:
                        help="largest output shard, e.g. 5GB or 500MB (default: %(default)s)")
         p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--device", default="cpu",
+                       help="device for the arithmetic, e.g. cuda; files are read and written on the CPU "
+                            "either way (default: %(default)s)")
 
     ex = sub.add_parser("extract", formatter_class=fmt, help="Δ = post − base, written as a vector directory",
                         description="Write the chat vector Δ = θ_post − θ_base (computed in float32) as a "

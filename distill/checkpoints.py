@@ -145,7 +145,10 @@ class Checkpoint:
     def open(cls, ref: str | os.PathLike, what: str = "model", require_config: bool = True) -> "Checkpoint":
         """Read the index and headers of a model directory (or a hub id in the local HF cache)."""
         path = Path(os.path.expanduser(str(ref)))
+        looks_like_path = path.is_absolute() or str(ref).startswith((".", "~")) or str(ref).count("/") > 1
         if not path.is_dir():
+            if path.exists() or looks_like_path:
+                raise DistillError(f"{what} directory {path} does not exist or is not a directory; check the path")
             if require_config:
                 from distill.models import resolve_model
 
