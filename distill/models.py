@@ -35,7 +35,7 @@ def resolve_model(ref: str | os.PathLike, what: str = "model") -> Path:
     raise DistillError(
         f"{what} '{ref}' is not on disk (not a local directory, not in the Hugging Face cache "
         f"{os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}). "
-        f"Supply it: `huggingface-cli download {ref}` on a machine with network (then copy the cache), "
+        f"Supply it: `hf download {ref}` (huggingface_hub's CLI) on a machine with network (then copy the cache), "
         f"or pass a local directory path instead."
     )
 

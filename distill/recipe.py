@@ -1,0 +1,308 @@
+"""`distill run RECIPE.yaml`: the whole pipeline, stage by stage, with caching.
+
+zoo → preflight → chat-vector → weight-arithmetic → synthesize-{codit,direct}
+    → train-{method}-seed{s} → evaluate-{model} → report
+
+Every stage writes into the run directory. A stage records a key (a hash of its settings
+and of the keys of the stages it reads) in `stages.json` when it finishes; on a rerun a
+stage whose key is unchanged is skipped. An interrupted stage simply runs again: synthesis
+appends and resumes, training resumes from its last checkpoint, the rest write atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from distill import DistillError, __version__
+from distill.fsutil import atomic_write_json
+from distill.recipe_schema import Recipe, as_dict, load_recipe, resolve_references
+
+log = logging.getLogger("distill.recipe")
+
+
+@dataclass
+class Stage:
+    name: str
+    settings: dict  # everything that changes the stage's output
+    run: Callable[[], dict]  # returns what later stages and the report need (paths, notes)
+    inputs: list[str] = field(default_factory=list)  # names of the stages it reads
+
+
+class StageState:
+    """`stages.json` in the run directory: finished stages, their keys, outputs and timings."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "stages.json"
+        self.done: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def key(self, stage: Stage) -> str:
+        upstream = {name: self.done.get(name, {}).get("key") for name in stage.inputs}
+        blob = json.dumps({"settings": stage.settings, "inputs": upstream}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def is_current(self, stage: Stage) -> bool:
+        entry = self.done.get(stage.name)
+        return bool(entry) and entry["key"] == self.key(stage)
+
+    def record(self, stage: Stage, outputs: dict, seconds: float) -> None:
+        self.done[stage.name] = {"key": self.key(stage), "outputs": outputs, "seconds": round(seconds, 1)}
+        atomic_write_json(self.path, self.done)
+
+    def forget(self, names: list[str]) -> None:
+        for name in names:
+            self.done.pop(name, None)
+        atomic_write_json(self.path, self.done)
+
+    def output(self, name: str) -> dict:
+        return self.done.get(name, {}).get("outputs", {})
+
+
+def _architecture(model_dir: str | Path) -> str:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
+
+
+class Pipeline:
+    """Builds the stage list of one recipe and runs it."""
+
+    def __init__(self, recipe: Recipe, recipe_path: Path):
+        self.recipe = recipe
+        self.recipe_path = recipe_path
+        self.run_dir = Path(recipe.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state = StageState(self.run_dir)
+        self.notes: list[str] = []
+        self.models: dict[str, str] = {}  # row name -> model directory to evaluate
+
+    # -- stages -------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Every model and prompt file must be on disk before any work starts."""
+        from distill.models import resolve_model
+
+        r = self.recipe
+        missing = []
+        refs = [("source.base", r.source.base), ("source.post", r.source.post), ("target.base", r.target.base)]
+        if r.weight_arithmetic.target:
+            refs.append(("weight_arithmetic.target", r.weight_arithmetic.target))
+        resolved = {}
+        for key, ref in refs:
+            if not ref:
+                missing.append(f"  {key}: not set (add it to {self.recipe_path} or pass --set {key}=PATH)")
+                continue
+            try:
+                resolved[key] = str(resolve_model(ref, key))
+            except DistillError as exc:
+                missing.append(f"  {exc}\n    or override: --set {key}=/path/to/model")
+        prompts = r.prompts.synthesis
+        if not prompts or not Path(prompts).exists():
+            missing.append(
+                f"  prompts.synthesis = {prompts or '(unset)'}: not found; point it to a JSONL file or a "
+                f"`datasets` directory with an `instruction` field: --set prompts.synthesis=/path/prompts.jsonl"
+            )
+        if missing:
+            raise DistillError(
+                f"recipe {self.recipe_path} cannot start; these inputs are not on disk:\n" + "\n".join(missing)
+                + "\nModels resolve to a local directory or the Hugging Face cache (HF_HOME / HF_HUB_CACHE); "
+                "nothing is downloaded at run time."
+            )
+        r.source.base, r.source.post = resolved["source.base"], resolved["source.post"]
+        r.target.base = resolved["target.base"]
+        if "weight_arithmetic.target" in resolved:
+            r.weight_arithmetic.target = resolved["weight_arithmetic.target"]
+
+    def stage_chat_vector(self) -> dict:
+        from distill import chat_vector
+
+        out = self.run_dir / "chat_vector"
+        chat_vector.extract(self.recipe.source.base, self.recipe.source.post, out, overwrite=True)
+        return {"vector": str(out)}
+
+    def stage_weight_arithmetic(self) -> dict:
+        from distill import chat_vector
+
+        wa = self.recipe.weight_arithmetic
+        out = self.run_dir / "models" / "weight-arithmetic"
+        vector = self.state.output("chat-vector")["vector"]
+        chat_vector.apply(wa.target, [(vector, wa.scale)], out, skip_embeddings=wa.skip_embeddings, overwrite=True)
+        return {"model": str(out)}
+
+    def stage_synthesize(self, method: str) -> dict:
+        from distill.synthesize import SynthesizeConfig, synthesize
+
+        s, r = self.recipe.synthesis, self.recipe
+        out = self.run_dir / "data" / method
+        cfg = SynthesizeConfig(
+            expert=r.source.post, amateur=r.source.base, prompts=r.prompts.synthesis, out=str(out),
+            method=method, alpha=s.alpha, beta=s.beta, temperature=s.temperature, top_p=s.top_p,
+            max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed, limit=r.prompts.limit,
+            device=s.device, dtype=s.dtype,
+        )
+        synthesize(cfg)
+        return {"data": str(out)}
+
+    def stage_train(self, method: str, seed: int) -> dict:
+        t = self.recipe.train
+        out = self.run_dir / "models" / f"{method}-seed{seed}"
+        data = self.state.output(f"synthesize-{method}")["data"]
+        args = dict(model=self.recipe.target.base, data=data, out=str(out), deepspeed=t.deepspeed, epochs=t.epochs,
+                    max_steps=t.max_steps, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                    max_length=t.max_length, packing=t.packing, seed=seed,
+                    gradient_checkpointing=t.gradient_checkpointing)
+        if t.num_gpus and t.num_gpus > 1:
+            self._launch_train(args, t.num_gpus)
+        else:
+            from distill.train import TrainConfig, train
+
+            train(TrainConfig(**args))
+        return {"model": str(out)}
+
+    def _launch_train(self, args: dict, num_gpus: int) -> None:
+        """Multi-GPU training goes through DeepSpeed's own launcher, one process per GPU."""
+        cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--module", "distill.cli", "train"]
+        for k, v in args.items():
+            if v is None or v is False:
+                continue
+            flag = "--" + k.replace("_", "-")
+            cmd += [flag] if v is True else [flag, str(v)]
+        log.info("launching: %s", shlex.join(cmd))
+        if subprocess.run(cmd).returncode != 0:
+            raise DistillError(f"training failed; the launcher command was: {shlex.join(cmd)}")
+
+    def stage_evaluate(self, row: str, model: str) -> dict:
+        from distill.evaluate import evaluate
+
+        e = self.recipe.evaluate
+        out = self.run_dir / "scores" / f"{row}.json"
+        evaluate(model, e.zoo, suites=tuple(e.suites), out=str(out), batch_size=e.batch_size,
+                 max_new_tokens=e.max_new_tokens, limit=e.limit, device=e.device)
+        return {"scores": str(out)}
+
+    # -- plan -----------------------------------------------------------------------------
+
+    def plan(self) -> list[Stage]:
+        r = self.recipe
+        s = {k: v for k, v in as_dict(r).items()}
+        stages: list[Stage] = []
+        models = {"target-base": r.target.base, "source-post": r.source.post}
+        wa_ok, why = self._weight_arithmetic_applies()
+        if wa_ok:
+            stages.append(Stage("chat-vector", {"base": r.source.base, "post": r.source.post},
+                                self.stage_chat_vector))
+            stages.append(Stage("weight-arithmetic", s["weight_arithmetic"], self.stage_weight_arithmetic,
+                                ["chat-vector"]))
+            models["weight-arithmetic"] = str(self.run_dir / "models" / "weight-arithmetic")
+        else:
+            self.notes.append(f"Weight-arithmetic route skipped: {why}.")
+        for method in r.synthesis.methods:
+            settings = {"source": s["source"], "prompts": s["prompts"], "synthesis": s["synthesis"], "method": method}
+            stages.append(Stage(f"synthesize-{method}", settings, lambda m=method: self.stage_synthesize(m)))
+            for seed in r.train.seeds:
+                name = f"train-{method}-seed{seed}"
+                settings = {"target": s["target"], "train": s["train"], "seed": seed}
+                stages.append(Stage(name, settings, lambda m=method, sd=seed: self.stage_train(m, sd),
+                                    [f"synthesize-{method}"]))
+                models[f"{method}-seed{seed}"] = str(self.run_dir / "models" / f"{method}-seed{seed}")
+        if r.evaluate.zoo:
+            for row, model in models.items():
+                producer = [st.name for st in stages if st.name.endswith(row)]
+                stages.append(Stage(f"evaluate-{row}", {"model": model, "evaluate": s["evaluate"]},
+                                    lambda rw=row, md=model: self.stage_evaluate(rw, md), producer))
+        else:
+            self.notes.append("Evaluation skipped: set evaluate.zoo to a directory with the world's layout.")
+        evals = [st.name for st in stages if st.name.startswith("evaluate-")]
+        stages.append(Stage("report", {"version": __version__}, self.stage_report, evals))
+        self.models = models
+        return stages
+
+    def _weight_arithmetic_applies(self) -> tuple[bool, str]:
+        wa = self.recipe.weight_arithmetic
+        if not wa.target:
+            return False, "no same-architecture target named (weight_arithmetic.target)"
+        src, tgt = _architecture(self.recipe.source.base), _architecture(wa.target)
+        if src != tgt:
+            return False, f"weight_arithmetic.target is {tgt}, the source is {src}; a chat vector needs the same architecture"
+        return True, ""
+
+    def stage_report(self) -> dict:
+        from distill.report import write_report
+
+        scores = {row: self.state.output(f"evaluate-{row}").get("scores") for row in self.models}
+        path = write_report(self.run_dir, self.recipe, self.recipe_path, scores, self.state.done, self.notes)
+        return {"report": str(path)}
+
+    # -- run ------------------------------------------------------------------------------
+
+    def run(self, start_from: str | None = None, only: str | None = None) -> Path:
+        stages = self.plan()
+        names = [st.name for st in stages]
+        if start_from:
+            matches = [n for n in names if fnmatch.fnmatch(n, start_from) or n.startswith(start_from)]
+            if not matches:
+                raise DistillError(f"--from {start_from}: no such stage; stages: {', '.join(names)}")
+            self.state.forget(names[names.index(matches[0]):])
+        selected = names
+        if only:
+            selected = [n for n in names if fnmatch.fnmatch(n, only) or n.startswith(only)]
+            if not selected:
+                raise DistillError(f"--only {only}: no such stage; stages: {', '.join(names)}")
+        total = len(stages)
+        for i, stage in enumerate(stages, 1):
+            if stage.name not in selected:
+                continue
+            if stage.name != "report" and self.state.is_current(stage):
+                log.info("[%d/%d] %s: up to date, skipped", i, total, stage.name)
+                continue
+            log.info("[%d/%d] %s ...", i, total, stage.name)
+            t0 = time.time()
+            outputs = stage.run()
+            self.state.record(stage, outputs, time.time() - t0)
+            log.info("[%d/%d] %s done in %.1f s", i, total, stage.name, time.time() - t0)
+        return self.run_dir / "report.md"
+
+
+def run_recipe(path: str | os.PathLike, overrides: list[str] = (), start_from: str | None = None,
+               only: str | None = None) -> Path:
+    path = Path(path)
+    recipe = load_recipe(path, overrides)
+    zoo = None
+    if recipe.world:
+        # The world is the embedded default's source of models; it caches itself.
+        from distill.world import build_zoo
+
+        log.info("[zoo] building or reusing the embedded world (preset %s)", recipe.world.preset)
+        zoo = str(build_zoo(recipe.world.preset))
+    recipe = resolve_references(recipe, zoo)
+    pipeline = Pipeline(recipe, path)
+    pipeline.preflight()
+    atomic_write_json(Path(recipe.run_dir) / "recipe.json", as_dict(recipe))
+    return pipeline.run(start_from=start_from, only=only)
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a recipe end to end (chat vector, synthesis, training, evaluation, report)",
+        description=__doc__,
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="recipe YAML file, e.g. recipes/tiny.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting, e.g. --set train.epochs=1 --set source.base=/models/base "
+                        "(value parsed as YAML; repeatable)")
+    p.add_argument("--from", dest="start_from", metavar="STAGE",
+                   help="rerun from this stage on (name or prefix, e.g. train), even if up to date")
+    p.add_argument("--only", metavar="STAGE", help="run only the stages matching this name, prefix or glob")
+    p.set_defaults(func=lambda a: print(run_recipe(a.recipe, a.overrides, a.start_from, a.only)))

@@ -1,0 +1,208 @@
+"""The recipe file: one typed schema, validated, with `--set key=value` overrides.
+
+A recipe names the source pair, the target, the prompts and every setting of every stage.
+Unknown keys and wrong types are errors that name the key and the file. Strings may refer
+to `${zoo}` (the embedded world's directory, when the recipe builds one), `${run_dir}`, and
+environment variables (`${DISTILL_PROMPTS}`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from distill import DistillError
+
+
+@dataclass
+class WorldConfig:
+    """Build the embedded world (`distill zoo build`) and expose it as ${zoo}."""
+
+    preset: str = "tiny"
+
+
+@dataclass
+class SourceConfig:
+    base: str = ""  # pre-trained source model (the amateur)
+    post: str = ""  # post-trained source model (the expert); shares base's tokenizer
+
+
+@dataclass
+class TargetConfig:
+    base: str = ""  # the model that receives instruction-following (any architecture)
+
+
+@dataclass
+class WeightArithmeticConfig:
+    """Parameter-space route: target + scale * (post - base). Needs the source architecture."""
+
+    target: Optional[str] = None  # a same-architecture model (e.g. a continually pre-trained base); null skips
+    scale: float = 1.0
+    skip_embeddings: bool = False
+
+
+@dataclass
+class PromptsConfig:
+    synthesis: str = ""  # JSONL or `datasets` directory with `instruction` (or `messages`)
+    limit: Optional[int] = None  # use the first N prompts only
+
+
+@dataclass
+class SynthesisConfig:
+    methods: list[str] = field(default_factory=lambda: ["codit", "direct"])
+    alpha: float = 0.01
+    beta: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    batch_size: int = 32
+    seed: int = 0
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+
+
+@dataclass
+class TrainStageConfig:
+    deepspeed: Optional[str] = "zero2"  # zero2 | zero3 | zero3_offload | path to a JSON; null: no DeepSpeed
+    epochs: float = 3.0
+    max_steps: int = -1
+    lr: float = 2e-5
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 2048
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    seeds: list[int] = field(default_factory=lambda: [0])
+    num_gpus: Optional[int] = None  # >1: launch through the `deepspeed` launcher
+
+
+@dataclass
+class EvaluateConfig:
+    zoo: Optional[str] = None  # a directory of the world's layout (eval prompts, knowledge, held-out text)
+    suites: list[str] = field(default_factory=lambda: ["if", "knowledge", "ppl"])
+    batch_size: int = 32
+    max_new_tokens: int = 256
+    limit: Optional[int] = None
+    device: Optional[str] = None
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    run_dir: str = "runs/${name}"
+    world: Optional[WorldConfig] = None
+    source: SourceConfig = field(default_factory=SourceConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    weight_arithmetic: WeightArithmeticConfig = field(default_factory=WeightArithmeticConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    train: TrainStageConfig = field(default_factory=TrainStageConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def _check(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Validate (and lightly coerce: int -> float) one value against a type annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(value, inner[0], key, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise DistillError(f"{where}: '{key}' must be a mapping, got {type(value).__name__}")
+        return _from_dict(tp, value, where, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise DistillError(f"{where}: '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise DistillError(f"{where}: '{key}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _from_dict(cls, data: dict, where: str, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise DistillError(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(prefix + k for k in unknown)}; known keys: {', '.join(sorted(prefix + n for n in names))}"
+        )
+    return cls(**{k: _check(v, hints[k], prefix + k, where) for k, v in data.items()})
+
+
+def _set(data: dict, dotted: str, raw: str, where: str) -> None:
+    """Apply one `key.sub=value` override; the value is parsed as YAML (so 3, 0.5, null, [1,2] work)."""
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        if node.get(k) is None:
+            node[k] = {}
+        node = node[k]
+        if not isinstance(node, dict):
+            raise DistillError(f"{where}: --set {dotted}: '{k}' is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def _interpolate(obj, env: dict[str, str]):
+    if isinstance(obj, str):
+        # ${zoo} and ${run_dir} first, then environment variables (e.g. ${DISTILL_PROMPTS}).
+        return re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), os.environ.get(m.group(1), m.group(0))), obj)
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            setattr(obj, f.name, _interpolate(getattr(obj, f.name), env))
+        return obj
+    if isinstance(obj, list):
+        return [_interpolate(v, env) for v in obj]
+    return obj
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"recipe {path} not found; see recipes/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DistillError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise DistillError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise DistillError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=1")
+        key, raw = item.split("=", 1)
+        _set(data, key.strip(), raw, str(path))
+    recipe = _from_dict(Recipe, data, str(path))
+    recipe.run_dir = recipe.run_dir.replace("${name}", recipe.name)
+    unknown = sorted(set(recipe.synthesis.methods) - {"codit", "direct"})
+    if unknown:
+        raise DistillError(f"{path}: synthesis.methods: unknown {unknown}; use codit and/or direct")
+    return recipe
+
+
+def resolve_references(recipe: Recipe, zoo: str | None) -> Recipe:
+    """Fill ${zoo} and ${run_dir} once the world (if any) is built."""
+    env = {"run_dir": recipe.run_dir, "name": recipe.name}
+    if zoo:
+        env["zoo"] = str(zoo)
+    return _interpolate(copy.deepcopy(recipe), env)
+
+
+def as_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
