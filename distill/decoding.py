@@ -61,7 +61,8 @@ def contrastive_scores(logits_expert: torch.Tensor, logits_amateur: torch.Tensor
     if beta != 0.0:
         if logits_amateur is None:
             raise ValueError("beta != 0 needs the amateur's logits")
-        lp_e = lp_e - beta * torch.log_softmax(logits_amateur.float(), dim=-1)
+        # Clamp so a token the amateur rules out (-inf) gets a large finite bonus, not +inf / NaN.
+        lp_e = lp_e - beta * torch.log_softmax(logits_amateur.float(), dim=-1).clamp(min=-1e4)
     return lp_e.masked_fill(~keep, float("-inf"))
 
 

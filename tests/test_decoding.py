@@ -1,0 +1,183 @@
+"""The contrastive step and the two decoding engines, on tiny random models (CPU, float32)."""
+
+import math
+
+import pytest
+import torch
+
+from distill import DistillError
+from distill.decoding import (ContrastiveDecoder, DecodingConfig, Request, check_same_tokenizer,
+                              contrastive_scores, gumbel_noise, next_token, plausibility_mask, select_next)
+from tiny import make_model, make_tokenizer
+
+TEXTS = ["the quick brown fox", "answer", "write the response in lowercase letters and end with the word",
+         "the capital", "please repeat the request", "the lazy dog"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls are ~10x slower with 2 threads on a busy 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = make_tokenizer()  # ~168 tokens, while the models have 200 rows: a padded vocabulary
+    return tok, make_model(seed=0), make_model(seed=1), [tok(t).input_ids for t in TEXTS]
+
+
+def run(expert, amateur, vocab, prompts, hook=None, **kw):
+    dec = ContrastiveDecoder(expert, amateur, vocab, [2], DecodingConfig(**kw), pad_token_id=3, score_hook=hook)
+    return {r.key: (r.tokens, r.finish_reason) for r in dec.generate(
+        [Request(str(i), p, seed=100 + i) for i, p in enumerate(prompts)])}
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+def test_alpha_bounds_and_argmax_survives():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50) * 5
+    lp = torch.log_softmax(logits, -1)
+    assert plausibility_mask(lp, 0.0).all()
+    only = plausibility_mask(lp, 1.0)
+    assert (only.sum(-1) == 1).all() and only[torch.arange(64), lp.argmax(-1)].all()
+    for alpha in (0.01, 0.3, 0.99):
+        keep = plausibility_mask(lp, alpha)
+        assert keep[torch.arange(64), lp.argmax(-1)].all()
+        p = lp.exp()
+        assert torch.equal(keep, p >= alpha * p.max(-1, keepdim=True).values - 1e-7) or \
+            (keep ^ (p >= alpha * p.max(-1, keepdim=True).values)).sum() <= 1  # float boundary only
+
+
+def test_scores_formula_and_no_nan():
+    torch.manual_seed(1)
+    e, a = torch.randn(8, 30), torch.randn(8, 30)
+    s = contrastive_scores(e, a, alpha=0.1, beta=0.5)
+    lp_e, lp_a = torch.log_softmax(e, -1), torch.log_softmax(a, -1)
+    keep = lp_e.exp() >= 0.1 * lp_e.exp().max(-1, keepdim=True).values
+    assert torch.allclose(s[keep], (lp_e - 0.5 * lp_a)[keep], atol=1e-6)
+    assert torch.isneginf(s[~keep]).all()
+    # extreme, bf16 and -inf logits: never NaN, and a finite best candidate per row
+    e = (torch.randn(8, 30) * 1e4).bfloat16()
+    a = torch.randn(8, 30) * 1e4
+    a[:, :5] = float("-inf")
+    for beta in (0.0, 1.0, 5.0):
+        s = contrastive_scores(e, a, 0.01, beta)
+        assert not s.isnan().any() and torch.isfinite(s.max(-1).values).all()
+        tok = select_next(s, 1.0, 0.9, torch.arange(8), torch.zeros(8, dtype=torch.long))
+        assert torch.isfinite(s[torch.arange(8), tok]).all()
+
+
+def test_padded_rows_never_chosen_and_top_p():
+    logits = torch.zeros(4, 12)
+    logits[:, 10:] = 1e3  # padding rows beyond a real vocabulary of 10
+    cfg = DecodingConfig(alpha=0.0, beta=0.0)
+    tok, scores = next_token(logits, None, cfg, torch.arange(4), torch.zeros(4, dtype=torch.long), vocab_size=10)
+    assert scores.shape[-1] == 10 and (tok < 10).all()
+    peaked = torch.tensor([[5.0, 1.0, 0.0, 0.0]] * 4)
+    cfg = DecodingConfig(alpha=0.0, beta=0.0, top_p=0.5)
+    for step in range(20):
+        tok, _ = next_token(peaked, None, cfg, torch.arange(4), torch.full((4,), step), vocab_size=4)
+        assert (tok == 0).all()  # the top token holds > 0.5 of the mass: nothing else survives
+
+
+def test_counter_noise_is_reproducible_and_samples_the_distribution():
+    seeds, steps = torch.tensor([7, 7, 8]), torch.tensor([3, 3, 3])
+    g = gumbel_noise(seeds, steps, 100)
+    assert torch.equal(g[0], g[1]) and not torch.equal(g[0], g[2]) and torch.isfinite(g).all()
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 4000
+    tok = select_next(probs.log().expand(n, 4), 1.0, 1.0, torch.full((n,), 11), torch.arange(n))
+    freq = torch.bincount(tok, minlength=4).float() / n
+    assert torch.allclose(freq, probs, atol=0.03), freq
+
+
+def test_tokenizer_mismatch_is_a_clear_error():
+    tok = make_tokenizer()
+    assert check_same_tokenizer(tok, make_tokenizer()) == len(tok)
+    with pytest.raises(DistillError, match="tokenizers of .* differ"):
+        check_same_tokenizer(tok, make_tokenizer(vocab_size=120))
+
+
+# --- the engines --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ["eager", "fast"])
+def test_direct_greedy_equals_hf_generate(setup, engine):
+    tok, expert, _, prompts = setup
+    vocab, new = len(tok), 12
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), 3)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, mixed lengths
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    ref = expert.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                          suppress_tokens=list(range(vocab, 200)), pad_token_id=3, eos_token_id=2)[:, width:]
+    ours = run(expert, None, vocab, prompts, alpha=0.0, beta=0.0, temperature=0.0, max_new_tokens=new,
+               batch_size=4, engine=engine, check_every=3)  # batch < prompts: rows get refilled
+    for i in range(len(prompts)):
+        tokens, reason = ours[str(i)]
+        expected = ref[i].tolist()
+        if 2 in expected:
+            expected = expected[:expected.index(2) + 1]
+        assert tokens == expected, (i, tokens, expected)
+        assert reason == ("stop" if tokens[-1] == 2 else "length")
+
+
+def test_cached_scores_equal_full_recompute(setup):
+    tok, expert, amateur, prompts = setup
+    vocab, seen = len(tok), []
+
+    def hook(keys, steps, active, scores):
+        for k, s, a, row in zip(keys, steps, active, scores):
+            if a:
+                seen.append((k, s, row.clone()))
+
+    out = run(expert, amateur, vocab, prompts[:4], hook, alpha=0.05, beta=0.7, max_new_tokens=6, batch_size=2)
+    assert len(seen) == sum(len(t) for t, _ in out.values())
+    with torch.no_grad():
+        for key, step, row in seen:
+            seq = torch.tensor([prompts[int(key)] + out[key][0][:step]])
+            ref = contrastive_scores(expert(seq).logits[0, -1, :vocab], amateur(seq).logits[0, -1, :vocab], 0.05, 0.7)
+            assert torch.equal(torch.isinf(ref), torch.isinf(row))
+            fin = torch.isfinite(ref)
+            assert torch.allclose(ref[fin], row[fin], atol=1e-4), (key, step)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_continuous_batching_and_fast_engine_match_batch_one(setup, temperature):
+    tok, expert, amateur, prompts = setup
+    base = run(expert, amateur, len(tok), prompts, temperature=temperature, max_new_tokens=10, batch_size=1,
+               engine="eager")
+    assert len(base) == len(prompts)
+    for engine, batch in [("eager", 4), ("fast", 4), ("fast", 1)]:
+        assert run(expert, amateur, len(tok), prompts, temperature=temperature, max_new_tokens=10,
+                   batch_size=batch, engine=engine, check_every=4) == base, (engine, batch)
+
+
+def test_alpha_one_is_greedy_and_stop_tokens(setup):
+    tok, expert, amateur, prompts = setup
+    greedy = run(expert, None, len(tok), prompts[:3], alpha=0.0, beta=0.0, temperature=0.0, max_new_tokens=8)
+    # alpha = 1 leaves only the expert's argmax, whatever beta and the sampling noise say
+    assert run(expert, amateur, len(tok), prompts[:3], alpha=1.0, beta=3.0, max_new_tokens=8) == greedy
+    first = greedy["0"][0][2]  # make the third token a stop token: row 0 ends there
+    dec = ContrastiveDecoder(expert, None, len(tok), [first],
+                             DecodingConfig(alpha=0.0, beta=0.0, temperature=0.0, max_new_tokens=8))
+    (res,) = dec.generate([Request("0", prompts[0], 0)])
+    assert res.finish_reason == "stop" and res.tokens == greedy["0"][0][:greedy["0"][0].index(first) + 1]
+    assert math.isclose(dec.tokens_generated, len(res.tokens))
+
+
+def test_qwen2_bias_fast_matches_eager():
+    tok = make_tokenizer()
+    e, a = make_model(arch="qwen2", seed=3), make_model(arch="qwen2", seed=4)
+    with torch.no_grad():  # random q/k/v biases, so the fast path must really apply them
+        for m in (e, a):
+            for layer in m.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    prompts = [tok(t).input_ids for t in TEXTS[:3]]
+    assert run(e, a, len(tok), prompts, temperature=0.0, max_new_tokens=8, engine="fast", batch_size=2) == \
+        run(e, a, len(tok), prompts, temperature=0.0, max_new_tokens=8, engine="eager", batch_size=2)
