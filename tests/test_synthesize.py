@@ -1,0 +1,139 @@
+"""`distill synthesize` end to end on tiny models: dataset, resume, ranks, errors, repetition filter."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from distill import DistillError
+from distill.cli import main
+from distill.synth_records import repetition_fraction
+from distill.synthesize import SynthesizeConfig, synthesize
+from tiny import make_model, make_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    tok = make_tokenizer()
+    make_model(d / "post", seed=0, tokenizer=tok)
+    make_model(d / "base", seed=1, tokenizer=tok)
+    make_tokenizer(d / "other-tok", vocab_size=120)
+    make_model(d / "other", seed=2, tokenizer=make_tokenizer(vocab_size=120))
+    with open(d / "prompts.jsonl", "w") as f:
+        for i in range(7):
+            row = {"id": f"q{i}", "instruction": "the quick brown fox " * (i % 3 + 1)}
+            if i == 5:  # a chat-format row
+                row = {"id": "q5", "messages": [{"role": "user", "content": "answer in json"}]}
+            f.write(json.dumps(row) + "\n")
+    return d
+
+
+def cfg(zoo, out, **kw):
+    base = dict(expert=str(zoo / "post"), amateur=str(zoo / "base"), prompts=str(zoo / "prompts.jsonl"),
+                out=str(out), max_new_tokens=10, batch_size=3, seed=5, progress=False)
+    return SynthesizeConfig(**(base | kw))
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(zoo):
+    out = zoo / "full"
+    synthesize(cfg(zoo, out))
+    return out
+
+
+def test_dataset_card_and_rows(full_run):
+    import datasets
+
+    ds = datasets.load_dataset(str(full_run), split="train")
+    assert ds["id"] == [f"q{i}" for i in range(7)]
+    r = rows(full_run)[0]
+    assert {"instruction", "response", "prompt_tokens", "response_tokens", "finish_reason", "repetitive",
+            "method", "alpha", "beta", "temperature", "top_p", "seed", "expert", "amateur"} <= set(r)
+    assert r["method"] == "codit" and r["alpha"] == 0.01 and r["beta"] == 1.0
+    assert all(0 < x["response_tokens"] <= 10 for x in rows(full_run))
+    assert rows(full_run)[5]["instruction"] == "answer in json"
+    card = (full_run / "README.md").read_text()
+    assert "contrastive decoding" in card and "Repetition filter" in card and "alpha / beta | 0.01 / 1.0" in card
+    assert json.loads((full_run / "provenance.json").read_text())["counts"]["rows"] == 7
+
+
+def test_resume_after_torn_shard_equals_uninterrupted(zoo, full_run):
+    out = zoo / "resumed"
+    (out / "shards").mkdir(parents=True)
+    shutil.copy(full_run / "provenance.json", out / "provenance.json")
+    lines = (full_run / "shards" / "rank-00000.jsonl").read_text().splitlines(keepends=True)
+    # a crash after three rows and half of the fourth
+    (out / "shards" / "rank-00000.jsonl").write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    synthesize(cfg(zoo, out, batch_size=2))  # another batch size: rows must not depend on it
+    assert rows(out) == rows(full_run)
+    shard = [json.loads(x) for x in (out / "shards" / "rank-00000.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in shard) == [f"q{i}" for i in range(7)]  # no duplicates, none lost
+    mtime = (out / "data" / "train.jsonl").stat().st_mtime_ns
+    synthesize(cfg(zoo, out))  # all done: nothing to generate, same data
+    assert rows(out) == rows(full_run) and (out / "data" / "train.jsonl").stat().st_mtime_ns >= mtime
+
+
+def test_two_ranks_then_merge_equal_one_rank(zoo, full_run, monkeypatch):
+    out = zoo / "ranks"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    synthesize(cfg(zoo, out))
+    assert not (out / "data").exists()  # rank 0 not done yet: no dataset
+    assert main(["synthesize", "--merge", str(out)]) == 2  # an incomplete merge is a clear error
+    monkeypatch.setenv("RANK", "0")
+    synthesize(cfg(zoo, out))  # the last rank to finish merges
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["rank-00000.jsonl", "rank-00001.jsonl"]
+    assert rows(out) == rows(full_run)
+    assert main(["synthesize", "--merge", str(out)]) == 0
+
+
+def test_direct_never_loads_the_amateur(zoo):
+    out = zoo / "direct"
+    assert main(["synthesize", "--expert", str(zoo / "post"), "--amateur", str(zoo / "does-not-exist"),
+                 "--prompts", str(zoo / "prompts.jsonl"), "--out", str(out), "--method", "direct",
+                 "--max-new-tokens", "5", "--limit", "3", "--no-progress"]) == 0
+    r = rows(out)
+    assert len(r) == 3 and {x["beta"] for x in r} == {0.0} and {x["amateur"] for x in r} == {None}
+
+
+def test_clear_errors(zoo, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": 1, "prompt": "hi"}) + "\n")
+    with pytest.raises(DistillError, match=r"bad.jsonl row 0 has neither an 'instruction'"):
+        synthesize(cfg(zoo, tmp_path / "o1", prompts=str(bad)))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DistillError, match="empty.jsonl has no rows"):
+        synthesize(cfg(zoo, tmp_path / "o2", prompts=str(empty)))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(DistillError, match="cannot write to"):
+        synthesize(cfg(zoo, blocker / "out"))
+    with pytest.raises(DistillError, match="tokenizers of .* differ"):
+        synthesize(cfg(zoo, tmp_path / "o3", amateur=str(zoo / "other")))
+    with pytest.raises(DistillError, match="other settings"):
+        synthesize(cfg(zoo, zoo / "full", alpha=0.5))
+    assert main(["synthesize", "--expert", str(zoo / "post"), "--prompts", str(empty), "--out",
+                 str(tmp_path / "o4")]) == 2  # codit without an amateur
+
+
+def test_repetition_fraction():
+    assert repetition_fraction("abc") == 0.0
+    prose = "The river city sits below the hills; its market sells fish, bread and copper pots to travellers."
+    assert repetition_fraction(prose) < 0.05
+    loop = "I will answer. " + "the answer is yes and " * 20
+    assert repetition_fraction(loop) > 0.8
