@@ -1,0 +1,383 @@
+"""`distill train`: supervised fine-tuning of a target on a (synthesized) dataset.
+
+The Hugging Face Trainer does the training and DeepSpeed (ZeRO-2/3, through
+`TrainingArguments(deepspeed=...)`) is the engine; the shipped DeepSpeed configs use "auto"
+everywhere so the Trainer arguments below are the one source of truth. Data handling
+(chat template, assistant-only labels, packing) lives in `distill.train_data`.
+
+Runs as one process (no launcher needed), under `deepspeed --num_gpus N`, or multi-node with
+`deepspeed --hostfile H`; every rank runs this same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import socket
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+from distill import DistillError
+from distill import train_data as td
+from distill.fsutil import atomic_write_json, atomic_write_text, check_output_dir
+from distill.models import resolve_model
+
+log = logging.getLogger(__name__)
+
+SHIPPED_DEEPSPEED = ("zero2", "zero3", "zero3_offload")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `distill train` needs; the defaults work for the tiny demo and real targets."""
+
+    model: str  # target: local HF directory or a hub id in the HF cache
+    data: str  # dataset directory (distill synthesize output) or .jsonl
+    out: str  # final model directory
+    deepspeed: str | None = "zero2"  # zero2 | zero3 | zero3_offload | path to a JSON | None/"none"
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = 2e-5
+    batch_size: int = 4  # per device (micro batch)
+    grad_accum: int = 1
+    max_length: int = 2048
+    truncation: str = "drop"  # rows longer than max_length: "drop" or "truncate"
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    eval_fraction: float = 0.05  # held-out share of rows for eval loss; 0 disables
+    eval_steps: int = 50
+    logging_steps: int = 10
+    save_steps: int = 200  # checkpoint interval, for resuming after an interruption
+    warmup_ratio: float = 0.03  # must stay < 1
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    precision: str = "auto"  # auto (bf16 on a bf16-capable GPU, fp32 otherwise) | bf16 | fp32
+    attn_implementation: str = "sdpa"
+    seed: int = 0
+    keep_repetitive: bool = False
+    resume: bool = True  # resume from <out>.checkpoints if an interrupted run left one
+    trust_remote_code: bool = False
+    overwrite: bool = False
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def load_deepspeed_config(spec: str | None) -> dict | None:
+    """A shipped config name or a JSON file -> dict (None: train without DeepSpeed)."""
+    if spec in (None, "", "none"):
+        return None
+    if spec in SHIPPED_DEEPSPEED:
+        text = resources.files("distill.configs").joinpath(f"{spec}.json").read_text()
+        return json.loads(text)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DistillError(f"DeepSpeed config {spec} is neither one of {', '.join(SHIPPED_DEEPSPEED)} nor a "
+                           "JSON file; pass --deepspeed zero2|zero3|zero3_offload|none or a path")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DistillError(f"DeepSpeed config {path} does not parse as JSON ({exc}); fix it or start from "
+                           "distill/configs/zero2.json") from exc
+    if not isinstance(cfg, dict):
+        raise DistillError(f"DeepSpeed config {path} must be a JSON object")
+    # The Trainer fills an "auto" train_batch_size before it knows the world size (it counts 1
+    # under a launcher, transformers 5.24), so let DeepSpeed derive it: micro batch x accum x world.
+    if cfg.get("train_batch_size") == "auto":
+        del cfg["train_batch_size"]
+    return cfg
+
+
+def ensure_distributed_env() -> None:
+    """Single process without a launcher: give torch.distributed a world of one, or DeepSpeed
+    goes looking for MPI."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def use_bf16(precision: str) -> bool:
+    import torch
+
+    if precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if precision not in ("bf16", "fp32"):
+        raise DistillError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    return precision == "bf16"
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.checkpoints"
+
+
+def _validate(cfg: TrainConfig) -> None:
+    for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_steps", "eval_steps"):
+        if getattr(cfg, name) < 1:
+            raise DistillError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise DistillError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.max_steps <= 0 and cfg.epochs <= 0:
+        raise DistillError("set epochs > 0 or max_steps > 0")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig, callbacks=()) -> Path:
+    """Fine-tune `cfg.model` on `cfg.data`; returns the final model directory.
+
+    Rerunning an interrupted run resumes from its last checkpoint in `<out>.checkpoints/`.
+    `callbacks` are extra `transformers.TrainerCallback`s (tests use them to interrupt).
+    """
+    _validate(cfg)
+    out = Path(cfg.out)
+    # Cheap checks first, so bad input fails before DeepSpeed spends seconds starting up.
+    model_path = resolve_model(cfg.model, "target model")
+    if not any(model_path.glob("*.safetensors")):
+        raise DistillError(f"target model {model_path} has no *.safetensors weights; distill never unpickles")
+    ds_config = load_deepspeed_config(cfg.deepspeed)
+    stats = td.DataStats()
+    chats = td.read_chats(cfg.data, cfg.keep_repetitive, stats)
+    check_output_dir(out, cfg.overwrite)
+    ckpt = checkpoint_dir(out)
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if ds_config is not None:
+        ensure_distributed_env()
+    bf16 = use_bf16(cfg.precision)
+    # TrainingArguments first: under ZeRO-3 it makes from_pretrained partition weights at load.
+    args = TrainingArguments(
+        output_dir=str(ckpt),
+        deepspeed=ds_config,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        bf16=bf16,
+        # Without CUDA, accelerate only counts launcher ranks (gloo) when told it is on CPU.
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",  # set below once we know there is an eval split
+        eval_steps=cfg.eval_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True,
+                                              trust_remote_code=cfg.trust_remote_code)
+    td.ensure_chat_template(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.bfloat16 if bf16 else torch.float32, use_safetensors=True,
+        local_files_only=True, trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # new rows start at the mean embedding
+    model.generation_config.eos_token_id = td.stop_token_ids(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+
+    with args.main_process_first(desc="tokenising"):
+        train_ds, eval_ds = _prepare_data(chats, tokenizer, cfg, stats)
+    if eval_ds is not None:
+        args.eval_strategy = transformers.IntervalStrategy.STEPS
+    log.info("data: %s", td.dump_stats(stats))
+
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=td.SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                      callbacks=list(callbacks))
+    last = get_last_checkpoint(str(ckpt)) if cfg.resume and ckpt.is_dir() else None
+    if last:
+        log.info("resuming from %s", last)
+    result = trainer.train(resume_from_checkpoint=last)
+    if eval_ds is not None and trainer.state.global_step % cfg.eval_steps:
+        trainer.evaluate()  # the held-out loss at the final weights, unless the last step just logged it
+    _save_final(trainer, cfg, out, ckpt, stats, last, result)
+    return out
+
+
+def _prepare_data(chats, tokenizer, cfg: TrainConfig, stats: td.DataStats):
+    n_eval = int(len(chats) * cfg.eval_fraction)
+    eval_ds = None
+    if n_eval >= 1 and len(chats) - n_eval >= 1:
+        split = chats.train_test_split(test_size=n_eval, seed=cfg.seed)
+        chats, eval_chats = split["train"], split["test"]
+        eval_stats = td.DataStats()
+        eval_ds = td.tokenize_dataset(eval_chats, tokenizer, cfg.max_length, cfg.truncation, eval_stats)
+        stats.extra["eval_examples"] = eval_stats.examples
+        if len(eval_ds) == 0:
+            eval_ds = None
+    train_ds = td.tokenize_dataset(chats, tokenizer, cfg.max_length, cfg.truncation, stats)
+    if len(train_ds) == 0:
+        raise DistillError(f"training data {cfg.data}: no example fits max_length={cfg.max_length} "
+                           f"({stats.dropped_too_long} dropped as too long); raise --max-length or use "
+                           "--truncation truncate")
+    if cfg.packing:
+        train_ds = td.pack(train_ds, cfg.max_length)
+        stats.packed_rows = len(train_ds)
+        if eval_ds is not None:
+            eval_ds = td.pack(eval_ds, cfg.max_length)
+    return train_ds, eval_ds
+
+
+def _save_final(trainer, cfg: TrainConfig, out: Path, ckpt: Path, stats, resumed_from, result) -> None:
+    """All ranks join save_model (ZeRO-3 gathers the 16-bit weights); rank 0 writes the rest and
+    renames the finished directory into place."""
+    tmp = out.parent / f".{out.name}.tmp-final"
+    main = trainer.is_world_process_zero()
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if main:
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; train_config.json says it all
+        trainer.model.generation_config.save_pretrained(tmp)
+        atomic_write_json(tmp / "train_config.json", asdict(cfg))
+        history = trainer.state.log_history
+        _write_loss_log(history, tmp)
+        atomic_write_json(tmp / "train_summary.json", {
+            "global_step": trainer.state.global_step,
+            "max_steps": trainer.state.max_steps,
+            "train_loss": result.training_loss,
+            "final_eval_loss": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
+            "resumed_from": resumed_from,
+            "world_size": trainer.args.world_size,
+            "deepspeed": cfg.deepspeed,
+            "data": asdict(stats),
+            "copied": td.copy_provenance(cfg.data, tmp),
+        })
+        if out.exists():  # only reachable with overwrite=True (checked before training)
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        shutil.rmtree(ckpt, ignore_errors=True)  # the run finished; checkpoints are not needed
+        log.info("model written to %s (%d optimizer steps)", out, trainer.state.global_step)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _write_loss_log(history: list[dict], dest: Path) -> None:
+    """loss.csv (step, loss, eval_loss, learning_rate) and loss.png."""
+    rows = [h for h in history if "loss" in h or "eval_loss" in h]
+    lines = ["step,epoch,loss,eval_loss,learning_rate"]
+    for h in rows:
+        lines.append(",".join(str(h.get(k, "")) for k in ("step", "epoch", "loss", "eval_loss", "learning_rate")))
+    atomic_write_text(dest / "loss.csv", "\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(h["step"], h["loss"]) for h in rows if "loss" in h]
+    held = [(h["step"], h["eval_loss"]) for h in rows if "eval_loss" in h]
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+_HELP = {
+    "deepspeed": "DeepSpeed config: zero2 (default), zero3, zero3_offload (ZeRO-3 with params and optimizer "
+                 "in CPU RAM), none (plain Trainer), or a path to your own JSON ('auto' values are filled "
+                 "from these options)",
+    "epochs": "passes over the training rows (default %(default)s; ignored when --max-steps > 0)",
+    "max_steps": "optimizer steps to run; > 0 overrides --epochs (default %(default)s)",
+    "lr": "peak learning rate (default %(default)s)",
+    "batch_size": "examples (or packed rows) per device per micro-step (default %(default)s)",
+    "grad_accum": "micro-steps per optimizer step (default %(default)s)",
+    "max_length": "longest tokenised chat in tokens; also the packed row length (default %(default)s)",
+    "truncation": "what to do with chats longer than --max-length: drop them or truncate them; the count is "
+                  "logged (default %(default)s)",
+    "packing": "pack several examples per row (position ids restart per example; no cross-example attention)",
+    "gradient_checkpointing": "recompute activations in the backward pass: less memory, ~30%% more compute",
+    "eval_fraction": "share of rows held out for the eval loss (default %(default)s; 0 disables)",
+    "eval_steps": "evaluate the held-out loss every N optimizer steps (default %(default)s)",
+    "logging_steps": "log the training loss every N optimizer steps (default %(default)s)",
+    "save_steps": "write a resumable checkpoint every N optimizer steps (default %(default)s)",
+    "warmup_ratio": "share of steps with linear learning-rate warm-up (default %(default)s)",
+    "lr_scheduler": "learning-rate schedule after warm-up, a transformers name (default %(default)s)",
+    "weight_decay": "AdamW weight decay (default %(default)s)",
+    "precision": "auto: bf16 on a bf16-capable GPU, fp32 on CPU; or force bf16 / fp32 (default %(default)s)",
+    "attn_implementation": "attention kernel: sdpa, eager or flash_attention_2 (default %(default)s)",
+    "seed": "random seed for init of new embeddings, data order and the eval split (default %(default)s)",
+    "keep_repetitive": "keep rows flagged `repetitive: true` (dropped by default)",
+    "no_resume": "start over even if <out>.checkpoints/ holds an interrupted run",
+    "trust_remote_code": "allow the target's own modelling code (only for targets you trust)",
+    "overwrite": "replace --out if it already exists",
+}
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="fine-tune a target on a dataset with the HF Trainer + DeepSpeed",
+        description="Supervised fine-tuning of a target model (any architecture) on instruction/response "
+                    "rows, loss on assistant tokens only, with the Hugging Face Trainer and DeepSpeed ZeRO. "
+                    "One process: `distill train ...`; several GPUs: `deepspeed --num_gpus 8 -m distill.cli "
+                    "train ...`; several nodes: `deepspeed --hostfile hosts -m distill.cli train ...`. "
+                    "Rerun the same command after an interruption to resume.",
+    )
+    p.add_argument("--model", required=True, help="target model: a local HF directory or a hub id in the HF cache")
+    p.add_argument("--data", required=True, help="dataset directory (from `distill synthesize`) or a .jsonl with "
+                                                 "instruction+response or messages rows")
+    p.add_argument("--out", required=True, help="directory for the fine-tuned model (safetensors + tokenizer, "
+                                                "loss.csv/png, train_config.json, data provenance)")
+    defaults = TrainConfig(model="", data="", out="")
+    for f in fields(TrainConfig):
+        if f.name in ("model", "data", "out", "resume"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=_HELP[f.name])
+        else:
+            kind = float if isinstance(default, float) else int if isinstance(default, int) else str
+            p.add_argument(flag, type=kind, default=default, help=_HELP[f.name])
+    p.add_argument("--no-resume", action="store_true", help=_HELP["no_resume"])
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["resume"] = not args.no_resume
+    out = train(TrainConfig(**values))
+    print(out)
+    return 0

@@ -1,0 +1,154 @@
+"""Data side of `distill train`, no DeepSpeed: templates, assistant masks, packing, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from distill import DistillError
+from distill import train_data as td
+from distill.train import TrainConfig, load_deepspeed_config, train
+from tiny import CHAT_TEMPLATE, make_model, make_tokenizer
+
+QA = [{"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "the lazy dog"}]
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_chatml_added_to_base_tokenizer_and_mask_is_exact_token_by_token():
+    tok = make_tokenizer(chat_template=None)
+    n = len(tok)
+    assert td.ensure_chat_template(tok) is True
+    assert len(tok) == n + 2 and tok.chat_template == td.CHATML_TEMPLATE
+    ids, labels = td.tokenize_chat(tok, QA)
+    # Built from pieces: the generation block is "the lazy dog<|im_end|>", nothing else is learnt.
+    prompt = _ids(tok, "<|im_start|>user\nthe quick brown fox<|im_end|>\n<|im_start|>assistant\n")
+    answer = _ids(tok, "the lazy dog") + [tok.convert_tokens_to_ids("<|im_end|>")]
+    tail = _ids(tok, "\n")
+    assert ids == prompt + answer + tail
+    assert labels == [-100] * len(prompt) + answer + [-100] * len(tail)
+    assert td.stop_token_ids(tok) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_template_without_generation_tags_masks_every_assistant_turn_by_prefix():
+    tok = make_tokenizer(chat_template=CHAT_TEMPLATE)  # "<s>[INST] q [/INST] a</s>", no {% generation %}
+    assert td.ensure_chat_template(tok) is False
+    chat = QA + [{"role": "user", "content": "the capital"}, {"role": "assistant", "content": "a city"}]
+    ids, labels = td.tokenize_chat(tok, chat)
+    eos = tok.eos_token_id
+    p1 = _ids(tok, "<s>[INST] the quick brown fox [/INST]")
+    a1 = _ids(tok, " the lazy dog") + [eos]
+    p2 = _ids(tok, "[INST] the capital [/INST]")
+    a2 = _ids(tok, " a city") + [eos]
+    assert ids == p1 + a1 + p2 + a2
+    assert labels == [-100] * len(p1) + a1 + [-100] * len(p2) + a2
+
+
+def _rows_file(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_length_policy_and_repetitive_rows_are_counted(tmp_path):
+    rows = [{"instruction": "the quick brown fox", "response": "the lazy dog", "repetitive": False},
+            {"instruction": "the quick brown fox", "response": "the lazy dog " * 30, "repetitive": False},
+            {"instruction": "x", "response": "y", "repetitive": True},
+            {"instruction": "x", "response": ""}]
+    data = _rows_file(tmp_path / "d.jsonl", rows)
+    tok = make_tokenizer(chat_template=None)
+    td.ensure_chat_template(tok)
+    for policy, kept in (("drop", 1), ("truncate", 2)):
+        stats = td.DataStats()
+        chats = td.read_chats(data, keep_repetitive=False, stats=stats)
+        ds = td.tokenize_dataset(chats, tok, 40, policy, stats)
+        assert (stats.rows_read, stats.dropped_repetitive, stats.dropped_empty) == (4, 1, 1)
+        assert len(ds) == kept and max(len(x) for x in ds["input_ids"]) <= 40
+        assert (stats.dropped_too_long, stats.truncated) == ((1, 0) if policy == "drop" else (0, 1))
+    assert len(td.read_chats(data, keep_repetitive=True, stats=td.DataStats())) == 3
+
+
+def test_packed_rows_never_attend_across_examples():
+    tok = make_tokenizer(chat_template=None)
+    td.ensure_chat_template(tok)
+    model = make_model(arch="qwen2", vocab_size=len(tok))
+    import datasets
+
+    chats = [QA, [{"role": "user", "content": "write the response"}, {"role": "assistant", "content": "done"}]]
+    rows = [td.tokenize_chat(tok, c) for c in chats]
+    ds = datasets.Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]})
+    packed = td.pack(ds, max_length=64)
+    assert len(packed) == 1
+    batch = td.SFTCollator(tok.pad_token_id)([packed[0]])
+    assert "attention_mask" not in batch
+    n0, n1 = len(rows[0][0]), len(rows[1][0])
+    long_first = n0 >= n1  # first-fit-decreasing puts the longer example first
+    order = [0, 1] if long_first else [1, 0]
+    assert batch["position_ids"][0, : len(rows[order[0]][0])].tolist() == list(range(len(rows[order[0]][0])))
+    with torch.no_grad():
+        # use_cache=False as in training: transformers derives the packed mask only without a KV cache
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for i in order:
+            alone = model(input_ids=torch.tensor([rows[i][0]])).logits[0]
+            torch.testing.assert_close(logits[start: start + len(rows[i][0])], alone, atol=1e-5, rtol=1e-4)
+            start += len(rows[i][0])
+    # Padding of unpacked rows: mask zero and labels ignored beyond each row.
+    plain = td.SFTCollator(tok.pad_token_id)([ds[0], ds[1]])
+    assert plain["attention_mask"].sum(1).tolist() == [n0, n1]
+    assert (plain["labels"][plain["attention_mask"] == 0] == -100).all()
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    path = tmp_path_factory.mktemp("target")
+    tok = make_tokenizer(chat_template=None)
+    make_model(path, arch="qwen2", vocab_size=len(tok), tokenizer=tok)
+    return path
+
+
+@pytest.mark.parametrize("content, match", [
+    ([{"prompt": "a", "answer": "b"}], "needs `instruction`"),
+    ([], "empty"),
+    ([{"instruction": "a", "response": "b", "repetitive": True}], "no usable rows"),
+])
+def test_bad_data_is_a_clear_error(tmp_path, target, content, match):
+    data = _rows_file(tmp_path / "d.jsonl", content)
+    with pytest.raises(DistillError, match=match) as err:
+        train(TrainConfig(model=str(target), data=str(data), out=str(tmp_path / "m")))
+    assert str(data) in str(err.value)
+
+
+def test_bad_paths_and_deepspeed_config_are_clear_errors(tmp_path, target):
+    data = _rows_file(tmp_path / "d.jsonl", [{"instruction": "a", "response": "b"}])
+    with pytest.raises(DistillError, match="not on disk"):
+        train(TrainConfig(model=str(tmp_path / "nope"), data=str(data), out=str(tmp_path / "m")))
+    with pytest.raises(DistillError, match="does not exist"):
+        train(TrainConfig(model=str(target), data=str(tmp_path / "none.jsonl"), out=str(tmp_path / "m")))
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 2,}')
+    with pytest.raises(DistillError, match="does not parse"):
+        train(TrainConfig(model=str(target), data=str(data), out=str(tmp_path / "m"), deepspeed=str(bad)))
+    with pytest.raises(DistillError, match="neither one of"):
+        load_deepspeed_config("zero9")
+
+
+def test_shipped_deepspeed_configs_leave_numbers_to_the_trainer():
+    for name in ("zero2", "zero3", "zero3_offload"):
+        cfg = load_deepspeed_config(name)
+        assert cfg["train_micro_batch_size_per_gpu"] == "auto" and cfg["bf16"]["enabled"] == "auto"
+        assert cfg["optimizer"]["params"]["lr"] == "auto"
+    assert load_deepspeed_config("zero3")["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert load_deepspeed_config("none") is None
+
+
+def test_cli_help_explains_every_option():
+    from distill.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    text = sub.choices["train"].format_help()
+    for flag in ("--deepspeed", "--packing", "--max-length", "--truncation", "--gradient-checkpointing",
+                 "--eval-fraction", "--keep-repetitive", "--overwrite", "--no-resume", "--grad-accum"):
+        assert flag in text
