@@ -1,0 +1,61 @@
+"""The comparison table on fixture run directories: expected rows, columns, spreads and verdicts."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill import DistillError
+from distill.evaluate_compare import COLUMNS, ROW_LABELS, collect_run_dir, compare, verdict
+
+RUN = Path(__file__).parent / "fixtures" / "run_dirs" / "recipe"
+
+
+def test_rows_columns_and_spread_from_a_recipe_run_dir(tmp_path):
+    runs = collect_run_dir(RUN)
+    assert list(runs) == list(ROW_LABELS.values())
+    assert len(runs[ROW_LABELS["codit"]]) == 3
+    result = compare(runs, tmp_path, figure=False)
+    codit = result["rows"][ROW_LABELS["codit"]]["if_prompt_strict"]
+    assert codit["n"] == 3 and codit["mean"] == pytest.approx(0.42) and codit["std"] == pytest.approx(0.02)
+    with open(result["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert [r["row"] for r in table] == list(ROW_LABELS.values())
+    assert set(table[0]) == {"row", "n"} | {f"{k}_{s}" for k, *_ in COLUMNS for s in ("mean", "std")}
+    md = Path(result["md"]).read_text()
+    for _, header, _, _ in COLUMNS:
+        assert header in md
+    assert "0.420 ± 0.020" in md
+    # CoDIT vs direct: IF +0.12 is beyond the spread; own-fact knowledge (−0.01 vs std 0.02) is not.
+    by = {(p["a"], p["b"], p["column"]): p["verdict"] for p in result["pairs"]}
+    key = (ROW_LABELS["codit"], ROW_LABELS["direct"])
+    assert by[key + ("IF prompt strict",)] == "better"
+    assert by[key + ("knowledge (own facts)",)] == "no difference"
+
+
+def test_verdict_rules():
+    a = {"mean": 0.5, "std": 0.1}
+    assert verdict(a, {"mean": 0.45, "std": 0.05}, True)[1] == "no difference"
+    assert verdict(a, {"mean": 0.2, "std": 0.05}, True)[1] == "better"
+    assert verdict(a, {"mean": 0.2, "std": 0.05}, False)[1] == "worse"
+    assert verdict({"mean": 1.0, "std": None}, {"mean": 2.0, "std": None}, True)[1] == "n=1"
+
+
+def test_missing_scores_is_a_clear_error(tmp_path):
+    with pytest.raises(DistillError, match="no scores at"):
+        compare({"x": [str(tmp_path / "nope")]}, tmp_path)
+
+
+def test_command_line_writes_table_and_figure(tmp_path):
+    script = Path(__file__).parents[1] / "analysis" / "compare_transfer.py"
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "scores.json").write_text(json.dumps({"if": {"prompt_level_strict": 0.5}}))
+    out = subprocess.run([sys.executable, str(script), "--run-dir", str(RUN), "--row", f"extra={model_dir}",
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "o" / "comparison.png").stat().st_size > 1000
+    assert "| extra | 1 | 0.500 |" in (tmp_path / "o" / "comparison.md").read_text()
