@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -214,6 +215,7 @@ class ContrastiveDecoder:
         self.score_hook = score_hook
         self.device = next(expert.parameters()).device
         self.tokens_generated = 0
+        self.setup_seconds = 0.0
 
     def _backend(self, batch: int, capacity: int):
         engine = self.config.engine
@@ -237,7 +239,9 @@ class ContrastiveDecoder:
         cfg, dev = self.config, self.device
         batch = min(cfg.batch_size, len(queue))
         capacity = max(len(r.prompt_ids) for r in queue) + cfg.max_new_tokens
+        started = time.perf_counter()
         backend = self._backend(batch, capacity)
+        self.setup_seconds = time.perf_counter() - started  # cache allocation and graph capture
         self.stops = torch.tensor(self.stop_ids or [-1], device=dev)
         self.out = torch.zeros(batch, cfg.max_new_tokens + 1, dtype=torch.long, device=dev)
         self.n = torch.zeros(batch, dtype=torch.long, device=dev)  # tokens generated per row

@@ -170,7 +170,9 @@ class FastPair:
         if cuda_graphs and self.device.type == "cuda":
             try:
                 self._capture()
-            except Exception as exc:  # noqa: BLE001 - any capture failure: run the same step without a graph
+            except torch.cuda.OutOfMemoryError:
+                raise  # a batch too large must say so, not fall back to a slower path
+            except Exception as exc:  # noqa: BLE001 - any other capture failure: run the same step without a graph
                 log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
                 self.graph = None
 
@@ -190,6 +192,7 @@ class FastPair:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_logits = self._step()
+        torch.cuda.synchronize()
 
     @torch.no_grad()
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
