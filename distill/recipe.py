@@ -148,7 +148,7 @@ class Pipeline:
             expert=r.source.post, amateur=r.source.base, prompts=r.prompts.synthesis, out=str(out),
             method=method, alpha=s.alpha, beta=s.beta, temperature=s.temperature, top_p=s.top_p,
             max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed, limit=r.prompts.limit,
-            device=s.device, dtype=s.dtype,
+            device=s.device or "auto", dtype=s.dtype or "auto",
         )
         synthesize(cfg)
         return {"data": str(out)}
@@ -159,7 +159,7 @@ class Pipeline:
         data = self.state.output(f"synthesize-{method}")["data"]
         args = dict(model=self.recipe.target.base, data=data, out=str(out), deepspeed=t.deepspeed, epochs=t.epochs,
                     max_steps=t.max_steps, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                    max_length=t.max_length, packing=t.packing, seed=seed,
+                    max_length=t.max_length, truncation=t.truncation, packing=t.packing, seed=seed,
                     gradient_checkpointing=t.gradient_checkpointing)
         if t.num_gpus and t.num_gpus > 1:
             self._launch_train(args, t.num_gpus)
@@ -206,9 +206,10 @@ class Pipeline:
             models["weight-arithmetic"] = str(self.run_dir / "models" / "weight-arithmetic")
         else:
             self.notes.append(f"Weight-arithmetic route skipped: {why}.")
-        for method in r.synthesis.methods:
+        for method in r.synthesis.methods:  # all data first, then all training
             settings = {"source": s["source"], "prompts": s["prompts"], "synthesis": s["synthesis"], "method": method}
             stages.append(Stage(f"synthesize-{method}", settings, lambda m=method: self.stage_synthesize(m)))
+        for method in r.synthesis.methods:
             for seed in r.train.seeds:
                 name = f"train-{method}-seed{seed}"
                 settings = {"target": s["target"], "train": s["train"], "seed": seed}
@@ -239,8 +240,7 @@ class Pipeline:
     def stage_report(self) -> dict:
         from distill.report import write_report
 
-        scores = {row: self.state.output(f"evaluate-{row}").get("scores") for row in self.models}
-        path = write_report(self.run_dir, self.recipe, self.recipe_path, scores, self.state.done, self.notes)
+        path = write_report(self.run_dir, self.recipe, self.recipe_path, self.state.done, self.notes)
         return {"report": str(path)}
 
     # -- run ------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ class TrainStageConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 2048
+    truncation: str = "drop"  # rows longer than max_length: drop | truncate
     packing: bool = False
     gradient_checkpointing: bool = False
     seeds: list[int] = field(default_factory=lambda: [0])

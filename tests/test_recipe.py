@@ -1,0 +1,147 @@
+"""Recipes: schema validation, fail-fast preflight, and the real mistral-to-qwen recipe end to end
+with tiny stand-ins of the same architectures (Mistral source pair, Qwen2 target)."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from distill import DistillError
+from distill.cli import main
+from distill.recipe_schema import load_recipe
+from tiny import make_model, make_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+MISTRAL_TO_QWEN = ROOT / "recipes" / "mistral-to-qwen.yaml"
+
+# Mistral-Instruct's own template shape: [INST] ... [/INST] answer</s>
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_schema_rejects_unknown_keys_and_wrong_types(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain:\n  epoch: 3\n")
+    with pytest.raises(DistillError, match=r"bad.yaml: unknown key train.epoch; known keys: .*train.epochs"):
+        load_recipe(bad)
+    bad.write_text("name: x\ntrain:\n  seeds: zero\n")
+    with pytest.raises(DistillError, match=r"'train.seeds' must be a list"):
+        load_recipe(bad)
+    with pytest.raises(DistillError, match=r"'synthesis.batch_size' must be int"):
+        load_recipe(MISTRAL_TO_QWEN, ["synthesis.batch_size=big"])
+    with pytest.raises(DistillError, match="expected key=value"):
+        load_recipe(MISTRAL_TO_QWEN, ["synthesis.batch_size"])
+    r = load_recipe(MISTRAL_TO_QWEN, ["train.seeds=[1, 2]", "train.lr=0.001", "weight_arithmetic.target=/m"])
+    assert r.train.seeds == [1, 2] and r.train.lr == 0.001 and r.weight_arithmetic.target == "/m"
+
+
+def test_real_recipe_without_checkpoints_fails_fast_naming_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("DISTILL_PROMPTS", raising=False)
+    t0 = time.time()
+    rc = main(["run", str(MISTRAL_TO_QWEN), "--set", f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and time.time() - t0 < 30
+    for ref in ("mistralai/Mistral-7B-v0.3", "mistralai/Mistral-7B-Instruct-v0.3", "Qwen/Qwen2.5-7B"):
+        assert ref in err and f"hf download {ref}" in err
+    assert "--set source.base=" in err and "prompts.synthesis" in err
+    assert not (tmp_path / "run" / "stages.json").exists()  # nothing ran
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """Tiny Mistral base/post sharing a tokenizer with a chat template; a tiny Qwen2 base with another."""
+    root = tmp_path_factory.mktemp("stand-ins")
+    src_tok = make_tokenizer(chat_template=MISTRAL_TEMPLATE)
+    tgt_tok = make_tokenizer(chat_template=None, model="wordpiece", vocab_size=150)
+    make_model(root / "mistral-base", "mistral", seed=0, tokenizer=src_tok)
+    make_model(root / "mistral-post", "mistral", seed=1, tokenizer=src_tok)
+    make_model(root / "mistral-cp", "mistral", seed=2, tokenizer=src_tok)
+    make_model(root / "qwen-base", "qwen2", seed=3, tokenizer=tgt_tok)
+    prompts = [{"id": f"p{i}", "instruction": f"write the answer in lowercase letters {i}",
+                "constraints": [{"kind": "lowercase", "kwargs": {}}]} for i in range(12)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    # An evaluation directory of the world's layout, so the report has every row.
+    (root / "eval" / "prompts").mkdir(parents=True)
+    (root / "eval" / "knowledge").mkdir()
+    (root / "eval" / "text").mkdir()
+    (root / "eval" / "prompts" / "eval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts[:4]))
+    qs = [{"id": f"q{i}", "prompt": "the capital of the made up country is", "answer": "a city",
+           "split": ["shared", "source_only", "target_only", "conflict"][i % 4],
+           "source_answer": "a city", "target_answer": "the river"} for i in range(4)]
+    (root / "eval" / "knowledge" / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+    (root / "eval" / "text" / "heldout.jsonl").write_text(json.dumps({"text": "the quick brown fox"}) + "\n")
+    return root
+
+
+def _overrides(root: Path, run_dir: Path) -> list[str]:
+    sets = {
+        "run_dir": run_dir,
+        "source.base": root / "mistral-base", "source.post": root / "mistral-post",
+        "target.base": root / "qwen-base", "prompts.synthesis": root / "prompts.jsonl",
+        "weight_arithmetic.target": root / "mistral-cp",
+        "synthesis.max_new_tokens": 6, "synthesis.batch_size": 4, "synthesis.dtype": "null",
+        "train.num_gpus": "null", "train.max_steps": 2, "train.max_length": 256, "train.batch_size": 2,
+        "train.grad_accum": 1, "train.gradient_checkpointing": "false",
+        "evaluate.zoo": root / "eval", "evaluate.max_new_tokens": 6, "evaluate.batch_size": 4,
+    }
+    out = []
+    for k, v in sets.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+@pytest.mark.slow
+def test_mistral_to_qwen_recipe_runs_end_to_end_with_stand_ins_and_resumes(stand_ins, tmp_path, monkeypatch):
+    import distill.recipe as recipe_mod
+
+    run_dir = tmp_path / "run"
+    args = ["run", str(MISTRAL_TO_QWEN)] + _overrides(stand_ins, run_dir)
+
+    # First attempt: training "crashes" on its first call, after synthesis finished.
+    real_stage_train = recipe_mod.Pipeline.stage_train
+
+    def crash(self, method, seed):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe_mod.Pipeline, "stage_train", crash)
+    assert main(args) == 130
+    done = json.loads((run_dir / "stages.json").read_text())
+    assert set(done) == {"chat-vector", "weight-arithmetic", "synthesize-codit", "synthesize-direct"}
+    rows_before = (run_dir / "data" / "codit" / "data" / "train.jsonl").read_text()
+
+    # Rerun: finished stages are skipped (not redone), the rest completes.
+    monkeypatch.setattr(recipe_mod.Pipeline, "stage_train", real_stage_train)
+    calls = []
+    monkeypatch.setattr(recipe_mod.Pipeline, "stage_synthesize", lambda self, m: calls.append(m))
+    assert main(args) == 0
+    assert calls == []
+    assert (run_dir / "data" / "codit" / "data" / "train.jsonl").read_text() == rows_before
+    done = json.loads((run_dir / "stages.json").read_text())
+    for stage in ("train-codit-seed0", "train-direct-seed0", "evaluate-target-base", "evaluate-codit-seed0",
+                  "evaluate-direct-seed0", "evaluate-weight-arithmetic", "evaluate-source-post", "report"):
+        assert stage in done, stage
+    report = (run_dir / "report.md").read_text()
+    for row in ("target base (no tuning)", "target + SFT on direct responses", "target + SFT on CoDIT responses",
+                "same-arch target + chat vector", "source post (teacher, upper bound)"):
+        assert row in report, row
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(run_dir / "models" / "codit-seed0")
+    assert tuned.config.model_type == "qwen2"
+
+
+def test_cross_architecture_weight_arithmetic_is_skipped_and_said(stand_ins, tmp_path):
+    from distill.recipe import Pipeline
+    from distill.recipe_schema import resolve_references
+
+    recipe = resolve_references(load_recipe(MISTRAL_TO_QWEN, _overrides(stand_ins, tmp_path)[1::2]), None)
+    recipe.weight_arithmetic.target = str(stand_ins / "qwen-base")
+    pipeline = Pipeline(recipe, MISTRAL_TO_QWEN)
+    pipeline.preflight()
+    names = [s.name for s in pipeline.plan()]
+    assert "weight-arithmetic" not in names and "chat-vector" not in names
+    assert any("same architecture" in n for n in pipeline.notes)
