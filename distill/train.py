@@ -146,8 +146,18 @@ def train(cfg: TrainConfig, callbacks=()) -> Path:
     stats = td.DataStats()
     chats = td.read_chats(cfg.data, cfg.keep_repetitive, stats)
     check_output_dir(out, cfg.overwrite)
-    ckpt = checkpoint_dir(out)
+    try:
+        return _run_trainer(cfg, out, model_path, ds_config, chats, stats, callbacks)
+    finally:
+        # A ZeRO-3 run registers a process-wide config that makes every later from_pretrained in
+        # this process partition its weights; the next stage (evaluate, in-process) must not inherit it.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+        unset_hf_deepspeed_config()
+
+
+def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats, stats, callbacks) -> Path:
+    ckpt = checkpoint_dir(out)
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments

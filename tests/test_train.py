@@ -1,0 +1,154 @@
+"""`distill train` end to end with DeepSpeed on CPU: a tiny Qwen2 target whose tokenizer has no
+chat template, ZeRO-2 and ZeRO-3, one process in-process and two ranks through the launcher.
+
+DeepSpeed's CPU accelerator compiles a small comm op with g++ on first use (about 90 s, cached
+under ~/.cache/torch_extensions); after that a run costs seconds.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from distill.train import TrainConfig, train
+from tiny import make_model, make_tokenizer
+
+ANSWER = "the lazy dog done"
+INSTRUCTIONS = ["the quick brown fox", "write the response in lowercase", "the capital of the made up country",
+                "please repeat the request", "answer in json with a list"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A base target (no chat template, vocab exactly the tokenizer's so ChatML forces a resize)
+    and a dataset whose answer is always the same, so a few steps memorise it."""
+    root = tmp_path_factory.mktemp("train")
+    tok = make_tokenizer(chat_template=None)
+    make_model(root / "target", arch="qwen2", vocab_size=len(tok), tokenizer=tok, hidden=32, layers=2)
+    data = root / "data"
+    data.mkdir()
+    rows = [{"id": str(i), "instruction": f"{INSTRUCTIONS[i % 5]} {i}", "response": ANSWER,
+             "repetitive": i % 10 == 9} for i in range(40)]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "provenance.json").write_text('{"method": "codit", "alpha": 0.01}\n')
+    return root
+
+
+def _config(world, out, **kw):
+    base = dict(model=str(world / "target"), data=str(world / "data" / "train.jsonl"), out=str(out),
+                max_steps=24, lr=1e-2, batch_size=8, max_length=64, logging_steps=4, eval_steps=8,
+                eval_fraction=0.1, warmup_ratio=0.0, lr_scheduler="constant", save_steps=100)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class LogitsAtEnd(TrainerCallback):
+    """Logits of the in-memory model after training (ZeRO-3 gathers via its forward hooks)."""
+
+    def __init__(self, ids):
+        self.ids, self.logits = ids, None
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        model.eval()
+        with torch.no_grad():
+            self.logits = model(input_ids=self.ids, use_cache=False).logits.clone()
+
+
+def _losses(out):
+    rows = [line.split(",") for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    return [float(r[2]) for r in rows if r[2]], [float(r[3]) for r in rows if r[3]]
+
+
+def _check_reload(out, captured):
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
+    with torch.no_grad():
+        logits = model(input_ids=captured.ids, use_cache=False).logits
+    torch.testing.assert_close(logits, captured.logits, atol=0, rtol=0)
+    return model
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_single_process_learns_saves_and_reloads_identically(world, stage):
+    out = world / f"model-{stage}"
+    probe = LogitsAtEnd(torch.tensor([[5, 6, 7, 8, 9, 10]]))
+    steps = 24 if stage == "zero2" else 8
+    train(_config(world, out, deepspeed=stage, max_steps=steps, packing=stage == "zero3"), callbacks=[probe])
+
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "loss.csv", "loss.png",
+            "train_config.json", "train_summary.json", "data_provenance.json"} <= names
+    assert "training_args.bin" not in names and not (world / f"model-{stage}.checkpoints").exists()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == steps and summary["data"]["dropped_repetitive"] == 4
+    train_loss, eval_loss = _losses(out)
+    assert train_loss[-1] < train_loss[0] - 0.5 and eval_loss and eval_loss[-1] < train_loss[0]
+    model = _check_reload(out, probe)
+    if stage != "zero2":
+        return
+    # The ChatML template and its tokens survived, and the model answers in that format.
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "<|im_start|>" in tok.chat_template and tok.convert_tokens_to_ids("<|im_end|>") in \
+        model.generation_config.eos_token_id
+    prompt = tok.apply_chat_template([{"role": "user", "content": "the quick brown fox 99"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    gen = model.generate(**prompt, max_new_tokens=16, do_sample=False)
+    text = tok.decode(gen[0, prompt["input_ids"].shape[1]:])
+    assert text == ANSWER + "<|im_end|>", text
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise Interrupt
+
+
+def test_interrupted_run_resumes_to_the_same_step_count(world):
+    out = world / "model-resume"
+    cfg = _config(world, out, max_steps=6, save_steps=2, eval_fraction=0.0, logging_steps=1)
+    with pytest.raises(Interrupt):
+        train(cfg, callbacks=[StopAt(5)])
+    assert not out.exists() and (world / "model-resume.checkpoints" / "checkpoint-4").is_dir()
+    train(cfg)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 6 and summary["resumed_from"].endswith("checkpoint-4")
+    steps = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6]  # history restored from the checkpoint, then continued
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_ranks_through_the_deepspeed_launcher(world, stage):
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    if launcher is None:
+        pytest.skip("the deepspeed launcher is not installed")
+    out = world / f"model-2rank-{stage}"
+    port = 29600 + (os.getpid() % 200) + (stage == "zero3")
+    cmd = [launcher, "--no_local_rank", "--num_gpus", "2", "--master_port", str(port), "--module", "distill.cli",
+           "train", "--model", str(world / "target"), "--data", str(world / "data" / "train.jsonl"),
+           "--out", str(out), "--deepspeed", stage, "--max-steps", "8", "--lr", "1e-2", "--batch-size", "4",
+           "--max-length", "64", "--logging-steps", "2", "--eval-steps", "8", "--eval-fraction", "0.1",
+           "--warmup-ratio", "0", "--lr-scheduler", "constant"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by in-process runs
+        env.pop(key, None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 8
+    train_loss, _ = _losses(out)
+    assert train_loss[-1] < train_loss[0]
+    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    assert model.get_input_embeddings().num_embeddings == len(AutoTokenizer.from_pretrained(out))
