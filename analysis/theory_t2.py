@@ -1,0 +1,188 @@
+"""T2, parameter-space alignment: does fine-tuning on CoDIT text move the weights along Δ?
+
+`source-base` itself is fine-tuned on CoDIT responses and, separately, on direct responses
+(the same prompts, the same steps and settings). Per layer, the cosine between each
+fine-tuning delta δ = θ_tuned − θ_base and the chat vector Δ = θ_post − θ_base, the norm
+ratio ‖δ‖/‖Δ‖, and the share of the post model's instruction following each recovers:
+(IF_tuned − IF_base) / (IF_post − IF_base), IF = prompt-level strict.
+
+    python analysis/theory_t2.py --zoo ZOO --run-dir runs/tiny --out analysis/results/theory
+(--run-dir supplies data/codit and data/direct; or pass --codit D --direct D.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from theory_common import dataset_rows, pyplot, save_figure, write_table
+
+log = logging.getLogger("theory.t2")
+
+
+def group_of(name: str) -> str:
+    m = re.search(r"layers\.(\d+)\.", name)
+    if m:
+        return f"layer {int(m.group(1)):02d}"
+    if "embed" in name:
+        return "embeddings"
+    if "lm_head" in name:
+        return "lm_head"
+    return "other (final norm)"
+
+
+def _tensor_files(model_dir: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    where = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                where[k] = f
+    if not where:
+        raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
+    return where
+
+
+def delta_alignment(base_dir: Path, post_dir: Path, tuned_dir: Path) -> dict[str, dict]:
+    """Per group of tensors: dot(δ, Δ), ‖δ‖², ‖Δ‖² (float64), read one tensor at a time."""
+    from safetensors import safe_open
+
+    files = {n: _tensor_files(d) for n, d in (("base", base_dir), ("post", post_dir), ("tuned", tuned_dir))}
+    acc: dict[str, list[float]] = {}
+    for name in files["base"]:
+        if name not in files["post"] or name not in files["tuned"]:
+            continue
+        t = {}
+        for n in ("base", "post", "tuned"):
+            with safe_open(str(files[n][name]), framework="pt") as h:
+                t[n] = h.get_tensor(name).double()
+        rows = min(t["base"].shape[0], t["post"].shape[0], t["tuned"].shape[0]) if t["base"].dim() else None
+        if rows is not None:  # an SFT that added tokens grows the embedding; compare the shared rows
+            t = {n: v[:rows] for n, v in t.items()}
+        if not (t["base"].shape == t["post"].shape == t["tuned"].shape):
+            continue
+        big, small = t["post"] - t["base"], t["tuned"] - t["base"]
+        a = acc.setdefault(group_of(name), [0.0, 0.0, 0.0])
+        a[0] += float((big * small).sum())
+        a[1] += float((small * small).sum())
+        a[2] += float((big * big).sum())
+    total = [sum(v[i] for v in acc.values()) for i in range(3)]
+    acc["all"] = total
+    return {g: {"cos": v[0] / max((v[1] * v[2]) ** 0.5, 1e-30), "norm_ratio": (v[1] / max(v[2], 1e-30)) ** 0.5}
+            for g, v in sorted(acc.items())}
+
+
+def same_prompts(codit: str | Path, direct: str | Path, out_dir: Path, limit: int | None) -> tuple[Path, Path, dict]:
+    """Rows of both datasets restricted to the prompts both kept (non-repetitive), as two JSONL files."""
+    c = {r["id"]: r for r in dataset_rows(codit) if not r.get("repetitive")}
+    d = {r["id"]: r for r in dataset_rows(direct) if not r.get("repetitive")}
+    ids = [i for i in c if i in d][:limit]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    stats = {"prompts": len(ids)}
+    for name, rows in (("codit", c), ("direct", d)):
+        p = out_dir / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"id": i, "instruction": rows[i]["instruction"],
+                                         "response": rows[i]["response"]}) + "\n" for i in ids))
+        stats[f"{name}_words"] = sum(len(rows[i]["response"].split()) for i in ids)
+        paths.append(p)
+    return paths[0], paths[1], stats
+
+
+def run(zoo: Path, out_dir: Path, codit: Path, direct: Path, work: Path, epochs: float = 3.0, lr: float = 1e-3,
+        batch_size: int = 16, max_length: int = 256, limit: int | None = None, eval_limit: int | None = None,
+        max_new_tokens: int = 96, seed: int = 0, device: str | None = None) -> dict:
+    from distill.evaluate import evaluate
+    from distill.train import TrainConfig, train
+
+    t0 = time.time()
+    base_dir, post_dir = zoo / "source-base", zoo / "source-post"
+    codit_jsonl, direct_jsonl, data_stats = same_prompts(codit, direct, work / "data", limit)
+    models = {}
+    for name, data in (("codit", codit_jsonl), ("direct", direct_jsonl)):
+        out = work / f"source-base+sft-{name}"
+        if not (out / "config.json").exists():
+            train(TrainConfig(model=str(base_dir), data=str(data), out=str(out), deepspeed=None, epochs=epochs, lr=lr,
+                              batch_size=batch_size, max_length=max_length, seed=seed, eval_fraction=0.0,
+                              overwrite=True))
+        models[name] = out
+    ifs = {}
+    for name, m in (("base", base_dir), ("post", post_dir), *models.items()):
+        s = evaluate(m, zoo, suites=("if",), out=work / "scores" / f"{name}.json", limit=eval_limit,
+                     max_new_tokens=max_new_tokens, device=device, family="source")
+        ifs[name] = s["if"]["prompt_level_strict"]
+    gap = ifs["post"] - ifs["base"]
+    align = {name: delta_alignment(base_dir, post_dir, m) for name, m in models.items()}
+    rows = []
+    for g in align["codit"]:
+        rows.append({"group": g, "cos(δ_codit, Δ)": align["codit"][g]["cos"],
+                     "cos(δ_direct, Δ)": align["direct"][g]["cos"],
+                     "‖δ_codit‖/‖Δ‖": align["codit"][g]["norm_ratio"],
+                     "‖δ_direct‖/‖Δ‖": align["direct"][g]["norm_ratio"]})
+    recovered = {n: (ifs[n] - ifs["base"]) / gap if abs(gap) > 1e-9 else None for n in models}
+    notes = [f"IF (prompt-level strict): base {ifs['base']:.3f}, post {ifs['post']:.3f}, "
+             f"SFT on CoDIT {ifs['codit']:.3f}, SFT on direct {ifs['direct']:.3f}.",
+             "Share of the post model's IF gain recovered: "
+             + ", ".join(f"{n} {v:.3f}" if v is not None else f"{n} –" for n, v in recovered.items()) + ".",
+             f"Same {data_stats['prompts']} prompts; response words: CoDIT {data_stats['codit_words']}, "
+             f"direct {data_stats['direct_words']}; epochs {epochs}, lr {lr}, batch {batch_size}, seed {seed}; "
+             f"{time.time() - t0:.0f} s.",
+             "Two random directions of this size have cosine ≈ 0; the sign and size against that is what counts."]
+    cols = ["group", "cos(δ_codit, Δ)", "cos(δ_direct, Δ)", "‖δ_codit‖/‖Δ‖", "‖δ_direct‖/‖Δ‖"]
+    write_table(out_dir, "t2_alignment", "T2: fine-tuning deltas of source-base vs the chat vector Δ", cols, rows,
+                notes, extra={"if": ifs, "recovered": recovered, "data": data_stats})
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 1]})
+    groups = [r["group"] for r in rows]
+    x = range(len(groups))
+    axes[0].bar([i - 0.2 for i in x], [r["cos(δ_codit, Δ)"] for r in rows], 0.4, label="SFT on CoDIT")
+    axes[0].bar([i + 0.2 for i in x], [r["cos(δ_direct, Δ)"] for r in rows], 0.4, label="SFT on direct")
+    axes[0].set_xticks(list(x), groups, rotation=45, ha="right", fontsize=8)
+    axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set_ylabel("cosine with Δ")
+    axes[0].legend()
+    axes[1].bar(["base", "CoDIT", "direct", "post"], [ifs["base"], ifs["codit"], ifs["direct"], ifs["post"]],
+                color=["C7", "C0", "C1", "C2"])
+    axes[1].set_title("IF prompt strict")
+    save_figure(fig, out_dir / "t2_alignment.png")
+    return {"rows": rows, "if": ifs, "recovered": recovered}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", required=True, type=Path, help="world directory (source-base, source-post, prompts/)")
+    p.add_argument("--run-dir", type=Path, help="recipe run directory holding data/codit and data/direct")
+    p.add_argument("--codit", type=Path, help="CoDIT dataset directory (default <run-dir>/data/codit)")
+    p.add_argument("--direct", type=Path, help="direct dataset directory (default <run-dir>/data/direct)")
+    p.add_argument("--out", type=Path, default=Path("analysis/results/theory"), help="output directory")
+    p.add_argument("--work", type=Path, help="where tuned models go (default <out>/work/t2)")
+    p.add_argument("--epochs", type=float, default=3.0, help="SFT epochs (default 3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="SFT learning rate (default 1e-3, tiny models)")
+    p.add_argument("--batch-size", type=int, default=16, help="SFT batch size")
+    p.add_argument("--max-length", type=int, default=256, help="SFT max tokens per row")
+    p.add_argument("--limit", type=int, help="use only the first N common prompts")
+    p.add_argument("--eval-limit", type=int, help="evaluate IF on the first N eval prompts")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="response length in evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="evaluation device (default: cuda if available)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    codit = a.codit or (a.run_dir / "data" / "codit" if a.run_dir else None)
+    direct = a.direct or (a.run_dir / "data" / "direct" if a.run_dir else None)
+    if not codit or not direct:
+        p.error("give --run-dir, or both --codit and --direct")
+    run(a.zoo, a.out, codit, direct, a.work or a.out / "work" / "t2", a.epochs, a.lr, a.batch_size, a.max_length,
+        a.limit, a.eval_limit, a.max_new_tokens, a.seed, a.device)
+    print((a.out / "t2_alignment.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""T4, sweeps: how do alpha and beta of the CoDIT data shape the tuned target?
+
+For each (alpha, beta) point: synthesize responses from source-post/-base, fine-tune
+target-base on them, evaluate instruction following and knowledge. beta = 0 is plain
+sampling from the expert inside the plausible set (alpha still applies); beta = 1 is CoDIT.
+
+    python analysis/theory_t4.py --zoo ZOO --out analysis/results/theory \
+        --betas 0,0.5,1,1.5 --alphas 0.001,0.1 --limit 256 --epochs 3
+(--alphas are swept at beta = 1, --betas at alpha = 0.01.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from theory_common import pyplot, save_figure, write_table
+
+log = logging.getLogger("theory.t4")
+
+
+def grid(betas: list[float], alphas: list[float], alpha0: float = 0.01, beta0: float = 1.0) -> list[tuple[float, float]]:
+    points = [(alpha0, b) for b in betas] + [(a, beta0) for a in alphas]
+    return list(dict.fromkeys(points))  # keep order, drop duplicates
+
+
+def run(zoo: Path, out_dir: Path, work: Path, points: list[tuple[float, float]], limit: int | None = 256,
+        max_new_tokens: int = 96, epochs: float = 3.0, lr: float = 1e-3, batch_size: int = 16,
+        max_length: int = 256, eval_limit: int | None = None, seed: int = 0, device: str | None = None) -> dict:
+    from distill.evaluate import evaluate
+    from distill.synthesize import SynthesizeConfig, synthesize
+    from distill.train import TrainConfig, train
+
+    t0 = time.time()
+    rows = []
+    for alpha, beta in points:
+        tag = f"a{alpha:g}-b{beta:g}"
+        data = work / "data" / tag
+        synthesize(SynthesizeConfig(expert=str(zoo / "source-post"), amateur=str(zoo / "source-base"),
+                                    prompts=str(zoo / "prompts" / "synthesis.jsonl"), out=str(data), method="codit",
+                                    alpha=alpha, beta=beta, max_new_tokens=max_new_tokens, limit=limit, seed=seed,
+                                    batch_size=64, progress=False))
+        synth_rows = [json.loads(x) for x in (data / "data" / "train.jsonl").read_text().splitlines() if x.strip()]
+        model = work / "models" / tag
+        if not (model / "config.json").exists():
+            train(TrainConfig(model=str(zoo / "target-base"), data=str(data), out=str(model), deepspeed=None,
+                              epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
+                              eval_fraction=0.0, overwrite=True))
+        s = evaluate(model, zoo, suites=("if", "knowledge"), out=work / "scores" / f"{tag}.json", limit=eval_limit,
+                     max_new_tokens=max_new_tokens, device=device, family="target")
+        rows.append({"alpha": alpha, "beta": beta,
+                     "repetitive rows": sum(bool(r.get("repetitive")) for r in synth_rows) / max(len(synth_rows), 1),
+                     "data words/response": sum(len(r["response"].split()) for r in synth_rows) / max(len(synth_rows), 1),
+                     "IF prompt strict": s["if"]["prompt_level_strict"], "IF prompt loose": s["if"]["prompt_level_loose"],
+                     "IF instr. strict": s["if"]["inst_level_strict"],
+                     "knowledge own": s["knowledge"]["own"]["accuracy"],
+                     "conflicts source way": s["knowledge"]["conflict"]["source_way"],
+                     "response words": s["if"]["length"]["mean_words"]})
+        log.info("t4: %s done (%d/%d)", tag, len(rows), len(points))
+    cols = ["alpha", "beta", "repetitive rows", "data words/response", "IF prompt strict", "IF prompt loose",
+            "IF instr. strict", "knowledge own", "conflicts source way", "response words"]
+    notes = [f"Synthesis on the first {limit} prompts of prompts/synthesis.jsonl, ≤ {max_new_tokens} new tokens, "
+             f"temperature 1, seed {seed}; target-base fine-tuned {epochs} epochs at lr {lr}; one seed per point, so "
+             f"differences below the seed spread of compare_transfer's table are not differences; "
+             f"{time.time() - t0:.0f} s."]
+    write_table(out_dir, "t4_sweeps", "T4: alpha / beta sweeps of the CoDIT data, target after SFT", cols, rows, notes)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key, fixed, label in ((axes[0], "beta", ("alpha", 0.01), "beta (alpha = 0.01)"),
+                                  (axes[1], "alpha", ("beta", 1.0), "alpha (beta = 1)")):
+        sel = sorted((r for r in rows if r[fixed[0]] == fixed[1]), key=lambda r: r[key])
+        for metric in ("IF prompt strict", "IF prompt loose", "knowledge own", "conflicts source way"):
+            ax.plot([r[key] for r in sel], [r[metric] for r in sel], marker="o", label=metric)
+        ax.set_xlabel(label)
+        if key == "alpha":
+            ax.set_xscale("log")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=8)
+    save_figure(fig, out_dir / "t4_sweeps.png")
+    return {"rows": rows}
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", required=True, type=Path, help="world directory")
+    p.add_argument("--out", type=Path, default=Path("analysis/results/theory"), help="output directory")
+    p.add_argument("--work", type=Path, help="where data and models go (default <out>/work/t4)")
+    p.add_argument("--betas", default="0,0.5,1,1.5", help="betas swept at alpha = 0.01")
+    p.add_argument("--alphas", default="0.001,0.1", help="alphas swept at beta = 1")
+    p.add_argument("--limit", type=int, default=256, help="synthesis prompts per point")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="response length (synthesis and evaluation)")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--eval-limit", type=int, help="evaluate on the first N rows of each file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="evaluation device (default: cuda if available)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    run(a.zoo, a.out, a.work or a.out / "work" / "t4", grid(_floats(a.betas), _floats(a.alphas)), a.limit,
+        a.max_new_tokens, a.epochs, a.lr, a.batch_size, a.max_length, a.eval_limit, a.seed, a.device)
+    print((a.out / "t4_sweeps.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
