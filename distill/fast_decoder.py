@@ -11,7 +11,11 @@ What makes it fast on a GPU:
 - that fixed-shape step, for both models at once, is captured once as a CUDA graph and
   replayed every token (one launch instead of ~1,000 kernel launches);
 - decode-time GQA folds the query heads of a KV group into the query-length axis, so the
-  cache is read once per group without repeat_kv copies.
+  cache is read once per group without repeat_kv copies;
+- few kernels per layer: q/k/v and gate/up as one GEMM each (the HF Linear modules are
+  re-pointed at views of the fused weight, so nothing is stored twice; note that such a model
+  then has shared-storage parameters), residual adds in the GEMM epilogue (addmm), RoPE on q
+  and k together with a roll instead of neg + cat.
 On CPU (tests, float32) the same code runs without graph capture and gives the eager
 reference's greedy tokens. `cuda_graphs=False` is the fallback if capture misbehaves.
 """
@@ -46,13 +50,38 @@ def unsupported_reason(model) -> str | None:
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # As Hugging Face does it: normalise in float32, scale in the model's dtype.
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _fused(owner, name: str, linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One [sum(out), in] weight for several nn.Linear that read the same input (q/k/v, gate/up).
+
+    One GEMM instead of three or two. The Linear modules are re-pointed at views of the fused
+    tensor, so no weight is held twice and the Hugging Face model keeps working unchanged.
+    """
+    cached = getattr(owner, name, None)
+    if cached is not None and cached[0].data_ptr() == linears[0].weight.data_ptr():
+        return cached
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears])
+        has_bias = all(lin.bias is not None for lin in linears)
+        bias = torch.cat([lin.bias for lin in linears]) if has_bias else None
+        offset = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight.data = weight[offset:offset + rows]
+            if has_bias:
+                lin.bias.data = bias[offset:offset + rows]
+            offset += rows
+    object.__setattr__(owner, name, (weight, bias))  # a plain attribute, not a registered parameter
+    return weight, bias
+
+
+def _linear_add(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x + h @ weight.T as one GEMM with the residual in its epilogue."""
+    if bias is not None:
+        return x + F.linear(h, weight, bias)
+    return torch.addmm(x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t()).view(x.shape)
 
 
 class FastLM:
@@ -69,13 +98,18 @@ class FastLM:
         rotary = base.rotary_emb
         self.inv_freq = rotary.inv_freq.float()
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        half = self.head_dim // 2
+        # rotate_half(x) == roll(x, half) * [-1]*half + [+1]*half: one copy instead of neg + cat
+        self.rot_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.embed.device)
         self.layers = []
         for layer in base.layers:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append({
                 "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
-                **{n: (getattr(att, f"{n}_proj").weight, getattr(att, f"{n}_proj").bias) for n in "qkvo"},
-                **{n: (getattr(mlp, f"{n}_proj").weight, getattr(mlp, f"{n}_proj").bias) for n in ("gate", "up", "down")},
+                "qkv": _fused(att, "_distill_qkv", [att.q_proj, att.k_proj, att.v_proj]),
+                "o": (att.o_proj.weight, att.o_proj.bias),
+                "gate_up": _fused(mlp, "_distill_gate_up", [mlp.gate_proj, mlp.up_proj]),
+                "down": (mlp.down_proj.weight, mlp.down_proj.bias),
             })
         self.norm = base.norm.weight
         self.lm_head = hf_model.get_output_embeddings().weight
@@ -90,11 +124,23 @@ class FastLM:
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.rope_scale).to(self.embed.dtype), (emb.sin() * self.rope_scale).to(self.embed.dtype)
+        cos = (emb.cos() * self.rope_scale).to(self.embed.dtype)
+        sin = (emb.sin() * self.rope_scale).to(self.embed.dtype) * self.rot_sign.to(self.embed.dtype)
+        return cos, sin
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, dims=-1), sin_signed)
+
+    def _qkv(self, x: torch.Tensor, p: dict, cos, sin):
+        """Normed input -> rotated q [.., heads, d] and k [.., kv, d], and v [.., kv, d] (heads on dim -2)."""
+        heads, kv, d = self.heads, self.kv_heads, self.head_dim
+        qkv = F.linear(_rms_norm(x, p["ln1"], self.eps), *p["qkv"])
+        qk = self._rope(qkv[..., :(heads + kv) * d].unflatten(-1, (heads + kv, d)), cos, sin)
+        return qk[..., :heads, :], qk[..., heads:, :], qkv[..., (heads + kv) * d:].unflatten(-1, (kv, d))
 
     def _mlp(self, x: torch.Tensor, p: dict) -> torch.Tensor:
-        h = _rms_norm(x, p["ln2"], self.eps)
-        return F.linear(F.silu(F.linear(h, *p["gate"])) * F.linear(h, *p["up"]), *p["down"])
+        gate, up = F.linear(_rms_norm(x, p["ln2"], self.eps), *p["gate_up"]).chunk(2, dim=-1)
+        return _linear_add(x, F.silu(gate) * up, *p["down"])
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
                columns: torch.Tensor) -> torch.Tensor:
@@ -108,18 +154,13 @@ class FastLM:
             visible &= columns[None, :] > lengths[:, None] - self.window
         visible = visible[:, None, None, :]  # [B, 1, 1, capacity], broadcast over kv heads and groups
         for p, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
-            h = _rms_norm(x, p["ln1"], self.eps)
-            q = F.linear(h, *p["q"]).view(batch, heads, d)
-            k = F.linear(h, *p["k"]).view(batch, kv, d)
-            v = F.linear(h, *p["v"]).view(batch, kv, d)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = self._qkv(x, p, cos, sin)
             kc[rows, :, lengths] = k
             vc[rows, :, lengths] = v
             # Query heads h*G..h*G+G-1 share kv head h: fold them into the query axis.
-            o = F.scaled_dot_product_attention(q.view(batch, kv, heads // kv, d), kc, vc, attn_mask=visible)
-            x = x + F.linear(o.reshape(batch, heads * d), *p["o"])
-            x = x + self._mlp(x, p)
+            o = F.scaled_dot_product_attention(q.reshape(batch, kv, heads // kv, d), kc, vc, attn_mask=visible)
+            x = _linear_add(x, o.reshape(batch, heads * d), *p["o"])
+            x = self._mlp(x, p)
         return F.linear(_rms_norm(x, self.norm, self.eps), self.lm_head)
 
     def prefill(self, slots: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -132,23 +173,19 @@ class FastLM:
         x = F.embedding(ids, self.embed)
         pos = torch.arange(width, device=ids.device)
         cos, sin = self._cos_sin(pos)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, d] against [k, T, heads, d]
         causal = pos[None, :] <= pos[:, None]
         if self.window is not None:
             causal &= pos[None, :] > pos[:, None] - self.window
         for p, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
-            h = _rms_norm(x, p["ln1"], self.eps)
-            q = F.linear(h, *p["q"]).view(k_rows, width, heads, d).transpose(1, 2)
-            k = F.linear(h, *p["k"]).view(k_rows, width, kv, d).transpose(1, 2)
-            v = F.linear(h, *p["v"]).view(k_rows, width, kv, d).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = (t.transpose(1, 2) for t in self._qkv(x, p, cos, sin))  # [k, heads, T, d]
             kc[slots, :, :width] = k
             vc[slots, :, :width] = v
             rep = heads // kv
             o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                                                attn_mask=causal)
-            x = x + F.linear(o.transpose(1, 2).reshape(k_rows, width, heads * d), *p["o"])
-            x = x + self._mlp(x, p)
+            x = _linear_add(x, o.transpose(1, 2).reshape(k_rows, width, heads * d), *p["o"])
+            x = self._mlp(x, p)
         last = x[torch.arange(k_rows, device=ids.device), lengths - 1]
         return F.linear(_rms_norm(last, self.norm, self.eps), self.lm_head)
 

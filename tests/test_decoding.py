@@ -181,3 +181,15 @@ def test_qwen2_bias_fast_matches_eager():
     prompts = [tok(t).input_ids for t in TEXTS[:3]]
     assert run(e, a, len(tok), prompts, temperature=0.0, max_new_tokens=8, engine="fast", batch_size=2) == \
         run(e, a, len(tok), prompts, temperature=0.0, max_new_tokens=8, engine="eager", batch_size=2)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_matches_plain_kernels_on_gpu(setup):
+    import copy
+
+    tok, expert, amateur, prompts = setup
+    e, a = copy.deepcopy(expert).cuda(), copy.deepcopy(amateur).cuda()  # float32: no bf16 rounding noise
+    kw = dict(temperature=0.0, max_new_tokens=12, batch_size=4, engine="fast", check_every=4)
+    graphs = run(e, a, len(tok), prompts, cuda_graphs=True, **kw)
+    assert graphs == run(e, a, len(tok), prompts, cuda_graphs=False, **kw)
+    assert graphs == run(e, a, len(tok), prompts, **(kw | {"engine": "eager"}))
