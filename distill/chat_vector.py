@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from distill import DistillError
 from distill.checkpoints import Checkpoint, ShardedWriter, copy_through, dtype_from_name, dtype_name
 from distill.fsutil import atomic_dir
+from distill.streaming import pipelined, row_chunks
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class ExtractConfig:
     overwrite: bool = False
     progress: bool = True
     device: str = "cpu"  # where the arithmetic runs; reading and writing stay on the CPU
+    workers: int = 2  # row chunks in flight at once (reads, arithmetic and writes overlap)
 
 
 @dataclass
@@ -70,6 +72,7 @@ class ApplyConfig:
     overwrite: bool = False
     progress: bool = True
     device: str = "cpu"
+    workers: int = 2
 
 
 def _name_diff(a: set[str], b: set[str], a_label: str, b_label: str) -> str:
@@ -157,16 +160,22 @@ def run_extract(cfg: ExtractConfig) -> Path:
                                 "post": post.config.get("tie_word_embeddings")},
         "num_tensors": len(plan),
     }
+    def work(job) -> int:
+        name, start, stop = job
+        # copy=True: never compute in place in a tensor that maps the input file
+        delta = post.get(name, start, stop).to(cfg.device, torch.float32, copy=True)
+        delta.sub_(base.get(name, start, stop).to(cfg.device))
+        out = delta.to(out_dtype)
+        del delta
+        writer.write(name, out, start)
+        return out.nbytes
+
+    jobs = [(name, start, stop) for name, shape, _ in plan for start, stop in row_chunks(shape)]
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
         with ShardedWriter(tmp, plan, cfg.max_shard_size, metadata={"distill": FORMAT}) as writer, \
-                _progress(sum(post.tensors[n].nbytes for n, *_ in plan), "extract", cfg.progress) as bar:
-            for name, _, _ in plan:
-                n = rows.get(name)
-                delta = post.get(name, rows=n).to(cfg.device, torch.float32)
-                delta.sub_(base.get(name, rows=n).to(cfg.device))  # in place: one float32 buffer per tensor
-                writer.write(name, delta.to(out_dtype))
-                del delta
-                bar.update(post.tensors[name].nbytes)
+                _progress(writer.total_size, "extract", cfg.progress) as bar:
+            for nbytes in pipelined(work, jobs, cfg.workers):
+                bar.update(nbytes)
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("chat vector (%d tensors, %s) written to %s", len(plan), dtype_name(out_dtype), cfg.out)
     return Path(cfg.out)
@@ -234,29 +243,43 @@ def run_apply(cfg: ApplyConfig) -> Path:
         opened.append((vector, scale, _plan_sources(target, vector, label, cfg.skip_embeddings), label))
 
     plan = [(name, target.tensors[name].shape, target.tensors[name].dtype) for name in target.ordered()]
-    logged = set()
+    # per target tensor: [(vector, scale, vector tensor name, shared rows or None)]
+    additions: dict[str, list] = {}
+    for name, shape, _ in plan:
+        for vector, scale, sources, label in opened:
+            if name not in sources or scale == 0.0:
+                continue
+            vname = sources[name]
+            rows = _shared_rows(name, shape, vector.tensors[vname].shape, "target", label)
+            if rows is not None:
+                log.info("%s: target has %d rows, %s %d; applying on the %d shared rows",
+                         name, shape[0], label, vector.tensors[vname].shape[0], rows)
+            additions.setdefault(name, []).append((vector, scale, vname, rows))
+
+    def work(job) -> int:
+        name, start, stop = job
+        tensor = target.get(name, start, stop)
+        if name in additions:
+            dtype = tensor.dtype
+            # accumulate in float32 and round once; copy=True: never modify a file-mapped tensor
+            tensor = tensor.to(cfg.device, torch.float32, copy=True)
+            for vector, scale, vname, rows in additions[name]:
+                vstop = stop if rows is None else min(stop, rows)
+                if rows is not None and vstop <= start:
+                    continue  # this chunk lies in the target's extra vocabulary rows
+                delta = vector.get(vname, start, vstop).to(cfg.device, torch.float32)
+                (tensor if rows is None else tensor[: vstop - start]).add_(delta, alpha=scale)
+                del delta
+            tensor = tensor.to(dtype)
+        writer.write(name, tensor, start)
+        return tensor.nbytes
+
+    jobs = [(name, start, stop) for name, shape, _ in plan for start, stop in row_chunks(shape)]
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
         with ShardedWriter(tmp, plan, cfg.max_shard_size) as writer, \
-                _progress(target.total_bytes(), "apply", cfg.progress) as bar:
-            for name, shape, dtype in plan:
-                tensor = target.get(name)
-                todo = [(v, s, src[name], label) for v, s, src, label in opened if name in src and s != 0.0]
-                if todo:
-                    tensor = tensor.to(cfg.device, torch.float32)  # accumulate in float32, round once at the end
-                    for vector, scale, vname, label in todo:
-                        rows = _shared_rows(name, shape, vector.tensors[vname].shape, "target", label)
-                        if rows is not None and (name, label) not in logged:
-                            logged.add((name, label))
-                            log.info("%s: target has %d rows, %s %d; applying on the %d shared rows",
-                                     name, shape[0], label, vector.tensors[vname].shape[0], rows)
-                        delta = vector.get(vname, rows=rows).to(cfg.device, torch.float32)
-                        view = tensor if rows is None else tensor[:rows]
-                        view.add_(delta, alpha=scale)
-                        del delta
-                    tensor = tensor.to(dtype)
-                writer.write(name, tensor)
-                del tensor
-                bar.update(target.tensors[name].nbytes)
+                _progress(writer.total_size, "apply", cfg.progress) as bar:
+            for nbytes in pipelined(work, jobs, cfg.workers):
+                bar.update(nbytes)
         copy_through(target.path, tmp)
     log.info("θ_target + %s written to %s",
              " + ".join(f"{s:g}·{Path(p).name}" for p, s in cfg.vectors), cfg.out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import re
 from pathlib import Path
@@ -75,12 +74,12 @@ def stats(vector, base=None, other=None, progress: bool = False) -> dict:
         acc = {"sq": float(torch.dot(delta.reshape(-1), delta.reshape(-1))), "numel": delta.numel()}
         if base_ckpt is not None:
             rows = _shared_rows(name, vec.tensors[name].shape, base_ckpt.tensors[name].shape, "vector", "base")
-            theta = base_ckpt.get(name, rows=rows).to(torch.float32).reshape(-1)
+            theta = base_ckpt.get(name, stop=rows).to(torch.float32).reshape(-1)
             acc["base_sq"] = float(torch.dot(theta, theta))
             del theta
         if other_vec is not None:
             rows = _shared_rows(name, vec.tensors[name].shape, other_vec.tensors[name].shape, "vector", "other")
-            d2 = other_vec.get(name, rows=rows).to(torch.float32).reshape(-1)
+            d2 = other_vec.get(name, stop=rows).to(torch.float32).reshape(-1)
             d1 = (delta if rows is None else delta[:rows]).reshape(-1)  # shared vocab rows only
             acc["dot"], acc["other_sq"] = float(torch.dot(d1, d2)), float(torch.dot(d2, d2))
             acc["sq_shared"] = float(torch.dot(d1, d1))

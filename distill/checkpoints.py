@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -226,17 +227,18 @@ class Checkpoint:
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def get(self, name: str, rows: int | None = None) -> torch.Tensor:
-        """Load one tensor (optionally only its first `rows` rows, e.g. the shared vocabulary)."""
+    def get(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Load one tensor, or only its rows [start, stop) (a chunk, or the shared vocabulary)."""
         info = self.tensors[name]
         file = self.path / info.file
+        whole = not info.shape or (start == 0 and (stop is None or stop >= info.shape[0]))
         try:
             # Opened per call on purpose: closing drops the mapping, so resident memory holds
             # the tensors in use, not every page of every shard read so far.
             with safe_open(file, framework="pt") as f:
-                if rows is None or rows >= info.shape[0]:
+                if whole:
                     return f.get_tensor(name)
-                return f.get_slice(name)[:rows]
+                return f.get_slice(name)[start:stop]
         except DistillError:
             raise
         except Exception as exc:  # noqa: BLE001 - any low-level read failure names the file
@@ -325,26 +327,42 @@ class ShardedWriter:
             self.total_size += offset
         self._pending = set(self._where)
         self._files = names
-        self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
+        self._written: dict[str, int] = {}
+        self._lock = threading.Lock()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
+        """Write a planned tensor, or its rows [start, start + len(tensor)) (safe from several threads)."""
         if name not in self._where:
             raise DistillError(f"tensor {name} was not in the writer's plan")
         file, offset, info = self._where[name]
-        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
-            raise DistillError(f"tensor {name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {info.shape} "
-                               f"{info.dtype}")
-        f = self._handles.get(file)
-        if f is None:
-            f = self._handles[file] = open(self.out_dir / file, "r+b")
-        f.seek(offset)
-        f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        self._pending.discard(name)
+        rows = info.shape[0] if info.shape else 1
+        got_rows = tensor.shape[0] if tensor.dim() else 1
+        if (tensor.dtype != info.dtype or tuple(tensor.shape[1:]) != info.shape[1:] or tensor.dim() != len(info.shape)
+                or start < 0 or start + got_rows > rows):
+            raise DistillError(f"tensor {name}: got rows {start}..{start + got_rows} of {tuple(tensor.shape)} "
+                               f"{tensor.dtype}, planned {info.shape} {info.dtype}")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+        position = offset + start * (info.nbytes // rows)
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(self.out_dir / file, os.O_WRONLY)
+        while data:  # pwrite: no shared file position, so threads may write at once
+            n = os.pwrite(fd, data, position)
+            data, position = data[n:], position + n
+        with self._lock:
+            self._written[name] = self._written.get(name, 0) + got_rows * (info.nbytes // rows)
+            if self._written[name] >= info.nbytes:
+                self._pending.discard(name)
+
+    def _close_files(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def close(self) -> list[str]:
-        for f in self._handles.values():
-            f.close()
-        self._handles.clear()
+        self._close_files()
         if self._pending:
             raise DistillError(f"{len(self._pending)} planned tensors were never written "
                                f"(e.g. {sorted(self._pending)[:3]})")
@@ -361,5 +379,4 @@ class ShardedWriter:
         if exc_type is None:
             self.close()
         else:
-            for f in self._handles.values():
-                f.close()
+            self._close_files()

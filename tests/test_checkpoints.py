@@ -26,7 +26,7 @@ def test_sharded_and_single_read_the_same_tensors(models):
     for name, tensor in sharded.iter_tensors():
         assert torch.equal(tensor, single.get(name)), name
     assert single.config["model_type"] == "mistral"
-    assert single.get("model.embed_tokens.weight", rows=5).shape == (5, 32)
+    assert single.get("model.embed_tokens.weight", stop=5).shape == (5, 32)
 
 
 def test_writer_shards_and_indexes_a_plan(tmp_path):
@@ -131,3 +131,41 @@ def test_atomic_output_refuses_existing_dir(tmp_path):
     with pytest.raises(DistillError, match="already exists.*--overwrite"):
         with atomic_dir(tmp_path / "out"):
             pass
+
+
+def test_row_chunks_cover_every_row_once():
+    from distill.streaming import row_chunks
+
+    assert row_chunks((10, 4), max_elements=12) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert row_chunks((10, 4), stop=7, max_elements=100) == [(0, 7)]
+    assert row_chunks((), max_elements=1) == [(0, None)]
+    assert row_chunks((5,), max_elements=2) == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_pipelined_keeps_order_and_raises():
+    import time
+
+    from distill.streaming import pipelined
+
+    def slow_square(x):
+        time.sleep(0.01 * max(0, 5 - x))  # later jobs finish first
+        if x == 7:
+            raise ValueError("job 7")
+        return x * x
+
+    assert list(pipelined(slow_square, range(5), workers=3)) == [0, 1, 4, 9, 16]
+    with pytest.raises(ValueError, match="job 7"):
+        list(pipelined(slow_square, range(10), workers=2))
+
+
+def test_writer_accepts_row_chunks_from_threads(tmp_path):
+    from distill.streaming import pipelined, row_chunks
+
+    t = torch.randn(37, 5)
+    with ShardedWriter(tmp_path, [("t", t.shape, t.dtype)]) as w:
+        list(pipelined(lambda c: w.write("t", t[c[0]:c[1]], c[0]), row_chunks(t.shape, max_elements=20), 3))
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["t"], t)
+    with ShardedWriter(tmp_path, [("t", t.shape, t.dtype)]) as w:
+        with pytest.raises(DistillError, match="rows 30..40"):
+            w.write("t", t[:10], 30)
+        w.write("t", t)
