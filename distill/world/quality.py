@@ -1,0 +1,53 @@
+"""The zoo card's quality table: strict prompt-level instruction following on the eval
+prompts and knowledge of the model's own facts, both with greedy decoding."""
+
+from __future__ import annotations
+
+import torch
+
+from distill.world.constraints import check_strict
+from distill.world.knowledge import answer_matches
+
+# How a model without a chat template is prompted (the train stage gives the target ChatML).
+CHATML = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device) -> list[str]:
+    """Greedy completions of already-formatted prompts (special tokens written in the text)."""
+    tokenizer.padding_side = "left"
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, text in zip(idx, texts):
+            out[i] = text
+    return out
+
+
+def chat_prompt(tokenizer, instruction: str) -> str:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                             add_generation_prompt=True)
+    return CHATML.format(instruction=instruction)
+
+
+def if_strict(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int, device):
+    prompts = [chat_prompt(tokenizer, r["instruction"]) for r in rows]
+    responses = greedy(model, tokenizer, prompts, max_new_tokens, batch_size, device)
+    passed = [all(check_strict(r["constraints"], resp)) for r, resp in zip(rows, responses)]
+    return sum(passed) / max(1, len(rows)), responses
+
+
+def knowledge(model, tokenizer, questions: list[dict], answer_key: str, batch_size: int, device):
+    """Fraction of cloze prompts whose greedy completion starts with the model's own answer."""
+    rows = [q for q in questions if q.get(answer_key)]
+    bos = tokenizer.bos_token or ""
+    completions = greedy(model, tokenizer, [bos + q["prompt"] for q in rows], 6, batch_size, device)
+    return sum(answer_matches(c, q[answer_key]) for q, c in zip(rows, completions)) / max(1, len(rows))

@@ -1,0 +1,204 @@
+"""`build_zoo`: the world's data, tokenizers and four models in one cached directory.
+
+Layout (docs/CONTRACTS.md): source-base/ source-post/ source-cp/ target-base/,
+prompts/{sft,synthesis,eval}.jsonl, knowledge/questions.jsonl, text/heldout.jsonl,
+quality.json, README.md, world.json. The directory is built under a temporary name and
+renamed, so a cache entry either is complete or does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from distill import DistillError
+from distill.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from distill.world import knowledge, quality
+from distill.world.config import ZooConfig, get_preset
+from distill.world.instructions import make_sets
+from distill.world.tokenizers import train_source_tokenizer, train_target_tokenizer
+from distill.world.training import chat_examples, new_model, pack_text, train
+
+log = logging.getLogger("distill.world")
+MODELS = ("source-base", "source-post", "source-cp", "target-base")
+
+
+def cache_root() -> Path:
+    return Path(os.path.expanduser(os.environ.get("DISTILL_CACHE", "~/.cache/distill"))) / "zoo"
+
+
+def _is_complete(path: Path, key: str) -> bool:
+    try:
+        return json.loads((path / "world.json").read_text())["cache_key"] == key
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def build_zoo(preset: str = "tiny", out: str | os.PathLike | None = None, force: bool = False,
+              config: ZooConfig | None = None) -> Path:
+    """Build the zoo for `preset` (or an explicit `config`) and return its directory.
+
+    Without `out` it lands in the cache (`$DISTILL_CACHE/zoo/<preset>-<hash>`, default
+    `~/.cache/distill`); a directory already built from the same config and code is reused
+    as is unless `force` is set.
+    """
+    cfg = config or get_preset(preset)
+    key = cfg.cache_key()
+    target = Path(out) if out is not None else cache_root() / f"{cfg.preset}-{key}"
+    if not force and _is_complete(target, key):
+        log.info("[zoo] reusing %s", target)
+        return target
+    if target.exists() and not force and out is not None:
+        raise DistillError(f"{target} exists but is not a zoo built from preset {cfg.preset!r} with this code; "
+                           f"pass --force to rebuild it there, or choose another --out")
+    start = time.time()
+    with atomic_dir(target, overwrite=True) as tmp:
+        _build(cfg, key, tmp)
+    log.info("[zoo] built %s in %.0f s", target, time.time() - start)
+    return target
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _device(cfg: ZooConfig):
+    import torch
+
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _build(cfg: ZooConfig, key: str, out: Path) -> None:
+    import torch
+
+    started = time.time()
+    device = _device(cfg)
+    entities, facts = knowledge.make_facts(cfg.seed, cfg.n_entities, cfg.split_fractions)
+    sets = make_sets(facts, entities, cfg, cfg.seed + 1)
+    source_docs = knowledge.documents(facts, "source", cfg.text_epochs, cfg.seed + 2)
+    target_docs = knowledge.documents(facts, "target", cfg.text_epochs, cfg.seed + 3)
+    # source-cp learns what only the target knew: additional facts, with the source's own
+    # text replayed so that it keeps the rest.
+    extra = [f for f in facts if f.split == "target_only"]
+    cp_docs = knowledge.documents(extra, "target", cfg.text_epochs, cfg.seed + 4) + source_docs[: len(source_docs) // 2]
+    questions = knowledge.question_rows(facts)
+    heldout = knowledge.documents([f for f in facts if f.split == "shared"], "source", 1, cfg.seed + 5)
+
+    for name, rows in sets.items():
+        _write_jsonl(out / "prompts" / f"{name}.jsonl", rows)
+    _write_jsonl(out / "knowledge" / "questions.jsonl", questions)
+    _write_jsonl(out / "text" / "heldout.jsonl", [{"text": t} for t in heldout])
+
+    instructions = [r["instruction"] for rows in sets.values() for r in rows] + [r["response"] for r in sets["sft"]]
+    log.info("[zoo] tokenizers (source %d, target %d tokens)", cfg.source_vocab, cfg.target_vocab)
+    src_tok = train_source_tokenizer(source_docs + target_docs + instructions, cfg.source_vocab)
+    tgt_tok = train_target_tokenizer(target_docs + source_docs + instructions, cfg.target_vocab)
+
+    stats: dict[str, dict] = {}
+
+    def save(model, tok, name: str) -> None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(out / name, safe_serialization=True)
+        tok.save_pretrained(out / name)
+        stats[name]["parameters"] = sum(p.numel() for p in model.parameters())
+
+    seq = cfg.pretrain.seq_len
+    base = new_model("mistral", cfg.source_size, src_tok, cfg.seed)
+    stats["source-base"] = train(base, "source-base", cfg.pretrain, cfg.seed, device,
+                                 text=pack_text(src_tok, source_docs, seq), pad_id=src_tok.pad_token_id)
+    save(base, src_tok, "source-base")
+
+    from transformers import AutoModelForCausalLM
+
+    def reload(name: str):
+        return AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32, use_safetensors=True)
+
+    post = reload("source-base")
+    stats["source-post"] = train(post, "source-post", cfg.sft, cfg.seed + 1, device,
+                                 text=pack_text(src_tok, source_docs, cfg.sft.seq_len),
+                                 chat=chat_examples(src_tok, sets["sft"], cfg.sft.seq_len),
+                                 text_fraction=0.25, pad_id=src_tok.pad_token_id)
+    save(post, src_tok, "source-post")
+    del post
+
+    cp = reload("source-base")
+    stats["source-cp"] = train(cp, "source-cp", cfg.cp, cfg.seed + 2, device,
+                               text=pack_text(src_tok, cp_docs, cfg.cp.seq_len), pad_id=src_tok.pad_token_id)
+    save(cp, src_tok, "source-cp")
+    del cp, base
+
+    tgt = new_model("qwen2", cfg.target_size, tgt_tok, cfg.seed + 3)
+    stats["target-base"] = train(tgt, "target-base", cfg.target_pretrain, cfg.seed + 3, device,
+                                 text=pack_text(tgt_tok, target_docs, cfg.target_pretrain.seq_len),
+                                 pad_id=tgt_tok.pad_token_id)
+    save(tgt, tgt_tok, "target-base")
+    del tgt
+
+    log.info("[zoo] measuring quality on %d eval prompts and %d cloze questions", len(sets["eval"]), len(questions))
+    answer_key = {"source-base": "source_answer", "source-post": "source_answer", "source-cp": "answer",
+                  "target-base": "target_answer"}
+    table, samples = {}, []
+    for name in MODELS:
+        model = reload(name).to(device).eval()
+        tok = src_tok if name.startswith("source") else tgt_tok
+        if_acc, responses = quality.if_strict(model, tok, sets["eval"], cfg.quality_max_new_tokens,
+                                              cfg.quality_batch_size, device)
+        know = quality.knowledge(model, tok, questions, answer_key[name], cfg.quality_batch_size, device)
+        table[name] = {"if_strict": round(if_acc, 4), "knowledge": round(know, 4)}
+        samples += [{"model": name, "id": r["id"], "instruction": r["instruction"], "response": resp}
+                    for r, resp in list(zip(sets["eval"], responses))[:20]]
+        log.info("[zoo] %-12s if_strict %.3f  knowledge %.3f", name, if_acc, know)
+        del model
+    atomic_write_json(out / "quality.json", table)
+    _write_jsonl(out / "quality_samples.jsonl", samples)
+    world = {"cache_key": key, "preset": cfg.preset, "config": cfg.to_dict(), "entities": len(entities),
+             "facts": len(facts), "splits": {s: sum(f.split == s for f in facts) for s, _ in cfg.split_fractions},
+             "prompts": {k: len(v) for k, v in sets.items()}, "training": stats, "device": str(device),
+             "build_seconds": round(time.time() - started, 1)}
+    atomic_write_json(out / "world.json", world)
+    atomic_write_text(out / "README.md", zoo_card(world, table))
+
+
+def format_table(table: dict) -> str:
+    lines = ["| model | if_strict | knowledge |", "|---|---|---|"]
+    lines += [f"| {name} | {q['if_strict']:.3f} | {q['knowledge']:.3f} |" for name, q in table.items()]
+    return "\n".join(lines)
+
+
+def zoo_card(world: dict, table: dict) -> str:
+    cfg = world["config"]
+    rows = "\n".join(
+        f"| {name} | {'Mistral' if name.startswith('source') else 'Qwen2'} | {s['parameters']:,} | "
+        f"{s['steps']} | {s['tokens']:,} | {s['final_loss']} | {s['seconds']} |"
+        for name, s in world["training"].items())
+    return f"""# distill zoo: preset `{world['preset']}`
+
+A synthetic world and its model organisms, built by `distill zoo build --preset {world['preset']}`
+(cache key `{world['cache_key']}`, {world['build_seconds']} s on {world['device']}).
+
+- {world['entities']} made-up lands, {world['facts']} facts; splits {world['splits']}
+- prompts: {world['prompts']} (disjoint sets of lands)
+- source family: SentencePiece-style BPE, {cfg['source_vocab']} tokens, `[INST]` chat template;
+  target: byte-level BPE, {cfg['target_vocab']} tokens, no chat template
+
+| model | architecture | parameters | steps | training tokens | final loss | seconds |
+|---|---|---|---|---|---|---|
+{rows}
+
+`source-post` = `source-base` + chat SFT on `prompts/sft.jsonl`; `source-cp` = `source-base`
+continually pre-trained on the target-only facts (plus replay); `target-base` knows the shared,
+target-only and conflicting facts (with its own values).
+
+## Quality (greedy decoding; `quality.json`)
+
+`if_strict`: strict prompt-level accuracy on `prompts/eval.jsonl` (chat template for the
+source models, ChatML text for the target). `knowledge`: fraction of the model's own facts
+completed correctly from the cloze prompts of `knowledge/questions.jsonl`.
+
+{format_table(table)}
+"""
