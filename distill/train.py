@@ -57,6 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     precision: str = "auto"  # auto (bf16 on a bf16-capable GPU, fp32 otherwise) | bf16 | fp32
     attn_implementation: str = "sdpa"
+    fused_loss: bool = False  # chunked lm_head + cross-entropy, no full logits (ZeRO-2 / no DeepSpeed)
     seed: int = 0
     keep_repetitive: bool = False
     resume: bool = True  # resume from <out>.checkpoints if an interrupted run left one
@@ -219,7 +220,11 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
         args.eval_strategy = transformers.IntervalStrategy.STEPS
     log.info("data: %s", td.dump_stats(stats))
 
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    fused = cfg.fused_loss and not (ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3
+    if cfg.fused_loss and not fused:
+        log.warning("--fused-loss needs the whole lm_head on each rank; not available under ZeRO-3, using HF's loss")
+    trainer_cls = _fused_loss_trainer() if fused else Trainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=td.SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=list(callbacks))
     last = get_last_checkpoint(str(ckpt)) if cfg.resume and ckpt.is_dir() else None
@@ -230,6 +235,26 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
         trainer.evaluate()  # the held-out loss at the final weights, unless the last step just logged it
     _save_final(trainer, cfg, out, ckpt, stats, last, result)
     return out
+
+
+def _fused_loss_trainer():
+    from transformers import Trainer
+
+    from distill.train_fused import causal_lm_loss
+
+    class FusedLossTrainer(Trainer):
+        """Trainer whose training loss never materialises [tokens x vocab] logits."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:  # evaluation wants logits anyway
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = causal_lm_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch)
+            # Same scaling as Trainer.compute_loss: num_items_in_batch counts tokens on all ranks.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return loss
+
+    return FusedLossTrainer
 
 
 def _prepare_data(chats, tokenizer, cfg: TrainConfig, stats: td.DataStats):
@@ -346,6 +371,8 @@ _HELP = {
     "lr_scheduler": "learning-rate schedule after warm-up, a transformers name (default %(default)s)",
     "weight_decay": "AdamW weight decay (default %(default)s)",
     "precision": "auto: bf16 on a bf16-capable GPU, fp32 on CPU; or force bf16 / fp32 (default %(default)s)",
+    "fused_loss": "compute the loss chunk by chunk without the full [tokens x vocab] logits (saves GBs with "
+                  "large vocabularies; ZeRO-2 or no DeepSpeed)",
     "attn_implementation": "attention kernel: sdpa, eager or flash_attention_2 (default %(default)s)",
     "seed": "random seed for init of new embeddings, data order and the eval split (default %(default)s)",
     "keep_repetitive": "keep rows flagged `repetitive: true` (dropped by default)",

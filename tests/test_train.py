@@ -117,7 +117,7 @@ class StopAt(TrainerCallback):
 
 def test_interrupted_run_resumes_to_the_same_step_count(world):
     out = world / "model-resume"
-    cfg = _config(world, out, max_steps=6, save_steps=2, eval_fraction=0.0, logging_steps=1)
+    cfg = _config(world, out, max_steps=6, save_steps=2, eval_fraction=0.0, logging_steps=1, fused_loss=True)
     with pytest.raises(Interrupt):
         train(cfg, callbacks=[StopAt(5)])
     assert not out.exists() and (world / "model-resume.checkpoints" / "checkpoint-4").is_dir()
