@@ -82,7 +82,7 @@ def fmt(x, digits: int = 3) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
-        return f"{x:.{digits}f}"
+        return f"{x:.{digits}f}" if x == 0 or abs(x) >= 0.01 else f"{x:.2e}"  # small KLs stay readable
     return str(x)
 
 

@@ -158,7 +158,7 @@ LABELS = {
     "kl_codit_direct": "KL(CoDIT ‖ direct) on plausible set (reference)",
     "kl_codit_uniform": "KL(CoDIT ‖ uniform) on plausible set (reference)",
     "argmax_agree": "greedy CoDIT token = argmax J·Δ (fraction)",
-    "plausible": "plausible-set size |V_alpha|",
+    "plausible": "plausible-set size (tokens)",
 }
 
 

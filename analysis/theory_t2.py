@@ -75,7 +75,9 @@ def delta_alignment(base_dir: Path, post_dir: Path, tuned_dir: Path) -> dict[str
         a[2] += float((big * big).sum())
     total = [sum(v[i] for v in acc.values()) for i in range(3)]
     acc["all"] = total
-    return {g: {"cos": v[0] / max((v[1] * v[2]) ** 0.5, 1e-30), "norm_ratio": (v[1] / max(v[2], 1e-30)) ** 0.5}
+    # A group the chat vector does not move (Δ = 0) has no direction to align with: None.
+    return {g: {"cos": v[0] / (v[1] * v[2]) ** 0.5 if v[1] > 0 and v[2] > 1e-24 else None,
+                "norm_ratio": (v[1] / v[2]) ** 0.5 if v[2] > 1e-24 else None}
             for g, v in sorted(acc.items())}
 
 
@@ -142,8 +144,8 @@ def run(zoo: Path, out_dir: Path, codit: Path, direct: Path, work: Path, epochs:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 1]})
     groups = [r["group"] for r in rows]
     x = range(len(groups))
-    axes[0].bar([i - 0.2 for i in x], [r["cos(δ_codit, Δ)"] for r in rows], 0.4, label="SFT on CoDIT")
-    axes[0].bar([i + 0.2 for i in x], [r["cos(δ_direct, Δ)"] for r in rows], 0.4, label="SFT on direct")
+    axes[0].bar([i - 0.2 for i in x], [r["cos(δ_codit, Δ)"] or 0.0 for r in rows], 0.4, label="SFT on CoDIT")
+    axes[0].bar([i + 0.2 for i in x], [r["cos(δ_direct, Δ)"] or 0.0 for r in rows], 0.4, label="SFT on direct")
     axes[0].set_xticks(list(x), groups, rotation=45, ha="right", fontsize=8)
     axes[0].axhline(0, color="k", lw=0.5)
     axes[0].set_ylabel("cosine with Δ")
