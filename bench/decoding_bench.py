@@ -137,6 +137,8 @@ def run_ours(expert, amateur, batch, args, engine, beta):
     sync(args.device)
     seconds = time.perf_counter() - start - dec.setup_seconds
     assert all(len(r.tokens) == args.new_tokens for r in results)
+    if dec.batch < batch:
+        raise MemoryError(f"the engine capped the batch at {dec.batch} rows (GPU memory)")
     return batch * args.new_tokens / seconds, seconds, dec.setup_seconds
 
 
@@ -161,7 +163,7 @@ def check_fast_engine(expert, args):
     diff = max((a - b).abs().max().item() for a, b in zip(ours, ref))
     scale = torch.stack(ref).std().item()
     agree = sum((a.argmax(-1) == b.argmax(-1)).sum().item() for a, b in zip(ours, ref))
-    print(f"fast engine vs HF forward (graphs={pair.graph is not None}): max |dlogit| {diff:.3g} "
+    print(f"fast engine vs HF forward (graphs={bool(pair.graphs)}): max |dlogit| {diff:.3g} "
           f"(logit std {scale:.3g}), argmax agreement {agree}/16\n", flush=True)
 
 
@@ -213,9 +215,9 @@ def main():
         reset_peak(args.device)
         try:
             tps, secs, setup = max(fn() for _ in range(args.repeat))  # best of --repeat
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             reset_peak(args.device)
-            print(f"| {method} | {batch} | out of memory | | | |", flush=True)
+            print(f"| {method} | {batch} | out of memory ({str(exc)[:60]}) | | | |", flush=True)
             return None
         row = dict(method=method, batch=batch, tokens_per_s=round(tps, 1), seconds=round(secs, 2),
                    setup_s=round(setup, 2), peak_gib=round(peak_gib(args.device), 2))

@@ -218,6 +218,7 @@ class ContrastiveDecoder:
         self.setup_seconds = 0.0
 
     def _backend(self, batch: int, capacity: int):
+        """The backend and the batch it runs (the fast one shrinks it to what fits in GPU memory)."""
         engine = self.config.engine
         if engine == "fast" or (engine == "auto" and self.device.type == "cuda"):
             from distill.fast_decoder import FastPair, unsupported_reason
@@ -226,10 +227,18 @@ class ContrastiveDecoder:
             if engine == "fast" and reasons:
                 raise DistillError(f"the fast engine cannot run this model: {reasons[0]}; use engine=eager")
             if not reasons:
-                return FastPair(self.models, batch, capacity, cuda_graphs=self.config.cuda_graphs)
-            if reasons:
-                log.info("using the eager engine: %s", reasons[0])
-        return EagerPair(self.models, batch, self.pad_token_id)
+                if self.device.type == "cuda":
+                    fit = FastPair.rows_that_fit(self.models, capacity)
+                    if fit < 1:
+                        raise DistillError(f"no room in GPU memory for a KV cache of {capacity} tokens per row; "
+                                           f"lower max_new_tokens or use a larger GPU")
+                    if fit < batch:
+                        log.warning("batch %d does not fit a static KV cache of %d tokens per row; using %d",
+                                    batch, capacity, fit)
+                        batch = fit
+                return FastPair(self.models, batch, capacity, cuda_graphs=self.config.cuda_graphs), batch
+            log.info("using the eager engine: %s", reasons[0])
+        return EagerPair(self.models, batch, self.pad_token_id), batch
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
         """Yield one Result per request, in order of completion."""
@@ -240,7 +249,8 @@ class ContrastiveDecoder:
         batch = min(cfg.batch_size, len(queue))
         capacity = max(len(r.prompt_ids) for r in queue) + cfg.max_new_tokens
         started = time.perf_counter()
-        backend = self._backend(batch, capacity)
+        backend, batch = self._backend(batch, capacity)
+        self.batch = batch
         self.setup_seconds = time.perf_counter() - started  # cache allocation and graph capture
         self.stops = torch.tensor(self.stop_ids or [-1], device=dev)
         self.out = torch.zeros(batch, cfg.max_new_tokens + 1, dtype=torch.long, device=dev)
@@ -266,6 +276,7 @@ class ContrastiveDecoder:
                 slots[i] = None
                 self.tokens_generated += lengths[i]
                 yield Result(req.key, row[:lengths[i]], "stop" if stopped[i] else "length", len(req.prompt_ids))
+            backend.release(done)
             if queue:
                 self._admit(backend, slots, done[:len(queue)], queue)
 
@@ -361,6 +372,9 @@ class EagerPair:
             for cache in self.caches:
                 for layer in cache.layers:
                     layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+    def release(self, slots: list[int]) -> None:
+        pass  # rows stay in place until refilled; _merge_mask trims columns no row uses
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # types whose inv_freq does not change at run time
+ATTENTION_BUCKET = 256  # attention width grows in steps of this many cache columns (one CUDA graph each)
 
 
 def unsupported_reason(model) -> str | None:
@@ -144,8 +145,13 @@ class FastLM:
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
                columns: torch.Tensor) -> torch.Tensor:
-        """One token per row: write K/V at column lengths[b], attend to columns <= lengths[b]."""
+        """One token per row: write K/V at column lengths[b], attend to columns <= lengths[b].
+
+        `columns` is arange(width): attention reads only the first width columns of the cache,
+        so every row must have lengths[b] < width.
+        """
         batch, heads, kv, d = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
+        width = columns.shape[0]
         x = F.embedding(tokens, self.embed)  # [B, hidden]
         cos, sin = self._cos_sin(lengths)
         cos, sin = cos[:, None, :], sin[:, None, :]
@@ -158,7 +164,8 @@ class FastLM:
             kc[rows, :, lengths] = k
             vc[rows, :, lengths] = v
             # Query heads h*G..h*G+G-1 share kv head h: fold them into the query axis.
-            o = F.scaled_dot_product_attention(q.reshape(batch, kv, heads // kv, d), kc, vc, attn_mask=visible)
+            o = F.scaled_dot_product_attention(q.reshape(batch, kv, heads // kv, d), kc[:, :, :width],
+                                               vc[:, :, :width], attn_mask=visible)
             x = _linear_add(x, o.reshape(batch, heads * d), *p["o"])
             x = self._mlp(x, p)
         return F.linear(_rms_norm(x, self.norm, self.eps), self.lm_head)
@@ -191,45 +198,64 @@ class FastLM:
 
 
 class FastPair:
-    """The backend ContrastiveDecoder drives: all models step together, as one CUDA graph on GPU."""
+    """The backend ContrastiveDecoder drives: all models step together, as one CUDA graph on GPU.
 
-    def __init__(self, models, batch: int, capacity: int, cuda_graphs: bool = True):
+    Attention reads only the first `width` cache columns, where width is the smallest multiple
+    of `bucket` above an upper bound of every row's length that the host keeps without asking
+    the device (prompt length + steps since admission). One graph is captured per width, on
+    first use, all sharing one memory pool; so short responses never pay for a long
+    max_new_tokens.
+    """
+
+    def __init__(self, models, batch: int, capacity: int, cuda_graphs: bool = True, bucket: int | None = None):
         self.lms = [FastLM(m) for m in models]
         self.device = self.lms[0].embed.device
-        capacity = -(-capacity // 64) * 64  # aligned widths suit the fused attention kernels
+        self.capacity = -(-capacity // 64) * 64  # aligned widths suit the fused attention kernels
+        self.bucket = bucket or ATTENTION_BUCKET
         for lm in self.lms:
-            lm.allocate(batch, capacity)
+            lm.allocate(batch, self.capacity)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.rows = torch.arange(batch, device=self.device)
-        self.columns = torch.arange(capacity, device=self.device)
-        self.graph = None
-        if cuda_graphs and self.device.type == "cuda":
-            try:
-                self._capture()
-            except torch.cuda.OutOfMemoryError:
-                raise  # a batch too large must say so, not fall back to a slower path
-            except Exception as exc:  # noqa: BLE001 - any other capture failure: run the same step without a graph
-                log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
-                self.graph = None
+        self.columns = torch.arange(self.capacity, device=self.device)
+        self.bound = [0] * batch  # host-side upper bound of each row's cache length
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+
+    @staticmethod
+    def rows_that_fit(models, capacity: int, reserve_fraction: float = 0.1) -> int:
+        """How many rows of static KV cache (all models) fit in the free GPU memory."""
+        per_row = 0
+        for m in models:
+            cfg = m.config
+            head_dim = m.model.layers[0].self_attn.q_proj.weight.shape[0] // cfg.num_attention_heads
+            elem = next(m.parameters()).element_size()
+            per_row += 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * capacity * elem
+            per_row += 16 * cfg.vocab_size * 4  # float32 logits and sampling temporaries per row
+        free, total = torch.cuda.mem_get_info(next(models[0].parameters()).device)
+        return max(0, int((free - reserve_fraction * total - 2**30) // per_row))
 
     @torch.no_grad()
-    def _step(self) -> list[torch.Tensor]:
-        return [lm.decode(self.tokens, self.lengths, self.rows, self.columns) for lm in self.lms]
+    def _step(self, width: int) -> list[torch.Tensor]:
+        return [lm.decode(self.tokens, self.lengths, self.rows, self.columns[:width]) for lm in self.lms]
 
-    def _capture(self) -> None:
-        # Warm up on a side stream (allocator, cuBLAS workspaces), then capture. The junk this
-        # writes at column 0 of every row is overwritten by the first prefill.
+    def _capture(self, width: int) -> tuple:
+        # Warm up on a side stream (allocator, cuBLAS workspaces), then capture. Warm-up writes
+        # K/V at column lengths[b], the very column the next real step overwrites: harmless.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step()
+                self._step(width)
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_logits = self._step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._step(width)
         torch.cuda.synchronize()
+        self.pool = graph.pool()
+        self.graphs[width] = (graph, logits)
+        return self.graphs[width]
 
     @torch.no_grad()
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -237,6 +263,7 @@ class FastPair:
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p)
+            self.bound[slots[i]] = len(p)
         ids = ids.to(self.device)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         slots_t = torch.tensor(slots, device=self.device)
@@ -244,13 +271,27 @@ class FastPair:
         self.lengths[slots_t] = lengths
         return logits
 
+    def release(self, slots: list[int]) -> None:
+        """Rows the engine is done with stop counting towards the attention width."""
+        for s in slots:
+            self.bound[s] = 0
+
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
         self.tokens.copy_(tokens)
-        if self.graph is not None:
-            self.graph.replay()
-            logits = self.static_logits
-        else:
-            logits = self._step()
+        width = min(self.capacity, -(-(max(self.bound) + 1) // self.bucket) * self.bucket)
+        logits = None
+        if self.use_graphs:
+            try:
+                graph, logits = self.graphs.get(width) or self._capture(width)
+                graph.replay()
+            except torch.cuda.OutOfMemoryError:
+                raise  # a batch too large must say so, not fall back to a slower path
+            except Exception as exc:  # noqa: BLE001 - any other capture failure: same step without graphs
+                log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
+                self.use_graphs, logits = False, None
+        if logits is None:
+            logits = self._step(width)
         self.lengths += active.long()  # finished rows stay put and keep overwriting one junk column
+        self.bound = [min(b + 1, self.capacity - 1) for b in self.bound]
         return logits

@@ -193,3 +193,13 @@ def test_cuda_graph_step_matches_plain_kernels_on_gpu(setup):
     graphs = run(e, a, len(tok), prompts, cuda_graphs=True, **kw)
     assert graphs == run(e, a, len(tok), prompts, cuda_graphs=False, **kw)
     assert graphs == run(e, a, len(tok), prompts, **(kw | {"engine": "eager"}))
+
+
+def test_fast_attention_width_buckets(setup, monkeypatch):
+    import distill.fast_decoder as fast
+
+    tok, expert, amateur, prompts = setup
+    kw = dict(temperature=0.0, max_new_tokens=20, batch_size=2, check_every=3)
+    ref = run(expert, amateur, len(tok), prompts, engine="eager", **kw)
+    monkeypatch.setattr(fast, "ATTENTION_BUCKET", 8)  # widths 16, 24, ... as rows grow and are refilled
+    assert run(expert, amateur, len(tok), prompts, engine="fast", **kw) == ref
