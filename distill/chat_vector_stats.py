@@ -24,6 +24,7 @@ from distill import DistillError
 from distill.checkpoints import Checkpoint
 from distill.chat_vector import _name_diff, _shared_rows, is_head, is_vocab_tensor, open_vector
 from distill.fsutil import atomic_write_json, atomic_write_text
+from distill.streaming import pipelined, row_chunks
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -65,26 +66,49 @@ def stats(vector, base=None, other=None, progress: bool = False) -> dict:
                            + _name_diff(set(names), set(other_vec.tensors), f"vector {vec.path}",
                                         f"vector {other_vec.path}"))
 
-    rows_out, groups = [], {}
-    total = {"sq": 0.0, "base_sq": 0.0, "dot": 0.0, "other_sq": 0.0, "numel": 0}
+    base_rows, other_rows = {}, {}  # rows shared with the base / the other vector (None = all)
+    for name in names:
+        shape = vec.tensors[name].shape
+        if base_ckpt is not None:
+            base_rows[name] = _shared_rows(name, shape, base_ckpt.tensors[name].shape, "vector", "base")
+        if other_vec is not None:
+            other_rows[name] = _shared_rows(name, shape, other_vec.tensors[name].shape, "vector", "other")
+
+    def work(job) -> tuple[str, dict]:
+        """Partial sums over rows [start, stop) of one tensor."""
+        name, start, stop = job
+        delta = vec.get(name, start, stop).to(torch.float32)
+        flat = delta.reshape(-1)
+        acc = {"sq": float(torch.dot(flat, flat)), "numel": flat.numel()}
+        for ckpt, rows, key in ((base_ckpt, base_rows, "base"), (other_vec, other_rows, "other")):
+            if ckpt is None:
+                continue
+            shared = rows[name]
+            end = stop if shared is None else min(stop, shared)
+            if shared is not None and end <= start:
+                continue  # rows beyond the shared vocabulary
+            mine = flat if shared is None else delta[: end - start].reshape(-1)
+            theirs = ckpt.get(name, start, end).to(torch.float32).reshape(-1)
+            if key == "base":
+                acc["base_sq"] = float(torch.dot(theirs, theirs))
+            else:
+                acc["dot"], acc["other_sq"] = float(torch.dot(mine, theirs)), float(torch.dot(theirs, theirs))
+                acc["sq_shared"] = float(torch.dot(mine, mine))
+        return name, acc
+
+    keys = ["sq", "numel"] + (["base_sq"] if base_ckpt else []) + (["dot", "other_sq", "sq_shared"] if other_vec else [])
+    per_tensor: dict[str, dict] = {name: dict.fromkeys(keys, 0) for name in names}
+    jobs = [(n, start, stop) for n in names for start, stop in row_chunks(vec.tensors[n].shape)]
     from tqdm.auto import tqdm
 
-    for name in tqdm(names, desc="stats", unit="tensor", disable=not progress, leave=False):
-        delta = vec.get(name).to(torch.float32)
-        acc = {"sq": float(torch.dot(delta.reshape(-1), delta.reshape(-1))), "numel": delta.numel()}
-        if base_ckpt is not None:
-            rows = _shared_rows(name, vec.tensors[name].shape, base_ckpt.tensors[name].shape, "vector", "base")
-            theta = base_ckpt.get(name, stop=rows).to(torch.float32).reshape(-1)
-            acc["base_sq"] = float(torch.dot(theta, theta))
-            del theta
-        if other_vec is not None:
-            rows = _shared_rows(name, vec.tensors[name].shape, other_vec.tensors[name].shape, "vector", "other")
-            d2 = other_vec.get(name, stop=rows).to(torch.float32).reshape(-1)
-            d1 = (delta if rows is None else delta[:rows]).reshape(-1)  # shared vocab rows only
-            acc["dot"], acc["other_sq"] = float(torch.dot(d1, d2)), float(torch.dot(d2, d2))
-            acc["sq_shared"] = float(torch.dot(d1, d1))
-            del d2
-        del delta
+    for name, acc in tqdm(pipelined(work, jobs), total=len(jobs), desc="stats", unit="chunk",
+                          disable=not progress, leave=False):
+        for key, value in acc.items():
+            per_tensor[name][key] += value
+
+    rows_out, groups = [], {}
+    total = {"sq": 0.0, "base_sq": 0.0, "dot": 0.0, "other_sq": 0.0, "numel": 0}
+    for name, acc in per_tensor.items():
         group = group_of(name)
         g = groups.setdefault(group, {"tensors": 0, "sq": 0.0, "base_sq": 0.0, "dot": 0.0, "other_sq": 0.0,
                                       "sq_shared": 0.0, "numel": 0})

@@ -109,6 +109,12 @@ def test_vocab_rows_differ_shared_rows_only_and_skip_embeddings(tmp_path, caplog
     assert torch.equal(skipped["model.embed_tokens.weight"], emb)
     assert torch.equal(skipped["lm_head.weight"], target.lm_head.weight.detach())
     assert not torch.equal(skipped["model.norm.weight"], target.model.norm.weight.detach())
+    # stats over chunks against the 216-row target as "base": shared rows only, sums exact
+    s = stats(vec, base=tmp_path / "t", other=vec)
+    row = next(r for r in s["per_tensor"] if r["name"] == "model.embed_tokens.weight")
+    assert row["norm"] == pytest.approx(delta.norm().item(), rel=1e-5)
+    assert row["base_norm"] == pytest.approx(emb[:200].norm().item(), rel=1e-5)
+    assert row["cosine"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_tied_vector_moves_an_untied_head_too(tmp_path):
