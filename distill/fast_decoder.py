@@ -222,6 +222,10 @@ class FastPair:
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[int, tuple] = {}
         self.pool = None
+        if self.use_graphs:  # capture every width now, so no capture happens mid-run
+            for width in sorted({min(w, self.capacity) for w in range(self.bucket, self.capacity + self.bucket, self.bucket)}):
+                if not self._try_capture(width):
+                    break
 
     @staticmethod
     def rows_that_fit(models, capacity: int, reserve_fraction: float = 0.1) -> int:
@@ -257,6 +261,17 @@ class FastPair:
         self.graphs[width] = (graph, logits)
         return self.graphs[width]
 
+    def _try_capture(self, width: int) -> bool:
+        try:
+            self._capture(width)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            raise  # a batch too large must say so, not fall back to a slower path
+        except Exception as exc:  # noqa: BLE001 - any other capture failure: the same step without graphs
+            log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
+            self.use_graphs = False
+            return False
+
     @torch.no_grad()
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
         width = max(len(p) for p in prompts)
@@ -280,17 +295,10 @@ class FastPair:
     def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
         self.tokens.copy_(tokens)
         width = min(self.capacity, -(-(max(self.bound) + 1) // self.bucket) * self.bucket)
-        logits = None
-        if self.use_graphs:
-            try:
-                graph, logits = self.graphs.get(width) or self._capture(width)
-                graph.replay()
-            except torch.cuda.OutOfMemoryError:
-                raise  # a batch too large must say so, not fall back to a slower path
-            except Exception as exc:  # noqa: BLE001 - any other capture failure: same step without graphs
-                log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
-                self.use_graphs, logits = False, None
-        if logits is None:
+        if self.use_graphs and (width in self.graphs or self._try_capture(width)):
+            graph, logits = self.graphs[width]
+            graph.replay()
+        else:
             logits = self._step(width)
         self.lengths += active.long()  # finished rows stay put and keep overwriting one junk column
         self.bound = [min(b + 1, self.capacity - 1) for b in self.bound]

@@ -51,6 +51,7 @@ class SynthesizeConfig:
     device: str = "auto"  # auto = cuda:LOCAL_RANK if available, else cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
     engine: str = "auto"  # auto | eager | fast (see distill.decoding.DecodingConfig)
+    cuda_graphs: bool = True  # fast engine: replay the decode step as CUDA graphs (False = a fallback)
     repetition_ngram: int = 20
     repetition_threshold: float = 0.3  # flag a response if more of its characters repeat
     overwrite: bool = False  # discard an existing output made with other settings
@@ -165,7 +166,8 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
         decoder = ContrastiveDecoder(
             expert, amateur, vocab, stops,
             DecodingConfig(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, top_p=cfg.top_p,
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, engine=cfg.engine),
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, engine=cfg.engine,
+                           cuda_graphs=cfg.cuda_graphs),
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         provenance = {"method": cfg.method, "expert": cfg.expert, "amateur": cfg.amateur, "alpha": cfg.alpha,
                       "beta": cfg.beta, "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -238,6 +240,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "fast"],
                    help="auto: the fast static-cache/CUDA-graph engine on cuda for Llama/Mistral/Qwen2, else the "
                         "eager Hugging Face engine")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="fast engine without CUDA graphs (a fallback if graph capture misbehaves on your setup)")
     p.add_argument("--repetition-threshold", type=float, default=d["repetition_threshold"].default,
                    help="flag a response as repetitive when more than this fraction of its characters lie in a "
                         "repeated character n-gram (default 0.3)")
@@ -261,7 +265,7 @@ def _main(args) -> int:
         raise DistillError(f"missing {', '.join(missing)}; see `distill synthesize --help`")
     fields = set(SynthesizeConfig.__dataclass_fields__)
     kwargs = {k: v for k, v in vars(args).items() if k in fields}
-    cfg = SynthesizeConfig(**kwargs, progress=not args.no_progress)
+    cfg = SynthesizeConfig(**kwargs, progress=not args.no_progress, cuda_graphs=not args.no_cuda_graphs)
     print(synthesize(cfg))
     return 0
 
