@@ -18,3 +18,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory):
+    """The embedded world's `micro` preset, built once per test session (seconds) into a
+    private cache; returns the zoo directory (layout in docs/CONTRACTS.md)."""
+    from distill.world import build_zoo
+
+    cache = tmp_path_factory.mktemp("distill-cache")
+    old = os.environ.get("DISTILL_CACHE")
+    os.environ["DISTILL_CACHE"] = str(cache)
+    try:
+        return build_zoo("micro")
+    finally:
+        if old is None:
+            del os.environ["DISTILL_CACHE"]
+        else:
+            os.environ["DISTILL_CACHE"] = old

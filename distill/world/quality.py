@@ -13,8 +13,10 @@ CHATML = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @torch.no_grad()
-def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device) -> list[str]:
-    """Greedy completions of already-formatted prompts (special tokens written in the text)."""
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device,
+           add_special_tokens: bool = False) -> list[str]:
+    """Greedy completions; chat prompts already hold their special tokens, plain text gets
+    the tokenizer's own (BOS where the family has one)."""
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
@@ -22,7 +24,7 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
+                        add_special_tokens=add_special_tokens).to(device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                              eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -48,6 +50,6 @@ def if_strict(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_siz
 def knowledge(model, tokenizer, questions: list[dict], answer_key: str, batch_size: int, device):
     """Fraction of cloze prompts whose greedy completion starts with the model's own answer."""
     rows = [q for q in questions if q.get(answer_key)]
-    bos = tokenizer.bos_token or ""
-    completions = greedy(model, tokenizer, [bos + q["prompt"] for q in rows], 6, batch_size, device)
+    completions = greedy(model, tokenizer, [q["prompt"] for q in rows], 6, batch_size, device,
+                         add_special_tokens=True)
     return sum(answer_matches(c, q[answer_key]) for q, c in zip(rows, completions)) / max(1, len(rows))

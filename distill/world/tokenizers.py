@@ -24,7 +24,7 @@ TARGET_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def train_source_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -33,6 +33,9 @@ def train_source_tokenizer(texts: list[str], vocab_size: int):
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SOURCE_SPECIALS, show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    # Like Mistral's tokenizer: plain encoding adds BOS (chat templates write it themselves).
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         additional_special_tokens=["[INST]", "[/INST]"], clean_up_tokenization_spaces=False,

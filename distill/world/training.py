@@ -32,9 +32,8 @@ def new_model(arch: str, size, tokenizer, seed: int):
 def pack_text(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
     """Documents joined with EOS (and BOS where the family has one), cut into rows of seq_len."""
     ids: list[int] = []
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        ids += bos + enc + [tokenizer.eos_token_id]
+    for enc in tokenizer(docs)["input_ids"]:  # with the family's own special tokens (BOS or none)
+        ids += enc + [tokenizer.eos_token_id]
     n = max(1, len(ids) // seq_len)
     ids = (ids * (1 + seq_len * n // max(1, len(ids))))[: n * seq_len]
     return torch.tensor(ids, dtype=torch.long).view(n, seq_len)

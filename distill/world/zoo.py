@@ -8,6 +8,7 @@ renamed, so a cache entry either is complete or does not exist.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -55,10 +56,29 @@ def build_zoo(preset: str = "tiny", out: str | os.PathLike | None = None, force:
         raise DistillError(f"{target} exists but is not a zoo built from preset {cfg.preset!r} with this code; "
                            f"pass --force to rebuild it there, or choose another --out")
     start = time.time()
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True) as tmp, _quiet_and_threaded(_device(cfg)):
         _build(cfg, key, tmp)
     log.info("[zoo] built %s in %.0f s", target, time.time() - start)
     return target
+
+
+@contextlib.contextmanager
+def _quiet_and_threaded(device):
+    """No per-load progress bars; on CPU, only as many threads as there are idle cores
+    (tiny matrices on oversubscribed cores run several times slower than on one)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        idle = (os.cpu_count() or 1) - int(os.getloadavg()[0] + 0.5)
+        torch.set_num_threads(max(1, min(threads, idle)))
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+        torch.set_num_threads(threads)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
