@@ -247,16 +247,17 @@ class FastPair:
     def _capture(self, width: int) -> tuple:
         # Warm up on a side stream (allocator, cuBLAS workspaces), then capture. Warm-up writes
         # K/V at column lengths[b], the very column the next real step overwrites: harmless.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(width)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(width)
-        torch.cuda.synchronize()
+        with torch.cuda.device(self.device):  # streams and graphs live on the models' GPU, not cuda:0
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(width)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._step(width)
+            torch.cuda.synchronize()
         self.pool = graph.pool()
         self.graphs[width] = (graph, logits)
         return self.graphs[width]

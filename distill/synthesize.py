@@ -123,6 +123,8 @@ def _load(cfg: SynthesizeConfig, local_rank: int):
     device = cfg.device
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # one GPU per rank; CUDA graphs capture on the current device
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if cfg.dtype != "auto" and cfg.dtype not in dtypes:
         raise DistillError(f"dtype must be auto or one of {sorted(dtypes)}, got {cfg.dtype!r}")
