@@ -39,8 +39,8 @@ class SynthesizeConfig:
     prompts: str  # .jsonl or datasets dir with `instruction` or `messages`
     out: str  # dataset directory (created; resumed if it holds a run with the same settings)
     amateur: str | None = None  # the expert's base model; unused for method="direct"
-    method: str = "codit"  # codit | direct (direct: beta = 0 and alpha = 0, plain expert sampling)
-    alpha: float = 0.01
+    method: str = "codit"  # codit | direct (direct: beta = 0, the amateur is never loaded)
+    alpha: float | None = None  # None: 0.01 for codit, 0 for direct (plain sampling from the expert)
     beta: float = 1.0
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -61,8 +61,10 @@ class SynthesizeConfig:
     def __post_init__(self):
         if self.method not in ("codit", "direct"):
             raise DistillError(f"method must be codit or direct, got {self.method!r}")
+        if self.alpha is None:
+            self.alpha = 0.01 if self.method == "codit" else 0.0
         if self.method == "direct":
-            self.beta, self.alpha, self.amateur = 0.0, 0.0, None
+            self.beta, self.amateur = 0.0, None
         elif not self.amateur:
             raise DistillError("method codit needs --amateur (the expert's base model); or use --method direct")
 
@@ -220,10 +222,11 @@ def add_cli(subparsers) -> None:
                                      "'messages', and optionally 'id'")
     p.add_argument("--out", help="output dataset directory; rerun the same command to resume an interrupted run")
     p.add_argument("--method", choices=["codit", "direct"], default="codit",
-                   help="codit: contrastive decoding (default); direct: plain sampling from the expert "
-                        "(beta=0, alpha=0; the amateur is never loaded)")
-    p.add_argument("--alpha", type=float, default=d["alpha"].default,
-                   help="plausibility: only tokens with p_expert >= alpha * max p_expert are candidates (default 0.01)")
+                   help="codit: contrastive decoding (default); direct: sampling from the expert alone "
+                        "(beta=0; the amateur is never loaded)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="plausibility: only tokens with p_expert >= alpha * max p_expert are candidates "
+                        "(default 0.01 for codit, 0 for direct, i.e. plain sampling)")
     p.add_argument("--beta", type=float, default=d["beta"].default,
                    help="weight of the amateur's log-probability subtracted from the expert's (default 1.0)")
     p.add_argument("--temperature", type=float, default=d["temperature"].default,

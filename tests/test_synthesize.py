@@ -108,6 +108,7 @@ def test_direct_never_loads_the_amateur(zoo):
                  "--max-new-tokens", "5", "--limit", "3", "--no-progress"]) == 0
     r = rows(out)
     assert len(r) == 3 and {x["beta"] for x in r} == {0.0} and {x["amateur"] for x in r} == {None}
+    assert {x["alpha"] for x in r} == {0.0} and {x["method"] for x in r} == {"direct"}
 
 
 def test_clear_errors(zoo, tmp_path):
