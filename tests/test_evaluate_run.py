@@ -105,3 +105,15 @@ def test_cli_help_explains_every_option(capsys):
     for opt in ("--model", "--zoo", "--suite", "--out", "--batch-size", "--max-new-tokens", "--device", "--dtype",
                 "--lm-eval", "--family", "--limit"):
         assert opt in text
+
+
+def test_on_the_micro_world(micro_zoo, tmp_path):
+    """The real zoo layout: every split present, families recognised, conflicts counted."""
+    for name, family in (("source-post", "source"), ("target-base", "target")):
+        s = evaluate(micro_zoo / name, micro_zoo, out=tmp_path / f"{name}.json", max_new_tokens=4, limit=8)
+        assert s["family"] == family
+        assert s["if"]["prompts"] == 8 and s["if"]["instructions"] >= 8
+        assert s["knowledge"]["questions"] == 8 and s["ppl"]["tokens"] > 0
+    full = evaluate(micro_zoo / "source-cp", micro_zoo, suites=("knowledge",), out=tmp_path / "cp.json")
+    assert set(full["knowledge"]["per_split"]) == {"shared", "source_only", "target_only", "conflict"}
+    assert full["knowledge"]["conflict"]["n"] == full["knowledge"]["per_split"]["conflict"]["n"] > 0
