@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Reproduce analysis/results/ on the embedded tiny world (2 CPU cores; a GPU is faster).
+#   analysis/run_tiny.sh [RUN_DIR] [OUT_DIR]
+# 1. the tiny zoo (cached) and the recipe's run: synthesis, SFT over 3 seeds, chat vector, evaluation;
+# 2. the comparison table; 3. the theory experiments T1-T4.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+RUN=${1:-runs/analysis-tiny}
+OUT=${2:-analysis/results}
+ZOO=$($PY -m distill.cli zoo build --preset tiny | tail -n 1)
+echo "zoo: $ZOO"
+$PY -m distill.cli run recipes/tiny.yaml --set run_dir="$RUN"
+$PY analysis/compare_transfer.py --run-dir "$RUN" --out "$OUT/compare" --title "Tiny world: transfer of instruction following"
+$PY analysis/theory.py t1 --zoo "$ZOO" --out "$OUT/theory" --prompts 48 --max-new-tokens 64
+$PY analysis/theory.py t3 --zoo "$ZOO" --run-dir "$RUN" --out "$OUT/theory" --pairs 128
+$PY analysis/theory.py t2 --zoo "$ZOO" --run-dir "$RUN" --out "$OUT/theory" --work "$RUN/theory-t2" --epochs 3
+$PY analysis/theory.py t4 --zoo "$ZOO" --out "$OUT/theory" --work "$RUN/theory-t4" \
+    --betas 0,0.5,1,1.5 --alphas 0.1 --limit 150 --epochs 3 --eval-limit 100
