@@ -204,8 +204,10 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
     td.ensure_chat_template(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # DeepSpeed bf16 keeps fp32 master weights in its optimizer, so bf16 weights lose nothing;
+    # the plain Trainer instead trains fp32 weights under bf16 autocast.
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.bfloat16 if bf16 else torch.float32, use_safetensors=True,
+        model_path, dtype=torch.bfloat16 if bf16 and ds_config else torch.float32, use_safetensors=True,
         local_files_only=True, trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -289,6 +291,7 @@ def _save_final(trainer, cfg: TrainConfig, out: Path, ckpt: Path, stats, resumed
     if main and tmp.exists():
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
+    trainer.model.config.use_cache = True  # off for training only; generation wants the KV cache
     trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
     if main:
@@ -418,3 +421,24 @@ def _run(args) -> int:
     out = train(TrainConfig(**values))
     print(out)
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m distill.train ARGS` = `distill train ARGS`; accepts the `--local_rank=N` that
+    the deepspeed launcher puts first (`distill.cli` would reject it before the subcommand)."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m distill.train")
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return _run(args)
+    except DistillError as exc:
+        print(f"distill train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

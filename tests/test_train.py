@@ -89,6 +89,7 @@ def test_single_process_learns_saves_and_reloads_identically(world, stage):
     train_loss, eval_loss = _losses(out)
     assert train_loss[-1] < train_loss[0] - 0.5 and eval_loss and eval_loss[-1] < train_loss[0]
     model = _check_reload(out, probe)
+    assert model.config.use_cache  # switched off for training only
     if stage != "zero2":
         return
     # The ChatML template and its tokens survived, and the model answers in that format.
@@ -136,8 +137,9 @@ def test_two_ranks_through_the_deepspeed_launcher(world, stage):
         pytest.skip("the deepspeed launcher is not installed")
     out = world / f"model-2rank-{stage}"
     port = 29600 + (os.getpid() % 200) + (stage == "zero3")
-    cmd = [launcher, "--no_local_rank", "--num_gpus", "2", "--master_port", str(port), "--module", "distill.cli",
-           "train", "--model", str(world / "target"), "--data", str(world / "data" / "train.jsonl"),
+    # Both entry points: `-m distill.train` takes the launcher's --local_rank; `distill.cli` needs --no_local_rank.
+    entry = ["--module", "distill.train"] if stage == "zero2" else ["--no_local_rank", "--module", "distill.cli", "train"]
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), *entry, "--model", str(world / "target"), "--data", str(world / "data" / "train.jsonl"),
            "--out", str(out), "--deepspeed", stage, "--max-steps", "8", "--lr", "1e-2", "--batch-size", "4",
            "--max-length", "64", "--logging-steps", "2", "--eval-steps", "8", "--eval-fraction", "0.1",
            "--warmup-ratio", "0", "--lr-scheduler", "constant"]
