@@ -168,6 +168,8 @@ def main() -> None:
                    help="where checkpoints and outputs go (needs ~6x the model size; default: %(default)s)")
     p.add_argument("--mergekit", default="/tmp/benchvenv/bin/mergekit-yaml", help="mergekit-yaml executable")
     p.add_argument("--skip", default="", help="comma list of tools to leave out: naive,mergekit")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every tool N times, round-robin; report the best wall time (default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoints for the next run")
     p.add_argument("--naive", nargs="+", metavar="ARG", help=argparse.SUPPRESS)  # child-process entry
@@ -177,6 +179,7 @@ def main() -> None:
     if args.naive:
         return naive(args.naive[0], args.naive[1:], args.scale, args.device)
 
+    load_before = f"{os.getloadavg()[0]:.1f}"
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     info = build(args, work)
@@ -189,17 +192,18 @@ def main() -> None:
     # Each tool's start-up RSS (imports only), so the tables can show what the work itself adds.
     floors = {"distill": measure([py, "-m", "distill.cli", "chat-vector", "extract", "--help"], "distill start-up"),
               "naive": measure([py, "-c", "import torch, safetensors.torch"], "python + torch start-up")}
-    results = {}
-    results["distill extract"] = measure([py, "-m", "distill.cli", "chat-vector", "extract", "--base", d["base"],
-                                          "--post", d["post"], "--out", outs["d_vec"], "--no-progress",
-                                          "--max-shard-size", args.shard_size, *dev], "distill extract")
-    results["distill apply"] = measure([py, "-m", "distill.cli", "chat-vector", "apply", "--target", d["cp"],
-                                        "--vector", outs["d_vec"], "--scale", args.scale, "--out", outs["d_merged"],
-                                        "--no-progress", "--max-shard-size", args.shard_size, *dev], "distill apply")
+    runs = {  # label -> (command, output it writes)
+        "distill extract": ([py, "-m", "distill.cli", "chat-vector", "extract", "--base", d["base"], "--post",
+                             d["post"], "--out", outs["d_vec"], "--no-progress", "--max-shard-size", args.shard_size,
+                             *dev], outs["d_vec"]),
+        "distill apply": ([py, "-m", "distill.cli", "chat-vector", "apply", "--target", d["cp"], "--vector",
+                           outs["d_vec"], "--scale", args.scale, "--out", outs["d_merged"], "--no-progress",
+                           "--max-shard-size", args.shard_size, *dev], outs["d_merged"]),
+    }
     if "naive" not in skip:
         me = [py, __file__, "--scale", args.scale, "--device", args.device, "--naive"]
-        results["naive extract"] = measure(me + ["extract", d["base"], d["post"], outs["n_vec"]], "naive extract")
-        results["naive apply"] = measure(me + ["apply", d["cp"], outs["n_vec"], outs["n_merged"]], "naive apply")
+        runs["naive extract"] = (me + ["extract", d["base"], d["post"], outs["n_vec"]], outs["n_vec"])
+        runs["naive apply"] = (me + ["apply", d["cp"], outs["n_vec"], outs["n_merged"]], outs["n_merged"])
     notes = []
     if "mergekit" not in skip:
         if shutil.which(args.mergekit) or Path(args.mergekit).exists():
@@ -214,10 +218,20 @@ def main() -> None:
                   str(parse_size(args.shard_size) // torch.empty((), dtype=getattr(torch, args.dtype)).element_size())]
             mk += ["--cuda"] if args.device.startswith("cuda") else []
             floors["mergekit"] = measure([args.mergekit, "--help"], "mergekit start-up")
-            results["mergekit task_arithmetic"] = measure(mk, "mergekit task_arithmetic")
+            runs["mergekit task_arithmetic"] = (mk, outs["mk_merged"])
         else:
             notes.append(f"mergekit not run: {args.mergekit} not found "
                          f"(python -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install mergekit)")
+
+    # Round-robin repeats: on a shared machine, load comes and goes; every tool sees it alike,
+    # and the best of N is the least disturbed run.
+    trials: dict[str, list[dict]] = {label: [] for label in runs}
+    for r in range(args.repeat):
+        for label, (cmd, out) in runs.items():
+            shutil.rmtree(out, ignore_errors=True)
+            trials[label].append(measure(cmd, f"{label} (run {r + 1}/{args.repeat})"))
+    results = {label: {"wall_s": min(t["wall_s"] for t in ts), "peak_rss_mb": max(t["peak_rss_mb"] for t in ts),
+                       "all_wall_s": [t["wall_s"] for t in ts]} for label, ts in trials.items()}
 
     # all three must compute the same model (up to bf16 rounding of Δ and of the order of sums)
     diffs = {}
@@ -246,6 +260,8 @@ def main() -> None:
           f"{info['largest_tensor_bytes'] / 2**20:.0f} MiB; shards of {args.shard_size}; λ = {args.scale}.")
     print(f"Machine: {machine}. Start-up RSS: "
           + ", ".join(f"{k} {v['peak_rss_mb']:.0f} MB" for k, v in floors.items()) + ".\n")
+    print(f"Load average before: {load_before}, after: {os.getloadavg()[0]:.1f} (1 min). "
+          f"Wall time: best of {args.repeat}; peak RSS: the highest.\n")
     print("| run | wall (s) | peak RSS (MB) | peak RSS above start-up (MB) |")
     print("|---|---:|---:|---:|")
     for label, wall, rss, above in rows:
