@@ -158,14 +158,17 @@ class FastLM:
         visible = columns[None, :] <= lengths[:, None]
         if self.window is not None:
             visible &= columns[None, :] > lengths[:, None] - self.window
-        visible = visible[:, None, None, :]  # [B, 1, 1, capacity], broadcast over kv heads and groups
+        # An additive mask made once per step (a bool one would be converted in every layer),
+        # [B, 1, 1, width], broadcast over kv heads and query groups. Column 0 is always visible.
+        bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
+        bias = bias[:, None, None, :]
         for p, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             q, k, v = self._qkv(x, p, cos, sin)
             kc[rows, :, lengths] = k
             vc[rows, :, lengths] = v
             # Query heads h*G..h*G+G-1 share kv head h: fold them into the query axis.
             o = F.scaled_dot_product_attention(q.reshape(batch, kv, heads // kv, d), kc[:, :, :width],
-                                               vc[:, :, :width], attn_mask=visible)
+                                               vc[:, :, :width], attn_mask=bias)
             x = _linear_add(x, o.reshape(batch, heads * d), *p["o"])
             x = self._mlp(x, p)
         return F.linear(_rms_norm(x, self.norm, self.eps), self.lm_head)

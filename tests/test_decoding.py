@@ -126,7 +126,8 @@ def test_direct_greedy_equals_hf_generate(setup, engine):
         assert reason == ("stop" if tokens[-1] == 2 else "length")
 
 
-def test_cached_scores_equal_full_recompute(setup):
+@pytest.mark.parametrize("engine", ["eager", "fast"])
+def test_cached_scores_equal_full_recompute(setup, engine):
     tok, expert, amateur, prompts = setup
     vocab, seen = len(tok), []
 
@@ -135,7 +136,8 @@ def test_cached_scores_equal_full_recompute(setup):
             if a:
                 seen.append((k, s, row.clone()))
 
-    out = run(expert, amateur, vocab, prompts[:4], hook, alpha=0.05, beta=0.7, max_new_tokens=6, batch_size=2)
+    out = run(expert, amateur, vocab, prompts[:4], hook, alpha=0.05, beta=0.7, max_new_tokens=6, batch_size=2,
+              engine=engine)
     assert len(seen) == sum(len(t) for t, _ in out.values())
     with torch.no_grad():
         for key, step, row in seen:
