@@ -162,11 +162,14 @@ def run_extract(cfg: ExtractConfig) -> Path:
     }
     def work(job) -> int:
         name, start, stop = job
-        # copy=True: never compute in place in a tensor that maps the input file
-        delta = post.get(name, start, stop).to(cfg.device, torch.float32, copy=True)
-        delta.sub_(base.get(name, start, stop).to(cfg.device))
-        out = delta.to(out_dtype)
-        del delta
+        p, b = post.get(name, start, stop).to(cfg.device), base.get(name, start, stop).to(cfg.device)
+        if p.dtype == b.dtype == out_dtype:
+            # torch's bf16/fp16 kernels compute in float32 and round once: the same result as
+            # the float32 route below, with a third of the memory traffic
+            out = torch.sub(p, b)
+        else:
+            out = p.to(torch.float32, copy=True).sub_(b).to(out_dtype)
+        del p, b
         writer.write(name, out, start)
         return out.nbytes
 
@@ -259,17 +262,21 @@ def run_apply(cfg: ApplyConfig) -> Path:
     def work(job) -> int:
         name, start, stop = job
         tensor = target.get(name, start, stop)
-        if name in additions:
+        todo = []
+        for vector, scale, vname, rows in additions.get(name, ()):
+            vstop = stop if rows is None else min(stop, rows)
+            if rows is None or vstop > start:  # else this chunk lies in the target's extra vocab rows
+                todo.append((vector.get(vname, start, vstop).to(cfg.device), scale, rows, vstop))
+        if todo:
             dtype = tensor.dtype
-            # accumulate in float32 and round once; copy=True: never modify a file-mapped tensor
-            tensor = tensor.to(cfg.device, torch.float32, copy=True)
-            for vector, scale, vname, rows in additions[name]:
-                vstop = stop if rows is None else min(stop, rows)
-                if rows is not None and vstop <= start:
-                    continue  # this chunk lies in the target's extra vocabulary rows
-                delta = vector.get(vname, start, vstop).to(cfg.device, torch.float32)
+            # One addend of the target's dtype: torch's kernel computes t + λ·Δ in float32 and rounds
+            # once. Several: accumulate in float32 and round once at the end. copy=True either way:
+            # never modify a tensor that maps the input file.
+            single = len(todo) == 1 and todo[0][0].dtype == dtype
+            tensor = tensor.to(cfg.device, dtype if single else torch.float32, copy=True)
+            for delta, scale, rows, vstop in todo:
                 (tensor if rows is None else tensor[: vstop - start]).add_(delta, alpha=scale)
-                del delta
+            del todo, delta
             tensor = tensor.to(dtype)
         writer.write(name, tensor, start)
         return tensor.nbytes

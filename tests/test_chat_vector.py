@@ -75,6 +75,21 @@ def test_bfloat16_vector_is_close(zoo, tmp_path):
         assert err.max() > 0  # really rounded
 
 
+def test_bfloat16_models_match_the_float32_route_exactly(zoo, tmp_path):
+    # bf16 in and out takes torch's direct bf16 kernels; they must round exactly like float32 + one cast
+    for name in ("base", "post", "cp"):
+        model = make_model(None)
+        model.load_state_dict(_state(zoo / name))
+        model.to(torch.bfloat16).save_pretrained(tmp_path / name)
+    vec = cv.extract(tmp_path / "base", tmp_path / "post", tmp_path / "v")
+    out = cv.apply(tmp_path / "cp", [(vec, 0.5)], tmp_path / "m")
+    base, post, cp, delta, got = (_state(tmp_path / n) for n in ("base", "post", "cp", "v", "m"))
+    for n in base:
+        assert delta[n].dtype == torch.bfloat16 and got[n].dtype == torch.bfloat16
+        assert torch.equal(delta[n], (post[n].float() - base[n].float()).bfloat16()), n
+        assert torch.equal(got[n], (cp[n].float() + 0.5 * delta[n].float()).bfloat16()), n
+
+
 def test_sharded_and_unsharded_inputs_give_identical_vectors(zoo, tmp_path):
     vec = cv.extract(zoo / "base-sharded", zoo / "post", tmp_path / "v", dtype="float32")
     a, b = _state(vec), _state(zoo / "cv")
