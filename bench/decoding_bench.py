@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.decoding import (ContrastiveDecoder, DecodingConfig, Request, _cache_kwarg,  # noqa: E402
-                              contrastive_scores)
+from distill.decoding import ContrastiveDecoder, DecodingConfig, Request, contrastive_scores  # noqa: E402
+from distill.eager_decoder import _cache_kwarg  # noqa: E402
 
 CONFIGS = {
     "mistral-7b": dict(vocab_size=32768, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
@@ -147,7 +147,6 @@ def check_fast_engine(expert, args):
     """Print how far the fast engine's logits are from Hugging Face's (prefill and 3 decode steps)."""
     from transformers import DynamicCache
 
-    from distill.decoding import _cache_kwarg
     from distill.fast_decoder import FastPair
 
     ids = prompts(4, 16, args.vocab, 2).to(args.device)

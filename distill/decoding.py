@@ -18,7 +18,7 @@ uninterrupted batch-1 run exactly (up to floating-point differences between kern
 
 `ContrastiveDecoder` runs both models in one process with one KV cache each and keeps the
 batch full by refilling finished rows (continuous batching). Two backends share that loop:
-`EagerPair` (any Hugging Face causal LM, DynamicCache; the reference) and
+`distill.eager_decoder.EagerPair` (any Hugging Face causal LM, DynamicCache; the reference) and
 `distill.fast_decoder.FastPair` (Llama/Mistral/Qwen2: static cache, CUDA graphs).
 """
 
@@ -238,6 +238,8 @@ class ContrastiveDecoder:
                         batch = fit
                 return FastPair(self.models, batch, capacity, cuda_graphs=self.config.cuda_graphs), batch
             log.info("using the eager engine: %s", reasons[0])
+        from distill.eager_decoder import EagerPair
+
         return EagerPair(self.models, batch, self.pad_token_id), batch
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
@@ -310,97 +312,3 @@ class ContrastiveDecoder:
         self.cur[rows] = tok
         self.stopped[rows] = self.stopped[rows] | hit_stop
         self.active[rows] = live & ~hit_stop & (n < cfg.max_new_tokens)
-
-
-# ---------------------------------------------------------------------------------------------
-# Eager backend: any Hugging Face causal LM, a DynamicCache per model, left padding
-# ---------------------------------------------------------------------------------------------
-
-class EagerPair:
-    """Rows live left-padded in one DynamicCache per model; a refilled row is merged by left padding.
-
-    Works with any HF causal LM; the reference the fast engine is tested against.
-    """
-
-    def __init__(self, models, batch: int, pad_token_id: int = 0):
-        self.models, self.batch, self.pad = models, batch, pad_token_id
-        self.caches = [None] * len(models)
-        self.mask: torch.Tensor | None = None  # [batch, columns], 1 where a column holds a real token
-
-    @torch.no_grad()
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
-        from transformers import DynamicCache
-
-        dev = next(self.models[0].parameters()).device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long, device=dev)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, device=dev)
-            mask[i, width - len(p):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = []
-        for m, model in enumerate(self.models):
-            cache = DynamicCache()  # no config: plain layers we can re-pad (no sliding-window cropping)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                        **{_cache_kwarg(model): cache})
-            logits.append(out.logits[:, -1].float())
-            self._merge(m, slots, cache)
-        self._merge_mask(slots, mask)
-        return logits
-
-    def _merge(self, m: int, slots: list[int], new) -> None:
-        if self.caches[m] is None:  # the first fill covers every slot in order
-            self.caches[m] = new
-            return
-        for old_layer, new_layer in zip(self.caches[m].layers, new.layers):
-            for name in ("keys", "values"):
-                old, fresh = _left_pad_pair(getattr(old_layer, name), getattr(new_layer, name))
-                old[slots] = fresh
-                setattr(old_layer, name, old)
-
-    def _merge_mask(self, slots: list[int], mask: torch.Tensor) -> None:
-        if self.mask is None:
-            self.mask = mask
-            return
-        self.mask, mask = _left_pad_pair(self.mask, mask, dim=1)
-        self.mask[slots] = mask
-        # Drop leading columns no row uses any more, so the cache does not grow without bound.
-        first = int(self.mask.any(0).long().argmax())
-        if first:
-            self.mask = self.mask[:, first:]
-            for cache in self.caches:
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
-
-    def release(self, slots: list[int]) -> None:
-        pass  # rows stay in place until refilled; _merge_mask trims columns no row uses
-
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
-        positions = self.mask.sum(-1, keepdim=True)  # the new token's position = real tokens so far
-        self.mask = torch.cat([self.mask, active.long()[:, None]], dim=1)  # finished rows: masked filler
-        return [model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions,
-                      use_cache=True, **{_cache_kwarg(model): cache}).logits[:, -1].float()
-                for model, cache in zip(self.models, self.caches)]
-
-
-def _cache_kwarg(model) -> str:
-    """transformers >= 5.2x calls the cache argument `cache`; earlier 5.x `past_key_values`."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _left_pad_pair(a: torch.Tensor, b: torch.Tensor, dim: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad the shorter of a and b with zeros along `dim` so both have the same length."""
-    def pad(x, length):
-        extra = length - x.shape[dim]
-        if extra == 0:
-            return x
-        shape = list(x.shape)
-        shape[dim] = extra
-        return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-    length = max(a.shape[dim], b.shape[dim])
-    return pad(a, length), pad(b, length)
