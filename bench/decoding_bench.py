@@ -46,7 +46,11 @@ def build_model(name: str, device: str, dtype, seed: int):
 
     cfg = MistralConfig(**CONFIGS[name], max_position_embeddings=4096, sliding_window=None,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with torch.device(device):
+    try:  # skip HF's weight init: ours below is one normal_ per tensor, on the device
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from contextlib import nullcontext as no_init_weights
+    with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     torch.manual_seed(seed)
     with torch.no_grad():  # our own quick init on the device (same for every model)
