@@ -138,3 +138,18 @@ def test_repetition_fraction():
     assert repetition_fraction(prose) < 0.05
     loop = "I will answer. " + "the answer is yes and " * 20
     assert repetition_fraction(loop) > 0.8
+
+
+def test_prompts_from_a_datasets_directory(tmp_path):
+    import datasets
+
+    from distill.synth_records import load_prompts
+
+    rows = [{"instruction": "say hi", "messages": None},
+            {"instruction": "", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    prompts = load_prompts(tmp_path / "ds")
+    assert [p["id"] for p in prompts] == ["0", "1"] and prompts[0]["messages"] == [{"role": "user", "content": "say hi"}]
+    # a finished conversation: its last answer is the one to regenerate, the earlier turns are context
+    assert prompts[1]["instruction"] == "c" and [m["content"] for m in prompts[1]["messages"]] == ["a", "b", "c"]
