@@ -181,6 +181,9 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
         lr_scheduler_type=cfg.lr_scheduler,
         weight_decay=cfg.weight_decay,
+        # zero2/zero3 configs name no optimizer, so DeepSpeed wraps this one: torch's fused AdamW
+        # needs no DeepSpeed op compiled with nvcc. zero3_offload names DeepSpeed's CPU Adam.
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
         bf16=bf16,
         # Without CUDA, accelerate only counts launcher ranks (gloo) when told it is on CPU.
         use_cpu=not torch.cuda.is_available(),
