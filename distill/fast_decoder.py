@@ -277,7 +277,14 @@ class FastPair:
             return False
 
     @torch.no_grad()
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
+    def prefill(self, slots: list[int], prompts: list[list[int]], max_tokens: int = 8192) -> list[torch.Tensor]:
+        """Prompts into cache rows `slots`, in chunks of about `max_tokens` (bounds activation memory)."""
+        width = max(len(p) for p in prompts)
+        step = max(1, max_tokens // width)
+        chunks = [self._prefill(slots[i:i + step], prompts[i:i + step]) for i in range(0, len(slots), step)]
+        return [torch.cat(parts) for parts in zip(*chunks)]
+
+    def _prefill(self, slots: list[int], prompts: list[list[int]]) -> list[torch.Tensor]:
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, p in enumerate(prompts):

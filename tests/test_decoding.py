@@ -205,3 +205,17 @@ def test_fast_attention_width_buckets(setup, monkeypatch):
     ref = run(expert, amateur, len(tok), prompts, engine="eager", **kw)
     monkeypatch.setattr(fast, "ATTENTION_BUCKET", 8)  # widths 16, 24, ... as rows grow and are refilled
     assert run(expert, amateur, len(tok), prompts, engine="fast", **kw) == ref
+
+
+def test_fast_prefill_in_chunks_equals_one_pass(setup):
+    from distill.fast_decoder import FastPair
+
+    tok, expert, amateur, prompts = setup
+    whole, chunked = FastPair([expert, amateur], 6, 64), FastPair([expert, amateur], 6, 64)
+    a = whole.prefill(list(range(6)), prompts)
+    b = chunked.prefill(list(range(6)), prompts, max_tokens=20)  # one or two rows per chunk
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, b))
+    assert torch.equal(whole.lengths, chunked.lengths)
+    for row, p in enumerate(prompts):  # the real columns; padding columns hold junk by design
+        for x, y in zip(whole.lms[1].v_cache, chunked.lms[1].v_cache):
+            assert torch.allclose(x[row, :, :len(p)], y[row, :, :len(p)], atol=1e-5)
