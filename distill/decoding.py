@@ -266,7 +266,7 @@ class ContrastiveDecoder:
         while any(s is not None for s in slots):
             for _ in range(cfg.check_every):
                 logits = backend.decode(self.cur, self.active)
-                self._pick(logits, slice(None), [r.key if r else None for r in slots])
+                self._pick(logits, slice(None), [r.key if r else None for r in slots] if self.score_hook else None)
             done = ((~self.active).nonzero().flatten()).tolist()  # one host sync per check_every steps
             done = [i for i in done if slots[i] is not None]
             if not done:
