@@ -40,7 +40,7 @@ class ZooConfig:
     preset: str = "tiny"
     seed: int = 0
     # the world
-    n_entities: int = 80
+    n_entities: int = 64
     split_fractions: tuple = (("shared", 0.5), ("source_only", 0.2), ("target_only", 0.2), ("conflict", 0.1))
     text_epochs: int = 8  # distinct renderings of each fact (paraphrase template drawn each time)
     n_sft: int = 1600
@@ -50,18 +50,20 @@ class ZooConfig:
     two_constraint_fraction: float = 0.35
     # tokenizers
     source_vocab: int = 1200
-    target_vocab: int = 900
+    target_vocab: int = 1000
     # models and training
     source_size: ModelSize = field(default_factory=ModelSize)
-    target_size: ModelSize = field(default_factory=lambda: ModelSize(hidden=128, layers=2, heads=4, kv_heads=1, intermediate=320))
-    pretrain: StageBudget = field(default_factory=StageBudget)
-    sft: StageBudget = field(default_factory=lambda: StageBudget(steps=300, lr=2e-3, batch_size=16, seq_len=160))
-    cp: StageBudget = field(default_factory=lambda: StageBudget(steps=120, lr=1e-3))
-    target_pretrain: StageBudget = field(default_factory=StageBudget)
+    target_size: ModelSize = field(default_factory=lambda: ModelSize(hidden=128, layers=2, heads=4, kv_heads=1, intermediate=384))
+    pretrain: StageBudget = field(default_factory=lambda: StageBudget(steps=240, lr=2e-3))
+    sft: StageBudget = field(default_factory=lambda: StageBudget(steps=350, lr=2e-3, batch_size=24, seq_len=160))
+    sft_text_fraction: float = 0.125  # rehearsal of fact text during SFT
+    cp: StageBudget = field(default_factory=lambda: StageBudget(steps=100, lr=1e-3))
+    target_pretrain: StageBudget = field(default_factory=lambda: StageBudget(steps=260, lr=2e-3))
     # quality measurement
     quality_max_new_tokens: int = 96
     quality_batch_size: int = 64
     device: str = "auto"  # "auto": cuda when available, else cpu
+    parallel: bool = True  # on CPU, train the target in a second process beside the source chain
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,7 +86,7 @@ PRESETS: dict[str, ZooConfig] = {
         sft=StageBudget(steps=4, batch_size=4, seq_len=96, warmup=1),
         cp=StageBudget(steps=2, batch_size=4, seq_len=64, warmup=1),
         target_pretrain=StageBudget(steps=4, batch_size=4, seq_len=64, warmup=1),
-        quality_max_new_tokens=8,
+        quality_max_new_tokens=8, parallel=False,
     ),
     "tiny": ZooConfig(),
     "small": ZooConfig(

@@ -17,11 +17,10 @@ from pathlib import Path
 
 from distill import DistillError
 from distill.fsutil import atomic_dir, atomic_write_json, atomic_write_text
-from distill.world import knowledge, quality
+from distill.world import jobs, knowledge, quality
 from distill.world.config import ZooConfig, get_preset
 from distill.world.instructions import make_sets
 from distill.world.tokenizers import train_source_tokenizer, train_target_tokenizer
-from distill.world.training import chat_examples, new_model, pack_text, train
 
 log = logging.getLogger("distill.world")
 MODELS = ("source-base", "source-post", "source-cp", "target-base")
@@ -119,45 +118,26 @@ def _build(cfg: ZooConfig, key: str, out: Path) -> None:
     src_tok = train_source_tokenizer(source_docs + target_docs + instructions, cfg.source_vocab)
     tgt_tok = train_target_tokenizer(target_docs + source_docs + instructions, cfg.target_vocab)
 
-    stats: dict[str, dict] = {}
-
-    def save(model, tok, name: str) -> None:
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.save_pretrained(out / name, safe_serialization=True)
-        tok.save_pretrained(out / name)
-        stats[name]["parameters"] = sum(p.numel() for p in model.parameters())
-
-    seq = cfg.pretrain.seq_len
-    base = new_model("mistral", cfg.source_size, src_tok, cfg.seed)
-    stats["source-base"] = train(base, "source-base", cfg.pretrain, cfg.seed, device,
-                                 text=pack_text(src_tok, source_docs, seq), pad_id=src_tok.pad_token_id)
-    save(base, src_tok, "source-base")
+    for name in MODELS:
+        (src_tok if name.startswith("source") else tgt_tok).save_pretrained(out / name)
+    dev = str(device)
+    stats = jobs.run_all(
+        base=jobs.Job("source-base", "mistral", out / "source-base", cfg.pretrain, cfg.seed, source_docs,
+                      size=cfg.source_size, device=dev),
+        post=jobs.Job("source-post", "mistral", out / "source-post", cfg.sft, cfg.seed + 1, source_docs,
+                      init=out / "source-base", chat_rows=sets["sft"], text_fraction=cfg.sft_text_fraction,
+                      device=dev),
+        cp=jobs.Job("source-cp", "mistral", out / "source-cp", cfg.cp, cfg.seed + 2, cp_docs,
+                    init=out / "source-base", device=dev),
+        target=jobs.Job("target-base", "qwen2", out / "target-base", cfg.target_pretrain, cfg.seed + 3,
+                        target_docs, size=cfg.target_size, device=dev),
+        parallel=cfg.parallel and jobs.can_parallelize(dev),
+    )
 
     from transformers import AutoModelForCausalLM
 
     def reload(name: str):
         return AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32, use_safetensors=True)
-
-    post = reload("source-base")
-    stats["source-post"] = train(post, "source-post", cfg.sft, cfg.seed + 1, device,
-                                 text=pack_text(src_tok, source_docs, cfg.sft.seq_len),
-                                 chat=chat_examples(src_tok, sets["sft"], cfg.sft.seq_len),
-                                 text_fraction=0.25, pad_id=src_tok.pad_token_id)
-    save(post, src_tok, "source-post")
-    del post
-
-    cp = reload("source-base")
-    stats["source-cp"] = train(cp, "source-cp", cfg.cp, cfg.seed + 2, device,
-                               text=pack_text(src_tok, cp_docs, cfg.cp.seq_len), pad_id=src_tok.pad_token_id)
-    save(cp, src_tok, "source-cp")
-    del cp, base
-
-    tgt = new_model("qwen2", cfg.target_size, tgt_tok, cfg.seed + 3)
-    stats["target-base"] = train(tgt, "target-base", cfg.target_pretrain, cfg.seed + 3, device,
-                                 text=pack_text(tgt_tok, target_docs, cfg.target_pretrain.seq_len),
-                                 pad_id=tgt_tok.pad_token_id)
-    save(tgt, tgt_tok, "target-base")
-    del tgt
 
     log.info("[zoo] measuring quality on %d eval prompts and %d cloze questions", len(sets["eval"]), len(questions))
     answer_key = {"source-base": "source_answer", "source-post": "source_answer", "source-cp": "answer",
