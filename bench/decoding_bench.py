@@ -24,6 +24,7 @@ import gc
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -222,6 +223,10 @@ def main():
             reset_peak(args.device)
             print(f"| {method} | {batch} | out of memory ({str(exc)[:60]}) | | | |", flush=True)
             return None
+        except Exception as exc:  # noqa: BLE001 - one failing line must not cost the other lines
+            traceback.print_exc()
+            print(f"| {method} | {batch} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |", flush=True)
+            return None
         row = dict(method=method, batch=batch, tokens_per_s=round(tps, 1), seconds=round(secs, 2),
                    setup_s=round(setup, 2), peak_gib=round(peak_gib(args.device), 2))
         results.append(row)
@@ -233,7 +238,10 @@ def main():
         return tps
 
     if "fast" in args.engines:
-        check_fast_engine(expert, args)
+        try:
+            check_fast_engine(expert, args)
+        except Exception:  # noqa: BLE001 - report and go on to the timings
+            traceback.print_exc()
     # warm-up: kernels, cuBLAS handles, allocator (not timed)
     with torch.no_grad():
         expert.generate(input_ids=prompts(2, 8, args.vocab, 0).to(args.device), do_sample=True, max_new_tokens=2,
