@@ -49,6 +49,9 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[dict
                            f"'instruction' (or chat 'messages') field")
     prompts, seen = [], set()
     for i, row in enumerate(rows[:limit] if limit else rows):
+        if not isinstance(row, dict):
+            raise DistillError(f"prompts {path} row {i} is a {type(row).__name__}, not a JSON object; "
+                               f"write one {{\"id\": ..., \"instruction\": ...}} object per line")
         pid = str(row.get("id", i))
         if pid in seen:
             raise DistillError(f"prompts {path}: id {pid!r} appears twice; ids must be unique (resume keys on them)")
