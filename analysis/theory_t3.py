@@ -25,19 +25,14 @@ from theory_common import dataset_rows, mean, pearson, pyplot, save_figure, spea
 log = logging.getLogger("theory.t3")
 
 
-def log_ratio(num_dir, den_dir, pairs: list[tuple[str, str]], batch_size: int, device: str) -> list[float]:
-    """log p_num(y|x) − log p_den(y|x) per pair, each model with its own tokenizer and prompt format."""
+def logprobs(model_dir, pairs: list[tuple[str, str]], batch_size: int, device: str) -> list[float]:
+    """log p(y|x) per pair under one model, with its own tokenizer and prompt format."""
     from distill.evaluate_generate import response_logprobs
     from distill.models import load_causal_lm, load_tokenizer
 
-    out = []
-    for d in (num_dir, den_dir):
-        model = load_causal_lm(d, device=device)
-        tok = load_tokenizer(d)
-        lp = response_logprobs(model, tok, [x for x, _ in pairs], [y for _, y in pairs], batch_size)
-        out.append([s for s, _ in lp])
-        del model
-    return [a - b for a, b in zip(*out)]
+    model = load_causal_lm(model_dir, device=device)
+    tok = load_tokenizer(model_dir)
+    return [s for s, _ in response_logprobs(model, tok, [x for x, _ in pairs], [y for _, y in pairs], batch_size)]
 
 
 def fixed_pairs(run_dir: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -54,17 +49,25 @@ def run(zoo: Path, run_dir: Path, out_dir: Path, n: int = 128, batch_size: int =
     t0 = time.time()
     pairs = fixed_pairs(run_dir, n)
     words = [max(len(y.split()), 1) for _, y in pairs]
-    s_src = log_ratio(zoo / "source-post", zoo / "source-base", pairs, batch_size, device)
-    rows, scatter = [], {}
+    lp = lambda d: logprobs(d, pairs, batch_size, device)  # noqa: E731
+    s_src = [a - b for a, b in zip(lp(zoo / "source-post"), lp(zoo / "source-base"))]
+    lp_tbase = lp(zoo / "target-base")
+    per_word = lambda xs: [x / w for x, w in zip(xs, words)]  # noqa: E731
+    # Control: the target base's own surprise at each text, no tuning involved. A tuned target
+    # that beats it carries information about the source's log-ratio beyond "text is easy/hard".
+    control = [-x for x in lp_tbase]
+    rows = [{"tuned target": "control: −log p_target_base(y)", "method": "control", "pairs": len(pairs),
+             "pearson": pearson(s_src, control), "spearman": spearman(s_src, control),
+             "pearson per word": pearson(per_word(s_src), per_word(control))}]
+    scatter = {}
     for method in ("codit", "direct"):
         for model_dir in sorted((run_dir / "models").glob(f"{method}-seed*")):
             if not (model_dir / "config.json").exists():
                 continue
-            s_tgt = log_ratio(model_dir, zoo / "target-base", pairs, batch_size, device)
+            s_tgt = [a - b for a, b in zip(lp(model_dir), lp_tbase)]
             rows.append({"tuned target": model_dir.name, "method": method, "pairs": len(pairs),
                          "pearson": pearson(s_src, s_tgt), "spearman": spearman(s_src, s_tgt),
-                         "pearson per word": pearson([a / w for a, w in zip(s_src, words)],
-                                                     [b / w for b, w in zip(s_tgt, words)])})
+                         "pearson per word": pearson(per_word(s_src), per_word(s_tgt))})
             scatter.setdefault(method, (s_src, s_tgt))
     summary = []
     for method in ("codit", "direct"):
@@ -76,7 +79,9 @@ def run(zoo: Path, run_dir: Path, out_dir: Path, n: int = 128, batch_size: int =
                             "pearson per word": mean(r["pearson per word"] for r in sel),
                             "spearman std": std([r["spearman"] for r in sel])})
     cols = ["tuned target", "method", "pairs", "pearson", "spearman", "pearson per word", "spearman std"]
-    notes = [f"{len(pairs)} fixed responses (half CoDIT, half direct, from {run_dir}/data); {time.time() - t0:.0f} s.",
+    notes = ["Note: the tuned targets use the ChatML template that SFT gave them; target-base has none and sees the "
+             "bare instruction, so each s_tgt also contains a prompt-format term.",
+             f"{len(pairs)} fixed responses (half CoDIT, half direct, from {run_dir}/data); {time.time() - t0:.0f} s.",
              "s_src = log p_post − log p_base (source); s_tgt = log p_tuned − log p_target_base (target)."]
     write_table(out_dir, "t3_text_correlation", "T3: source log-ratio vs tuned-target log-ratio on the same texts",
                 cols, rows + summary, notes, extra={"s_src": s_src})
