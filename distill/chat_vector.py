@@ -160,6 +160,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
                                 "post": post.config.get("tie_word_embeddings")},
         "num_tensors": len(plan),
     }
+
     def work(job) -> int:
         name, start, stop = job
         p, b = post.get(name, start, stop).to(cfg.device), base.get(name, start, stop).to(cfg.device)
@@ -298,7 +299,7 @@ def run_apply(cfg: ApplyConfig) -> Path:
 def _cmd_extract(args) -> int:
     run_extract(ExtractConfig(args.base, args.post, args.out, dtype=None if args.dtype == "auto" else args.dtype,
                               max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                              progress=not args.no_progress, device=args.device))
+                              progress=not args.no_progress, device=args.device, workers=args.workers))
     print(args.out)
     return 0
 
@@ -311,7 +312,7 @@ def _cmd_apply(args) -> int:
     vectors = list(zip(args.vector, scales or [1.0] * len(args.vector)))
     run_apply(ApplyConfig(args.target, args.out, vectors, skip_embeddings=args.skip_embeddings,
                           max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                          progress=not args.no_progress, device=args.device))
+                          progress=not args.no_progress, device=args.device, workers=args.workers))
     print(args.out)
     return 0
 
@@ -334,6 +335,9 @@ def add_cli(subparsers) -> None:
         p.add_argument("--device", default="cpu",
                        help="device for the arithmetic, e.g. cuda; files are read and written on the CPU "
                             "either way (default: %(default)s)")
+        p.add_argument("--workers", type=int, default=2,
+                       help="row chunks (of at most 64 MiB in float32) in flight at once, so reading, "
+                            "arithmetic and writing overlap; peak memory grows with it (default: %(default)s)")
 
     ex = sub.add_parser("extract", formatter_class=fmt, help="Δ = post − base, written as a vector directory",
                         description="Write the chat vector Δ = θ_post − θ_base (computed in float32) as a "
@@ -344,7 +348,8 @@ def add_cli(subparsers) -> None:
     ex.add_argument("--out", required=True, help="vector directory to write")
     ex.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="storage dtype of Δ; auto = the models' dtype (float32 if they differ). float32 "
-                         "keeps Δ exact for a bit-exact round trip (default: %(default)s)")
+                         "keeps Δ at full precision, e.g. to apply it to a model of another dtype "
+                         "(default: %(default)s)")
     common(ex)
     ex.set_defaults(func=_cmd_extract)
 
