@@ -171,7 +171,8 @@ class Pipeline:
 
     def _launch_train(self, args: dict, num_gpus: int) -> None:
         """Multi-GPU training goes through DeepSpeed's own launcher, one process per GPU."""
-        cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--module", "distill.cli", "train"]
+        # `python -m distill.train` accepts the --local_rank the launcher appends.
+        cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--module", "distill.train"]
         for k, v in args.items():
             if v is None or v is False:
                 continue
