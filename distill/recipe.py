@@ -173,6 +173,7 @@ class Pipeline:
         """Multi-GPU training goes through DeepSpeed's own launcher, one process per GPU."""
         # `python -m distill.train` accepts the --local_rank the launcher appends.
         cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--module", "distill.train"]
+        args = dict(args, deepspeed=args["deepspeed"] or "none")
         for k, v in args.items():
             if v is None or v is False:
                 continue

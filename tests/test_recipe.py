@@ -145,3 +145,28 @@ def test_cross_architecture_weight_arithmetic_is_skipped_and_said(stand_ins, tmp
     names = [s.name for s in pipeline.plan()]
     assert "weight-arithmetic" not in names and "chat-vector" not in names
     assert any("same architecture" in n for n in pipeline.notes)
+
+
+def test_multi_gpu_training_goes_through_the_deepspeed_launcher_with_parseable_flags(stand_ins, tmp_path,
+                                                                                     monkeypatch):
+    import argparse
+    import subprocess
+
+    import distill.recipe as recipe_mod
+    from distill.train import add_cli
+    from distill.recipe_schema import resolve_references
+
+    recipe = resolve_references(load_recipe(MISTRAL_TO_QWEN, _overrides(stand_ins, tmp_path)[1::2]), None)
+    recipe.train.num_gpus = 8
+    pipeline = recipe_mod.Pipeline(recipe, MISTRAL_TO_QWEN)
+    pipeline.state.done["synthesize-codit"] = {"key": "k", "outputs": {"data": str(tmp_path / "data")}}
+    seen = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    pipeline.stage_train("codit", 1)
+    cmd = seen[0]
+    assert cmd[:5] == ["deepspeed", "--num_gpus", "8", "--module", "distill.train"]
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["train", *cmd[5:], "--local_rank=0"])
+    assert args.deepspeed == "zero3" and args.seed == 1 and args.packing and args.max_length == 256
+    assert args.out == str(tmp_path / "models" / "codit-seed1")
