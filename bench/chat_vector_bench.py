@@ -190,13 +190,17 @@ def main() -> None:
     (work / "out").mkdir()
     py, dev = sys.executable, ["--device", args.device]
     # Each tool's start-up RSS (imports only), so the tables can show what the work itself adds.
-    floors = {"distill": measure([py, "-m", "distill.cli", "chat-vector", "extract", "--help"], "distill start-up"),
+    # distill's own chat-vector CLI without the top-level dispatcher, which imports every stage
+    # (the GPU image lacks some of their dependencies, e.g. deepspeed)
+    cli = [py, "-c", "import argparse, sys; from distill import chat_vector as cv; p = argparse.ArgumentParser(); "
+                     "cv.add_cli(p.add_subparsers()); a = p.parse_args(); sys.exit(a.func(a))", "chat-vector"]
+    floors = {"distill": measure([*cli, "extract", "--help"], "distill start-up"),
               "naive": measure([py, "-c", "import torch, safetensors.torch"], "python + torch start-up")}
     runs = {  # label -> (command, output it writes)
-        "distill extract": ([py, "-m", "distill.cli", "chat-vector", "extract", "--base", d["base"], "--post",
+        "distill extract": ([*cli, "extract", "--base", d["base"], "--post",
                              d["post"], "--out", outs["d_vec"], "--no-progress", "--max-shard-size", args.shard_size,
                              *dev], outs["d_vec"]),
-        "distill apply": ([py, "-m", "distill.cli", "chat-vector", "apply", "--target", d["cp"], "--vector",
+        "distill apply": ([*cli, "apply", "--target", d["cp"], "--vector",
                            outs["d_vec"], "--scale", args.scale, "--out", outs["d_merged"], "--no-progress",
                            "--max-shard-size", args.shard_size, *dev], outs["d_merged"]),
     }
