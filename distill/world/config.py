@@ -58,7 +58,7 @@ class ZooConfig:
     sft: StageBudget = field(default_factory=lambda: StageBudget(steps=350, lr=2e-3, batch_size=24, seq_len=160))
     sft_text_fraction: float = 0.125  # rehearsal of fact text during SFT
     cp: StageBudget = field(default_factory=lambda: StageBudget(steps=100, lr=1e-3))
-    target_pretrain: StageBudget = field(default_factory=lambda: StageBudget(steps=260, lr=2e-3))
+    target_pretrain: StageBudget = field(default_factory=lambda: StageBudget(steps=360, lr=2e-3))
     # quality measurement
     quality_max_new_tokens: int = 96
     quality_batch_size: int = 64

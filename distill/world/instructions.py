@@ -70,7 +70,7 @@ def oracle_response(task: dict, facts: list[Fact], constraints: list[dict]) -> s
         sentences = [statement(f, f.source_value) for f in relevant]
     if "keyword_existence" in kinds:
         a, b = kinds["keyword_existence"]["keywords"]
-        sentences.append(f"It is known for its {a} and its {b}.")
+        sentences.append(f"It has the keywords {a} and {b}.")  # the instruction's own words: easy to copy
     nw = kinds.get("number_words")
     if nw and nw["relation"] == "less than":
         sentences = sentences[:1]

@@ -80,6 +80,7 @@ def train(model, stage: str, budget, seed: int, device, text: torch.Tensor | Non
     gen = torch.Generator().manual_seed(seed)
     n_text = budget.batch_size if chat is None else round(budget.batch_size * text_fraction)
     n_chat = budget.batch_size - n_text
+    by_length = sorted(range(len(chat)), key=lambda i: len(chat[i][0])) if chat else []
     tokens, losses, start, last_log = 0, [], time.time(), time.time()
     for step in range(budget.steps):
         for group in opt.param_groups:
@@ -89,7 +90,12 @@ def train(model, stage: str, budget, seed: int, device, text: torch.Tensor | Non
             rows = text[torch.randint(len(text), (n_text,), generator=gen)]
             batch += [(r.tolist(), r.tolist()) for r in rows]
         if n_chat:
-            batch += [chat[i] for i in torch.randint(len(chat), (n_chat,), generator=gen).tolist()]
+            # Drawn from a random window of the length-sorted examples: similar lengths, so
+            # little padding, yet a window 8 batches wide keeps the batch varied.
+            window = min(len(chat), 8 * n_chat)
+            start_at = int(torch.randint(len(chat) - window + 1, (1,), generator=gen))
+            picks = torch.randint(window, (n_chat,), generator=gen).tolist()
+            batch += [chat[by_length[start_at + i]] for i in picks]
         ids, labels, mask = _collate(batch, pad_id, device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
