@@ -70,7 +70,8 @@ def _qwen(seq, device, attn="sdpa", shape=None):
 
     torch.manual_seed(0)
     cfg = Qwen2Config(**(shape or _model_shape(device)))
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn).to(device)
+    with torch.device(device):  # random init on the GPU itself: seconds, not a minute on the CPU
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
     model.config.use_cache = False
     return model
 
@@ -138,10 +139,12 @@ def worker_distill(args):
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
-        model = _qwen(args.seq_len, "cpu", shape=_model_shape(args.device))  # saved, then loaded by train()
+        model = _qwen(args.seq_len, args.device)  # saved, then loaded by train() like any target
         n_params = sum(p.numel() for p in model.parameters())
         model.save_pretrained(tmp / "target")
         del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
         _tokenizer(chatml=True).save_pretrained(tmp / "target")
         total_rows = (args.warmup + args.steps) * args.batch * 4 + 8
         _write_rows(tmp / "data.jsonl", total_rows, words=args.seq_len // 4 - 24)
@@ -329,6 +332,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile, allocator)")
     p.add_argument("--batch", type=int, default=None, help="rows per step (default 4 on cuda, 8 on cpu)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 2048 cuda, 128 cpu)")
+    p.add_argument("--budget-s", type=float, default=460, help="mfu suite: total wall-clock budget (default "
+                   "%(default)s s, so the whole run stays under 8 minutes); each configuration gets <= 240 s")
     p.add_argument("--repeats", type=int, default=1, help="cpu suite: interleaved rounds, the median is reported")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the zero2/zero3 runs")
     p.add_argument("--trl-python", default="/tmp/benchvenv-trl/bin/python", help="python with trl (cpu part)")
@@ -357,8 +362,13 @@ def main(argv=None):
         results = []
         if gpu:
             names = (args.configs or "plain,fast,fast-packed,zero2,zero3").split(",")
+            deadline = time.monotonic() + args.budget_s
             for name in names:
-                results.append(run_worker(sys.executable, name, args))
+                left = deadline - time.monotonic()
+                if left < 30:
+                    results.append({"config": name, "error": f"skipped: --budget-s {args.budget_s} used up"})
+                    continue
+                results.append(run_worker(sys.executable, name, args, timeout=min(240, left)))
                 print(f"  {name}: {results[-1]}", file=sys.stderr, flush=True)
         else:
             n_params = prepare_cpu(Path(work))

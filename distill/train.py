@@ -393,8 +393,8 @@ def add_cli(subparsers) -> None:
         "train", help="fine-tune a target on a dataset with the HF Trainer + DeepSpeed",
         description="Supervised fine-tuning of a target model (any architecture) on instruction/response "
                     "rows, loss on assistant tokens only, with the Hugging Face Trainer and DeepSpeed ZeRO. "
-                    "One process: `distill train ...`; several GPUs: `deepspeed --num_gpus 8 -m distill.cli "
-                    "train ...`; several nodes: `deepspeed --hostfile hosts -m distill.cli train ...`. "
+                    "One process: `distill train ...`; several GPUs: `deepspeed --num_gpus 8 -m distill.train "
+                    "...` (same options); several nodes: `deepspeed --hostfile hosts -m distill.train ...`. "
                     "Rerun the same command after an interruption to resume.",
     )
     p.add_argument("--model", required=True, help="target model: a local HF directory or a hub id in the HF cache")
@@ -412,7 +412,8 @@ def add_cli(subparsers) -> None:
             p.add_argument(flag, action="store_true", help=_HELP[f.name])
         else:
             kind = float if isinstance(default, float) else int if isinstance(default, int) else str
-            p.add_argument(flag, type=kind, default=default, help=_HELP[f.name])
+            choices = {"truncation": ["drop", "truncate"], "precision": ["auto", "bf16", "fp32"]}.get(f.name)
+            p.add_argument(flag, type=kind, default=default, choices=choices, help=_HELP[f.name])
     p.add_argument("--no-resume", action="store_true", help=_HELP["no_resume"])
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run)
