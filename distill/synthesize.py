@@ -92,10 +92,12 @@ def _prepare_out(cfg: SynthesizeConfig, prompt_ids: list[str]) -> Path:
             if changed and not cfg.overwrite:
                 raise DistillError(f"output {out} holds a run with other settings {changed}; rerun with the "
                                    f"same settings to resume, or pass --overwrite, or choose another --out")
-            if changed:
+            if changed:  # --overwrite: drop our own files of the old run (nothing else in D)
                 import shutil
 
                 shutil.rmtree(out / "shards", ignore_errors=True)
+                shutil.rmtree(out / "data", ignore_errors=True)
+                (out / "README.md").unlink(missing_ok=True)
         elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
             raise DistillError(f"output {out} exists and is not a synthesis run; choose another --out or --overwrite")
         (out / "shards").mkdir(parents=True, exist_ok=True)
