@@ -15,16 +15,16 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import socket
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 
 from distill import DistillError
 from distill import train_data as td
-from distill.fsutil import atomic_write_json, atomic_write_text, check_output_dir
+from distill.fsutil import check_output_dir
 from distill.models import resolve_model
+from distill.train_outputs import save_final
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
     result = trainer.train(resume_from_checkpoint=last)
     if eval_ds is not None and trainer.state.global_step % cfg.eval_steps:
         trainer.evaluate()  # the held-out loss at the final weights, unless the last step just logged it
-    _save_final(trainer, cfg, out, ckpt, stats, last, result)
+    save_final(trainer, cfg, out, ckpt, stats, last, result)
     return out
 
 
@@ -284,73 +284,6 @@ def _prepare_data(chats, tokenizer, cfg: TrainConfig, stats: td.DataStats):
         if eval_ds is not None:
             eval_ds = td.pack(eval_ds, cfg.max_length)
     return train_ds, eval_ds
-
-
-def _save_final(trainer, cfg: TrainConfig, out: Path, ckpt: Path, stats, resumed_from, result) -> None:
-    """All ranks join save_model (ZeRO-3 gathers the 16-bit weights); rank 0 writes the rest and
-    renames the finished directory into place."""
-    tmp = out.parent / f".{out.name}.tmp-final"
-    main = trainer.is_world_process_zero()
-    if main and tmp.exists():
-        shutil.rmtree(tmp)
-    trainer.accelerator.wait_for_everyone()
-    trainer.model.config.use_cache = True  # off for training only; generation wants the KV cache
-    trainer.save_model(str(tmp))
-    trainer.accelerator.wait_for_everyone()
-    if main:
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; train_config.json says it all
-        trainer.model.generation_config.save_pretrained(tmp)
-        atomic_write_json(tmp / "train_config.json", asdict(cfg))
-        history = trainer.state.log_history
-        _write_loss_log(history, tmp)
-        atomic_write_json(tmp / "train_summary.json", {
-            "global_step": trainer.state.global_step,
-            "max_steps": trainer.state.max_steps,
-            "train_loss": result.training_loss,
-            "final_eval_loss": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
-            "resumed_from": resumed_from,
-            "world_size": trainer.args.world_size,
-            "deepspeed": cfg.deepspeed,
-            "data": asdict(stats),
-            "copied": td.copy_provenance(cfg.data, tmp),
-        })
-        if out.exists():  # only reachable with overwrite=True (checked before training)
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        shutil.rmtree(ckpt, ignore_errors=True)  # the run finished; checkpoints are not needed
-        log.info("model written to %s (%d optimizer steps)", out, trainer.state.global_step)
-    trainer.accelerator.wait_for_everyone()
-
-
-def _write_loss_log(history: list[dict], dest: Path) -> None:
-    """loss.csv (step, loss, eval_loss, learning_rate) and loss.png."""
-    rows = [h for h in history if "loss" in h or "eval_loss" in h]
-    lines = ["step,epoch,loss,eval_loss,learning_rate"]
-    for h in rows:
-        lines.append(",".join(str(h.get(k, "")) for k in ("step", "epoch", "loss", "eval_loss", "learning_rate")))
-    atomic_write_text(dest / "loss.csv", "\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    train = [(h["step"], h["loss"]) for h in rows if "loss" in h]
-    held = [(h["step"], h["eval_loss"]) for h in rows if "eval_loss" in h]
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if held:
-        ax.plot(*zip(*held), "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (assistant tokens)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(dest / "loss.png", dpi=100)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- CLI
