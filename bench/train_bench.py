@@ -305,7 +305,8 @@ def run_worker(python, name, args, extra_env=None, timeout=600):
     cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--seq-len", str(args.seq_len), "--workdir", str(args.workdir)] + (["--grad-ckpt"] if args.grad_ckpt else [])
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(extra_env or {}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               **(extra_env or {}))
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
