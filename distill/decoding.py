@@ -11,8 +11,8 @@ The step (shared/DESIGN.md, "The method"), for each row and each decoding step:
 beta = 0 is plain generation from the expert (the amateur is then never run). Like Hugging
 Face generation, each transformation is one pure function and `next_token` composes them.
 
-Sampling uses counter-based noise: the Gumbel noise of a row depends only on (row seed,
-step, token id), so a row's output does not depend on which other rows share its batch.
+Sampling uses counter-based randomness: the uniform a row draws depends only on (row seed,
+step), so a row's output does not depend on which other rows share its batch.
 That makes continuous batching, multi-rank sharding and resume-after-crash reproduce an
 uninterrupted batch-1 run exactly (up to floating-point differences between kernels).
 
@@ -86,23 +86,27 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(row_seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [rows, vocab] that is a pure function of (row seed, step, token id)."""
-    row = _hash32((row_seeds.long() * 0x9E3779B1 + steps.long()) & _MASK32)
-    token = torch.arange(vocab_size, device=row_seeds.device, dtype=torch.long) * 0x27D4EB2F
-    bits = _hash32((row[:, None] ^ (token[None, :] & _MASK32)))
-    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0 or 1
-    return -torch.log(-torch.log(uniform))
+def row_uniform(row_seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One float64 uniform in (0, 1) per row, a pure function of (row seed, step)."""
+    bits = _hash32(_hash32((row_seeds.long() * 0x9E3779B1 + steps.long()) & _MASK32) ^ 0x5BD1E995)
+    return (bits.double() + 0.5) * (1.0 / 2**32)
 
 
 def select_next(scores: torch.Tensor, temperature: float, top_p: float,
                 row_seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Greedy (temperature 0) or temperature + top-p sampling by the Gumbel-max trick."""
+    """Greedy (temperature 0) or temperature + top-p sampling by inverting the CDF.
+
+    One counter-based uniform per row (not one per token, as Gumbel-max would need) keeps the
+    step cheap on a large vocabulary; the CDF is summed in float64, so u * total < total and
+    a token of probability 0 (masked, filtered) can never be returned.
+    """
     if temperature == 0.0:
         return scores.argmax(dim=-1)
     logprobs = torch.log_softmax(scores / temperature, dim=-1)
     logprobs = top_p_filter(logprobs, top_p)
-    return (logprobs + gumbel_noise(row_seeds, steps, scores.shape[-1])).argmax(dim=-1)
+    cdf = logprobs.exp().double().cumsum(dim=-1)
+    u = row_uniform(row_seeds, steps) * cdf[:, -1]
+    return torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1)
 
 
 def next_token(logits_expert: torch.Tensor, logits_amateur: torch.Tensor | None, config: "DecodingConfig",

@@ -7,7 +7,7 @@ import torch
 
 from distill import DistillError
 from distill.decoding import (ContrastiveDecoder, DecodingConfig, Request, check_same_tokenizer,
-                              contrastive_scores, gumbel_noise, next_token, plausibility_mask, select_next)
+                              contrastive_scores, row_uniform, next_token, plausibility_mask, select_next)
 from tiny import make_model, make_tokenizer
 
 TEXTS = ["the quick brown fox", "answer", "write the response in lowercase letters and end with the word",
@@ -84,15 +84,15 @@ def test_padded_rows_never_chosen_and_top_p():
         assert (tok == 0).all()  # the top token holds > 0.5 of the mass: nothing else survives
 
 
-def test_counter_noise_is_reproducible_and_samples_the_distribution():
-    seeds, steps = torch.tensor([7, 7, 8]), torch.tensor([3, 3, 3])
-    g = gumbel_noise(seeds, steps, 100)
-    assert torch.equal(g[0], g[1]) and not torch.equal(g[0], g[2]) and torch.isfinite(g).all()
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+def test_counter_randomness_is_reproducible_and_samples_the_distribution():
+    seeds, steps = torch.tensor([7, 7, 8, 7]), torch.tensor([3, 3, 3, 4])
+    u = row_uniform(seeds, steps)
+    assert u[0] == u[1] and u[0] != u[2] and u[0] != u[3] and ((u > 0) & (u < 1)).all()
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])  # token 2 has no mass: never drawn
     n = 4000
-    tok = select_next(probs.log().expand(n, 4), 1.0, 1.0, torch.full((n,), 11), torch.arange(n))
-    freq = torch.bincount(tok, minlength=4).float() / n
-    assert torch.allclose(freq, probs, atol=0.03), freq
+    tok = select_next(probs.log().expand(n, 5), 1.0, 1.0, torch.full((n,), 11), torch.arange(n))
+    freq = torch.bincount(tok, minlength=5).float() / n
+    assert freq[2] == 0 and torch.allclose(freq, probs, atol=0.03), freq
 
 
 def test_tokenizer_mismatch_is_a_clear_error():
