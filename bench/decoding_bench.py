@@ -156,6 +156,7 @@ def check_fast_engine(expert, args):
 
     ids = prompts(4, 16, args.vocab, 2).to(args.device)
     pair = FastPair([expert], 4, 32, cuda_graphs=not args.no_cuda_graphs)
+    pair.prepare()
     ours = [pair.prefill(list(range(4)), ids.tolist())[0]]
     cache = DynamicCache()
     ref = [expert(input_ids=ids, use_cache=True, **{_cache_kwarg(expert): cache}).logits[:, -1].float()]

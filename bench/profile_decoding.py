@@ -44,6 +44,7 @@ def main():
     prompts = torch.randint(3, vocab, (args.batch, 128)).tolist()
     for graphs in (True, False):
         pair = FastPair(models, args.batch, args.capacity, cuda_graphs=graphs)
+        pair.prepare()
         pair.prefill(list(range(args.batch)), prompts)
         tok = torch.randint(3, vocab, (args.batch,), device="cuda")
         active = torch.ones(args.batch, dtype=torch.bool, device="cuda")

@@ -257,7 +257,6 @@ class ContrastiveDecoder:
         started = time.perf_counter()
         backend, batch = self._backend(batch, capacity)
         self.batch = batch
-        self.setup_seconds = time.perf_counter() - started  # cache allocation and graph capture
         self.stops = torch.tensor(self.stop_ids or [-1], device=dev)
         self.out = torch.zeros(batch, cfg.max_new_tokens + 1, dtype=torch.long, device=dev)
         self.n = torch.zeros(batch, dtype=torch.long, device=dev)  # tokens generated per row
@@ -265,12 +264,20 @@ class ContrastiveDecoder:
         self.active = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.stopped = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.seeds = torch.zeros(batch, dtype=torch.long, device=dev)
+        # The fast backend can run the token choice inside its CUDA graph (not with a score hook,
+        # which needs the host).
+        fused = False
+        if hasattr(backend, "prepare"):
+            post = None if self.score_hook else (lambda logits: self._pick(logits, slice(None), None))
+            fused = backend.prepare(self.cur, self.active, post)
+        self.setup_seconds = time.perf_counter() - started  # cache allocation and graph capture
         slots: list[Request | None] = [None] * batch
         self._admit(backend, slots, list(range(batch)), queue)
         while any(s is not None for s in slots):
             for _ in range(cfg.check_every):
                 logits = backend.decode(self.cur, self.active)
-                self._pick(logits, slice(None), [r.key if r else None for r in slots] if self.score_hook else None)
+                if not fused:
+                    self._pick(logits, slice(None), [r.key if r else None for r in slots] if self.score_hook else None)
             done = ((~self.active).nonzero().flatten()).tolist()  # one host sync per check_every steps
             done = [i for i in done if slots[i] is not None]
             if not done:

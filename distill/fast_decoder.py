@@ -225,10 +225,27 @@ class FastPair:
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[int, tuple] = {}
         self.pool = None
-        if self.use_graphs:  # capture every width now, so no capture happens mid-run
+        self.active = None
+        self.post_step = None  # the engine's token choice, run right after the step (inside the graph)
+
+    def prepare(self, tokens: torch.Tensor | None = None, active: torch.Tensor | None = None,
+                post_step=None) -> bool:
+        """Bind the engine's state and capture every attention width's graph up front.
+
+        With `post_step` (the engine's sampling and bookkeeping, all on device), each decode
+        call runs step + post_step as one graph: no per-token kernel launches at all. Called
+        before any row is admitted, so the warm-up runs on all-inactive rows change nothing.
+        Returns True when decode() runs post_step itself.
+        """
+        if post_step is not None and (tokens is None or active is None):
+            raise ValueError("post_step needs the engine's tokens and active tensors")
+        self.tokens = self.tokens if tokens is None else tokens
+        self.active, self.post_step = active, post_step
+        if self.use_graphs:
             for width in sorted({min(w, self.capacity) for w in range(self.bucket, self.capacity + self.bucket, self.bucket)}):
                 if not self._try_capture(width):
                     break
+        return post_step is not None
 
     @staticmethod
     def rows_that_fit(models, capacity: int, reserve_fraction: float = 0.1) -> int:
@@ -245,7 +262,11 @@ class FastPair:
 
     @torch.no_grad()
     def _step(self, width: int) -> list[torch.Tensor]:
-        return [lm.decode(self.tokens, self.lengths, self.rows, self.columns[:width]) for lm in self.lms]
+        logits = [lm.decode(self.tokens, self.lengths, self.rows, self.columns[:width]) for lm in self.lms]
+        if self.post_step is not None:
+            self.lengths += self.active.long()  # finished rows stay put, overwriting one junk column
+            self.post_step(logits)
+        return logits
 
     def _capture(self, width: int) -> tuple:
         # Warm up on a side stream (allocator, cuBLAS workspaces), then capture. Warm-up writes
@@ -304,13 +325,16 @@ class FastPair:
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
-        self.tokens.copy_(tokens)
+        if tokens is not self.tokens:
+            self.tokens.copy_(tokens)
         width = min(self.capacity, -(-(max(self.bound) + 1) // self.bucket) * self.bucket)
-        if self.use_graphs and (width in self.graphs or self._try_capture(width)):
+        # Graphs are captured only in prepare(): a capture's warm-up mid-run would run post_step.
+        if self.use_graphs and width in self.graphs:
             graph, logits = self.graphs[width]
             graph.replay()
         else:
             logits = self._step(width)
-        self.lengths += active.long()  # finished rows stay put and keep overwriting one junk column
+        if self.post_step is None:
+            self.lengths += active.long()  # finished rows stay put and keep overwriting one junk column
         self.bound = [min(b + 1, self.capacity - 1) for b in self.bound]
         return logits
