@@ -125,7 +125,16 @@ def build_sequences(post, tokenizer, instructions: list[str], max_new_tokens: in
     return seqs
 
 
-def measure(base, post, seqs, alpha: float = 0.01, batch_size: int = 4) -> dict[str, list[float]]:
+def _logits_at(model, delta, lam: float, ids, mask):
+    from torch.func import functional_call
+
+    params = {k: v.detach() + lam * delta[k] for k, v in model.named_parameters()}
+    return functional_call(model, (params, dict(model.named_buffers())), args=(),
+                           kwargs={"input_ids": ids, "attention_mask": mask, "use_cache": False}).logits
+
+
+def measure(base, post, seqs, alpha: float = 0.01, batch_size: int = 4,
+            lambdas: tuple[float, ...] = (0.1, 0.25, 0.5)) -> dict[str, list[float]]:
     """All per-position metrics over the response positions of `seqs`."""
     delta = chat_vector(base, post)
     device = next(base.parameters()).device
@@ -142,10 +151,16 @@ def measure(base, post, seqs, alpha: float = 0.01, batch_size: int = 4) -> dict[
         with torch.no_grad():
             lb, jd = logits_and_jvp(base, delta, ids, mask)
             lpo = post(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            # Along the segment θ_base + λΔ: where does the first-order picture stop holding?
+            partial = {lam: _logits_at(base, delta, lam, ids, mask) for lam in lambdas}
         for r, (s, start) in enumerate(chunk):
             pos = slice(start - 1, len(s) - 1)  # positions that predict response tokens
             for k, v in position_metrics(lb[r, pos], lpo[r, pos], jd[r, pos], alpha).items():
                 acc.setdefault(k, []).extend(v.tolist())
+            for lam, lg in partial.items():
+                m = position_metrics(lb[r, pos], lg[r, pos], lam * jd[r, pos], alpha)
+                acc.setdefault(f"cos@{lam:g}", []).extend(m["cos"].tolist())
+                acc.setdefault(f"rel_err@{lam:g}", []).extend(m["rel_err"].tolist())
         log.info("t1: %d/%d sequences", min(b + batch_size, len(seqs)), len(seqs))
     return acc
 
@@ -160,6 +175,16 @@ LABELS = {
     "argmax_agree": "greedy CoDIT token = argmax J·Δ (fraction)",
     "plausible": "plausible-set size (tokens)",
 }
+
+
+def _label(key: str) -> str:
+    if key.endswith("_multi"):
+        return LABELS[key[:-6]] + ", positions with ≥ 2 plausible tokens"
+    if "@" in key:
+        name, lam = key.split("@")
+        what = "cosine(d_λ, J·Δ), centred" if name == "cos" else "‖d_λ − λ·P·J·Δ‖ / ‖d_λ‖"
+        return f"{what}; d_λ = lp(θ_base + λΔ) − lp_base, λ = {lam}"
+    return LABELS[key]
 
 
 def _quantile(xs: list[float], q: float) -> float | None:
@@ -181,7 +206,10 @@ def run(zoo: Path, out_dir: Path, n_prompts: int = 32, max_new_tokens: int = 48,
     post = load_causal_lm(post_dir, device=device, what="source post")
     seqs = build_sequences(post, tok, [r["instruction"] for r in rows], max_new_tokens, batch_size)
     acc = measure(base, post, seqs, alpha, batch_size)
-    table = [{"metric": LABELS[k], "key": k, "mean": mean(v), "median": _quantile(v, 0.5), "p10": _quantile(v, 0.1),
+    multi = [i for i, n in enumerate(acc["plausible"]) if n >= 2]
+    for k in ("kl_codit_lin", "kl_codit_direct", "kl_codit_uniform", "argmax_agree"):
+        acc[k + "_multi"] = [acc[k][i] for i in multi]
+    table = [{"metric": _label(k), "key": k, "mean": mean(v), "median": _quantile(v, 0.5), "p10": _quantile(v, 0.1),
               "p90": _quantile(v, 0.9), "positions": len(v)} for k, v in acc.items()]
     notes = [f"Source base `{base_dir}`, post `{post_dir}`; {len(seqs)} held-out prompts, post's greedy responses "
              f"(≤ {max_new_tokens} tokens), alpha = {alpha}; {time.time() - t0:.0f} s on {device}.",
