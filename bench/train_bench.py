@@ -182,6 +182,12 @@ def _timer_callback(warmup, device):
             if self.t0 is not None:
                 # packed rows: count the real tokens of this step's rows
                 self.tokens += self.tokens_per_step
+                if state.global_step >= state.max_steps:
+                    # Stop the clock at the last optimizer step: the Trainer then saves a full
+                    # checkpoint (weights + optimizer state), which is I/O, not training speed.
+                    _sync(device)
+                    self.t1 = time.perf_counter()
+                    self.peak = _peak(device)
 
         def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
             ds = train_dataloader.dataset if train_dataloader is not None else None
@@ -190,9 +196,10 @@ def _timer_callback(warmup, device):
                 args.gradient_accumulation_steps * args.world_size
 
         def on_train_end(self, args, state, control, **kw):
-            _sync(device)
-            self.t1 = time.perf_counter()
-            self.peak = _peak(device)
+            if self.t1 is None:
+                _sync(device)
+                self.t1 = time.perf_counter()
+                self.peak = _peak(device)
 
         def elapsed(self):
             return self.t1 - self.t0
