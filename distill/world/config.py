@@ -17,11 +17,11 @@ from distill import DistillError
 
 @dataclass(frozen=True)
 class ModelSize:
-    hidden: int = 128
+    hidden: int = 160
     layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 384
+    heads: int = 5
+    kv_heads: int = 1
+    intermediate: int = 512
     max_positions: int = 512
 
 
@@ -42,7 +42,7 @@ class ZooConfig:
     # the world
     n_entities: int = 64
     split_fractions: tuple = (("shared", 0.5), ("source_only", 0.2), ("target_only", 0.2), ("conflict", 0.1))
-    text_epochs: int = 8  # distinct renderings of each fact (paraphrase template drawn each time)
+    text_epochs: int = 40  # distinct renderings of each land (many, so models learn facts, not rows)
     n_sft: int = 1600
     n_synthesis: int = 300
     n_eval: int = 150
@@ -53,8 +53,8 @@ class ZooConfig:
     target_vocab: int = 1000
     # models and training
     source_size: ModelSize = field(default_factory=ModelSize)
-    target_size: ModelSize = field(default_factory=lambda: ModelSize(hidden=128, layers=2, heads=4, kv_heads=1, intermediate=384))
-    pretrain: StageBudget = field(default_factory=lambda: StageBudget(steps=240, lr=2e-3))
+    target_size: ModelSize = field(default_factory=lambda: ModelSize(hidden=160, layers=2, heads=5, kv_heads=1, intermediate=512))
+    pretrain: StageBudget = field(default_factory=lambda: StageBudget(steps=300, lr=2e-3))
     sft: StageBudget = field(default_factory=lambda: StageBudget(steps=350, lr=2e-3, batch_size=24, seq_len=160))
     sft_text_fraction: float = 0.125  # rehearsal of fact text during SFT
     cp: StageBudget = field(default_factory=lambda: StageBudget(steps=100, lr=1e-3))
@@ -90,7 +90,7 @@ PRESETS: dict[str, ZooConfig] = {
     ),
     "tiny": ZooConfig(),
     "small": ZooConfig(
-        preset="small", n_entities=400, text_epochs=12, n_sft=8000, n_synthesis=2000, n_eval=500,
+        preset="small", n_entities=400, text_epochs=60, n_sft=8000, n_synthesis=2000, n_eval=500,
         source_vocab=3000, target_vocab=2500,
         source_size=ModelSize(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1536, max_positions=1024),
         target_size=ModelSize(hidden=448, layers=8, heads=7, kv_heads=1, intermediate=1280, max_positions=1024),

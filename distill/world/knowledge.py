@@ -109,9 +109,11 @@ def cloze(fact: Fact) -> str:
     return template[: template.index("{v}")].rstrip().format(e=fact.entity)
 
 
-def documents(facts: list[Fact], who: str, epochs: int, seed: int) -> list[str]:
+def documents(facts: list[Fact], who: str, epochs: int, seed: int, sep: str = " ") -> list[str]:
     """Pre-training text: one paragraph per land per epoch, its facts in random order and
-    random paraphrases. The canonical (cloze) form is drawn half the time so it is learnt well."""
+    random paraphrases. The canonical (cloze) form is drawn half the time so it is learnt well.
+    `sep` joins the sentences: a byte-level BPE without BOS sees "The" (as in a cloze prompt)
+    only at a line start, so the target's text puts one sentence per line."""
     rng = random.Random(seed)
     by_entity: dict[str, list[Fact]] = {}
     for f in facts:
@@ -127,7 +129,7 @@ def documents(facts: list[Fact], who: str, epochs: int, seed: int) -> list[str]:
                 n_templates = len(RELATIONS[f.relation][0])
                 template = 0 if rng.random() < 0.5 else rng.randrange(1, n_templates)
                 sentences.append(statement(f, f.value_for(who), template))
-            docs.append(" ".join(sentences))
+            docs.append(sep.join(sentences))
     rng.shuffle(docs)
     return docs
 

@@ -100,7 +100,7 @@ def _build(cfg: ZooConfig, key: str, out: Path) -> None:
     entities, facts = knowledge.make_facts(cfg.seed, cfg.n_entities, cfg.split_fractions)
     sets = make_sets(facts, entities, cfg, cfg.seed + 1)
     source_docs = knowledge.documents(facts, "source", cfg.text_epochs, cfg.seed + 2)
-    target_docs = knowledge.documents(facts, "target", cfg.text_epochs, cfg.seed + 3)
+    target_docs = knowledge.documents(facts, "target", cfg.text_epochs, cfg.seed + 3, sep="\n")
     # source-cp learns what only the target knew: additional facts, with the source's own
     # text replayed so that it keeps the rest.
     extra = [f for f in facts if f.split == "target_only"]
@@ -115,8 +115,9 @@ def _build(cfg: ZooConfig, key: str, out: Path) -> None:
 
     instructions = [r["instruction"] for rows in sets.values() for r in rows] + [r["response"] for r in sets["sft"]]
     log.info("[zoo] tokenizers (source %d, target %d tokens)", cfg.source_vocab, cfg.target_vocab)
-    src_tok = train_source_tokenizer(source_docs + target_docs + instructions, cfg.source_vocab)
-    tgt_tok = train_target_tokenizer(target_docs + source_docs + instructions, cfg.target_vocab)
+    # Each family's tokenizer learns from its own corpus (plus the instructions it will see).
+    src_tok = train_source_tokenizer(source_docs + instructions, cfg.source_vocab)
+    tgt_tok = train_target_tokenizer(target_docs + instructions, cfg.target_vocab)
 
     for name in MODELS:
         (src_tok if name.startswith("source") else tgt_tok).save_pretrained(out / name)
