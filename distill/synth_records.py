@@ -67,7 +67,8 @@ def _load_dataset_dir(path: Path) -> list[dict]:
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             ds = datasets.load_from_disk(str(path))
         else:
-            ds = datasets.load_dataset(str(path))
+            # The datasets cache keys a local directory by its name: rebuild, never reuse another run's rows.
+            ds = datasets.load_dataset(str(path), download_mode="force_redownload", verification_mode="no_checks")
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad-input error for the user

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass, fields
@@ -225,6 +226,11 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
     if eval_ds is not None:
         args.eval_strategy = transformers.IntervalStrategy.STEPS
     log.info("data: %s", td.dump_stats(stats))
+    # Warm-up in whole steps, rounded down: transformers rounds a ratio up, so a run of a few
+    # steps would spend its first step (or its only one) at learning rate 0.
+    per_step = cfg.batch_size * cfg.grad_accum * max(args.world_size, 1)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * math.ceil(len(train_ds) / per_step))
+    args.warmup_steps = int(cfg.warmup_ratio * total)
 
     fused = cfg.fused_loss and not _is_zero3(ds_config)
     if cfg.fused_loss and not fused:

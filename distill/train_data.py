@@ -81,11 +81,15 @@ def load_rows(data: str | Path):
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds["train"]
         elif path.is_dir():
-            ds = datasets.load_dataset(str(path), split="train")
+            # force_redownload: the datasets cache keys a local directory by its name, so another
+            # run's `data/codit` would otherwise come back stale.
+            ds = datasets.load_dataset(str(path), split="train", download_mode="force_redownload",
+                                      verification_mode="no_checks")
         elif path.suffix in (".jsonl", ".json"):
             if path.stat().st_size == 0:
                 raise DistillError(f"training data {path} is empty; it needs at least one row")
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            ds = datasets.load_dataset("json", data_files=str(path), split="train", download_mode="force_redownload",
+                                      verification_mode="no_checks")
         else:
             raise DistillError(f"training data {path} is neither a dataset directory nor a .jsonl file")
     except DistillError:

@@ -154,3 +154,18 @@ def test_cli_help_explains_every_option():
     for flag in ("--deepspeed", "--packing", "--max-length", "--truncation", "--gradient-checkpointing",
                  "--eval-fraction", "--keep-repetitive", "--overwrite", "--no-resume", "--grad-accum"):
         assert flag in text
+
+
+def test_two_dataset_directories_with_the_same_name_never_share_a_cache(tmp_path):
+    # `datasets` keys a local directory's cache by its name; a run must never get another run's rows.
+    card = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train.jsonl\n---\n"
+    for parent, n in (("run-a", 3), ("run-b", 7)):
+        d = tmp_path / parent / "data" / "codit"
+        (d / "data").mkdir(parents=True)
+        (d / "README.md").write_text(card)
+        rows = [{"instruction": f"q{i}", "response": f"a{i}"} for i in range(n)]
+        (d / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(td.load_rows(tmp_path / "run-a" / "data" / "codit")) == 3
+    assert len(td.load_rows(tmp_path / "run-b" / "data" / "codit")) == 7
+    (tmp_path / "run-a" / "data" / "codit" / "data" / "train.jsonl").write_text('{"instruction": "q", "response": "a"}\n')
+    assert len(td.load_rows(tmp_path / "run-a" / "data" / "codit")) == 1
