@@ -16,4 +16,4 @@ $PY analysis/theory.py t1 --zoo "$ZOO" --out "$OUT/theory" --prompts 48 --max-ne
 $PY analysis/theory.py t3 --zoo "$ZOO" --run-dir "$RUN" --out "$OUT/theory" --pairs 128
 $PY analysis/theory.py t2 --zoo "$ZOO" --run-dir "$RUN" --out "$OUT/theory" --work "$RUN/theory-t2" --epochs 3
 $PY analysis/theory.py t4 --zoo "$ZOO" --out "$OUT/theory" --work "$RUN/theory-t4" \
-    --betas 0,0.5,1,1.5 --alphas 0.1 --limit 150 --epochs 3 --eval-limit 100
+    --betas 0,0.5,1,1.5 --alphas 0.1 --limit 150 --epochs 8 --eval-limit 100
