@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distill import DistillError
-from distill.fsutil import atomic_write_json, atomic_write_text
+from distill.fsutil import atomic_write_json, atomic_write_text, iter_jsonl
 from distill.metrics import OWN_SPLITS, instruction_following, knowledge_accuracy, length_stats, perplexity
 
 log = logging.getLogger(__name__)
@@ -61,20 +61,13 @@ def read_jsonl(path: Path, need: tuple[str, ...], limit: int | None = None) -> l
     if not path.is_file():
         raise DistillError(f"{path} not found; build the world with `distill zoo build` or pass the file's path")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DistillError(f"{path}:{n}: not valid JSON ({exc.msg}); fix or remove that line") from None
-            missing = [k for k in need if k not in row]
-            if missing:
-                raise DistillError(f"{path}:{n}: row lacks {missing}; each row needs {list(need)} (docs/CONTRACTS.md)")
-            rows.append(row)
-            if limit and len(rows) >= limit:
-                break
+    for n, row in iter_jsonl(path):
+        missing = [k for k in need if k not in row]
+        if missing:
+            raise DistillError(f"{path}:{n}: row lacks {missing}; each row needs {list(need)} (docs/CONTRACTS.md)")
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
     if not rows:
         raise DistillError(f"{path} has no rows")
     return rows

@@ -39,6 +39,11 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, out)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename a finished temporary directory to `out`, replacing what is there."""
     if out.exists():
         # Move the old one aside first so there is never a moment with neither.
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -60,3 +65,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def iter_jsonl(path: str | os.PathLike, what: str = "file"):
+    """(line number, row) for each non-blank line; invalid JSON is an error naming the line."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DistillError(f"{what} {path} line {n} is not valid JSON ({exc.msg}); fix or remove it") from None

@@ -11,7 +11,6 @@ appends and resumes, training resumes from its last checkpoint, the rest write a
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -19,7 +18,6 @@ import logging
 import os
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from distill import DistillError
-from distill.fsutil import atomic_write_json, atomic_write_text
+from distill.fsutil import atomic_write_json, atomic_write_text, iter_jsonl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,15 +35,7 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[dict
     if path.is_dir():
         rows = _load_dataset_dir(path)
     else:
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DistillError(f"prompts {path} line {n} is not valid JSON ({exc.msg}); fix or remove it") from exc
+        rows = [row for _, row in iter_jsonl(path, "prompts")]
     if not rows:
         raise DistillError(f"prompts {path} has no rows; it needs one JSON object per line with an "
                            f"'instruction' (or chat 'messages') field")

@@ -8,13 +8,12 @@ provenance/card, assembled in a temporary sibling and renamed into place.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from distill import train_data as td
-from distill.fsutil import atomic_write_json, atomic_write_text
+from distill.fsutil import atomic_write_json, atomic_write_text, replace_dir
 
 log = logging.getLogger("distill.train")
 
@@ -47,13 +46,7 @@ def save_final(trainer, cfg, out: Path, ckpt: Path, stats, resumed_from, result)
             "data": asdict(stats),
             "copied": td.copy_provenance(cfg.data, tmp),
         })
-        if out.exists():  # only reachable with overwrite=True (checked before training)
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)  # replaces an old one only with overwrite=True (checked before training)
         shutil.rmtree(ckpt, ignore_errors=True)  # the run finished; checkpoints are not needed
         log.info("model written to %s (%d optimizer steps)", out, trainer.state.global_step)
     trainer.accelerator.wait_for_everyone()
