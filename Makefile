@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/distill run recipes/tiny.yaml
+	@sed -n '/^## Comparison/,/^## Differences/p' runs/tiny/report.md | sed '$$d'
+	@echo "Full report: runs/tiny/report.md"
 
 test: install
 	$(BIN)/python -m pytest tests
