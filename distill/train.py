@@ -25,6 +25,7 @@ from distill import DistillError
 from distill import train_data as td
 from distill.fsutil import check_output_dir
 from distill.models import resolve_model
+from distill.train_fused import compile_layers, fused_loss_trainer
 from distill.train_outputs import save_final
 
 log = logging.getLogger(__name__)
@@ -235,9 +236,9 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
     fused = cfg.fused_loss and not _is_zero3(ds_config)
     if cfg.fused_loss and not fused:
         log.warning("--fused-loss needs the whole lm_head on each rank; not available under ZeRO-3, using HF's loss")
-    trainer_cls = _fused_loss_trainer() if fused else Trainer
+    trainer_cls = fused_loss_trainer() if fused else Trainer
     if cfg.compile_layers:
-        _compile_layers(model, zero3=_is_zero3(ds_config))
+        compile_layers(model, zero3=_is_zero3(ds_config))
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=td.SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=list(callbacks))
@@ -253,40 +254,6 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
 
 def _is_zero3(ds_config) -> bool:
     return (ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3
-
-
-def _compile_layers(model, zero3: bool) -> None:
-    """Regional compilation: every decoder layer has the same code, so one compile serves all
-    and start-up stays short (compiling the whole model takes minutes and breaks on the loss)."""
-    if zero3:  # ZeRO-3's per-module gather hooks would break every graph
-        log.warning("--compile-layers is skipped under ZeRO-3")
-        return
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        log.warning("--compile-layers: %s has no model.layers; not compiled", type(model).__name__)
-        return
-    for layer in layers:
-        layer.compile()
-
-
-def _fused_loss_trainer():
-    from transformers import Trainer
-
-    from distill.train_fused import causal_lm_loss
-
-    class FusedLossTrainer(Trainer):
-        """Trainer whose training loss never materialises [tokens x vocab] logits."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs:  # evaluation wants logits anyway
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = causal_lm_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch)
-            # Same scaling as Trainer.compute_loss: num_items_in_batch counts tokens on all ranks.
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes
-            return loss
-
-    return FusedLossTrainer
 
 
 def _prepare_data(chats, tokenizer, cfg: TrainConfig, stats: td.DataStats):
