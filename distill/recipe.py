@@ -144,7 +144,8 @@ class Pipeline:
         out = self.run_dir / "data" / method
         cfg = SynthesizeConfig(
             expert=r.source.post, amateur=r.source.base, prompts=r.prompts.synthesis, out=str(out),
-            method=method, alpha=s.alpha, beta=s.beta, temperature=s.temperature, top_p=s.top_p,
+            # direct is plain sampling from the expert (beta 0, no plausibility mask): the baseline.
+            method=method, alpha=s.alpha if method == "codit" else None, beta=s.beta, temperature=s.temperature, top_p=s.top_p,
             max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed, limit=r.prompts.limit,
             device=s.device or "auto", dtype=s.dtype or "auto",
         )

@@ -59,7 +59,7 @@ class PromptsConfig:
 @dataclass
 class SynthesisConfig:
     methods: list[str] = field(default_factory=lambda: ["codit", "direct"])
-    alpha: float = 0.01
+    alpha: float = 0.01  # CoDIT's plausibility threshold; direct samples plainly from the expert
     beta: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
