@@ -11,6 +11,7 @@ GPU (one H100; under 8 minutes):
                  transformers builds a block-diagonal mask for SDPA)
     zero2        `distill.train.train`: Trainer + DeepSpeed ZeRO-2, packing, --fused-loss
     zero2-compile  zero2 plus --compile-layers
+    trainer      `distill.train.train` without DeepSpeed (`--deepspeed none`), packing, --fused-loss
     zero3        `distill.train.train`: Trainer + DeepSpeed ZeRO-3, packing (HF loss)
   MFU = tokens/s x (6 N + 12 L d T) / 989e12, N all parameters (tied embedding once), T = 2048:
   the formula that gives the issue's anchor (35,100 tok/s -> 36.6 %).
@@ -151,11 +152,11 @@ def worker_distill(args):
         _write_rows(tmp / "data.jsonl", total_rows, words=args.seq_len // 4 - 24)
         timer = _timer_callback(args.warmup, args.device)
         cfg = TrainConfig(model=str(tmp / "target"), data=str(tmp / "data.jsonl"), out=str(tmp / "out"),
-                          deepspeed=args.worker.split("-")[0], max_steps=args.warmup + args.steps, lr=1e-4,
+                          deepspeed="none" if args.worker == "trainer" else args.worker.split("-")[0], max_steps=args.warmup + args.steps, lr=1e-4,
                           batch_size=args.batch, max_length=args.seq_len, packing=True, eval_fraction=0.0,
                           logging_steps=1000, save_steps=100000, warmup_ratio=0.0, lr_scheduler="constant",
                           precision="bf16" if args.device == "cuda" else "fp32",
-                          fused_loss=args.worker.startswith("zero2"), compile_layers=args.worker == "zero2-compile",
+                          fused_loss=args.worker.startswith(("zero2", "trainer")), compile_layers=args.worker == "zero2-compile",
                           gradient_checkpointing=args.grad_ckpt)
         train(cfg, callbacks=[timer])
     elapsed, tokens = timer.elapsed(), timer.tokens
@@ -363,7 +364,7 @@ def main(argv=None):
             return worker_cpu_trl(args)
         if args.worker.startswith("cpu:"):
             return worker_cpu_distill(args)
-        if args.worker in ("zero2", "zero2-compile", "zero3"):
+        if args.worker in ("zero2", "zero2-compile", "zero3", "trainer"):
             return worker_distill(args)
         return worker_manual(args)
 
