@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from distill.models import stop_token_ids
+
 log = logging.getLogger(__name__)
 
 
@@ -24,15 +26,6 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[str, to
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)} or auto")
     return device, names[dtype]
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """eos, plus ChatML's <|im_end|> when the vocabulary has it (templates added by `distill train`)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
-        ids.append(im_end)
-    return ids
 
 
 def render_prompt(tokenizer, instruction: str) -> tuple[str, bool]:
@@ -59,7 +52,7 @@ def _pad_id(tokenizer) -> int:
 def generate_greedy(model, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: int, batch_size: int,
                     desc: str = "generating") -> list[dict]:
     """Greedy continuations: [{"text", "tokens", "finish_reason": "stop" | "length"}] in input order."""
-    stops = stop_ids(tokenizer)
+    stops = stop_token_ids(tokenizer)
     pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))

@@ -68,3 +68,12 @@ def load_tokenizer(ref, trust_remote_code: bool = False, what: str = "tokenizer"
 
     path = resolve_model(ref, what)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: eos and, for ChatML, <|im_end|>."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
+        ids.append(im_end)
+    return ids

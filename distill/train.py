@@ -24,7 +24,7 @@ from pathlib import Path
 from distill import DistillError
 from distill import train_data as td
 from distill.fsutil import check_output_dir
-from distill.models import resolve_model
+from distill.models import resolve_model, stop_token_ids
 from distill.train_fused import compile_layers, fused_loss_trainer
 from distill.train_outputs import save_final
 
@@ -218,7 +218,7 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
         attn_implementation=cfg.attn_implementation)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # new rows start at the mean embedding
-    model.generation_config.eos_token_id = td.stop_token_ids(tokenizer)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
 

@@ -158,15 +158,6 @@ def _accepts_replace_kw(tokenizer) -> bool:
     return "replace_extra_special_tokens" in params
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: eos and, for ChatML, <|im_end|>."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
-        ids.append(im_end)
-    return ids
-
-
 # ----------------------------------------------------------------------------- tokenising
 
 

@@ -7,6 +7,7 @@ import torch
 
 from distill import DistillError
 from distill import train_data as td
+from distill.models import stop_token_ids
 from distill.train import TrainConfig, load_deepspeed_config, train
 from tiny import CHAT_TEMPLATE, make_model, make_tokenizer
 
@@ -29,7 +30,7 @@ def test_chatml_added_to_base_tokenizer_and_mask_is_exact_token_by_token():
     tail = _ids(tok, "\n")
     assert ids == prompt + answer + tail
     assert labels == [-100] * len(prompt) + answer + [-100] * len(tail)
-    assert td.stop_token_ids(tok) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    assert stop_token_ids(tok) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
 
 
 def test_template_without_generation_tags_masks_every_assistant_turn_by_prefix():
