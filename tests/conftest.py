@@ -36,3 +36,14 @@ def micro_zoo(tmp_path_factory):
             del os.environ["DISTILL_CACHE"]
         else:
             os.environ["DISTILL_CACHE"] = old
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls are ~10x slower with 2 threads on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

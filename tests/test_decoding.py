@@ -14,13 +14,7 @@ TEXTS = ["the quick brown fox", "answer", "write the response in lowercase lette
          "the capital", "please repeat the request", "the lazy dog"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls are ~10x slower with 2 threads on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from distill import DistillError
 from distill.cli import main
@@ -13,12 +12,7 @@ from distill.synthesize import SynthesizeConfig, synthesize
 from tiny import make_model, make_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
