@@ -263,9 +263,6 @@ class Checkpoint:
                 weight[info.dtype] = weight.get(info.dtype, 0) + info.nbytes
         return max(weight, key=weight.get) if weight else torch.float32
 
-    def total_bytes(self) -> int:
-        return sum(info.nbytes for info in self.tensors.values())
-
 
 def copy_through(src: Path, dst: Path, patterns: Iterable[str] = COPY_THROUGH) -> list[str]:
     """Copy config, generation config and tokenizer files from one model dir to another."""

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 METRICS_DIR = Path(__file__).parent
-KNOWLEDGE_SPLITS = ("shared", "source_only", "target_only", "conflict")
 # Facts a model of each family was pre-trained on ("its own facts"); conflicts are counted apart.
 OWN_SPLITS = {"source": ("shared", "source_only"), "target": ("shared", "target_only"), None: ("shared",)}
 
