@@ -103,6 +103,27 @@ def test_single_process_learns_saves_and_reloads_identically(world, stage):
     assert text == ANSWER + "<|im_end|>", text
 
 
+class MatmulDtypes(TrainerCallback):
+    """The dtypes a decoder matmul produced during training."""
+
+    def __init__(self):
+        self.dtypes = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: self.dtypes.add(o.dtype))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["hf-loss", "fused-loss"])
+def test_bf16_without_deepspeed_trains_under_autocast(world, fused):
+    # The plain Trainer keeps fp32 master weights and relies on accelerate's autocast, which wraps
+    # only model.forward: a loss that calls model.model directly once ran every matmul in fp32.
+    probe = MatmulDtypes()
+    out = world / f"model-bf16-{'fused' if fused else 'hf'}"
+    train(_config(world, out, deepspeed="none", precision="bf16", fused_loss=fused, max_steps=2,
+                  eval_fraction=0.0), callbacks=[probe])
+    assert probe.dtypes == {torch.bfloat16}
+
+
 class Interrupt(Exception):
     pass
 
