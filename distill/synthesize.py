@@ -92,12 +92,8 @@ def _prepare_out(cfg: SynthesizeConfig, prompt_ids: list[str]) -> Path:
             if changed and not cfg.overwrite:
                 raise DistillError(f"output {out} holds a run with other settings {changed}; rerun with the "
                                    f"same settings to resume, or pass --overwrite, or choose another --out")
-            if changed:  # --overwrite: drop our own files of the old run (nothing else in D)
-                import shutil
-
-                shutil.rmtree(out / "shards", ignore_errors=True)
-                shutil.rmtree(out / "data", ignore_errors=True)
-                (out / "README.md").unlink(missing_ok=True)
+            if changed:
+                _discard_rows(out)
         elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
             raise DistillError(f"output {out} exists and is not a synthesis run; choose another --out or --overwrite")
         (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -145,6 +141,27 @@ def _load(cfg: SynthesizeConfig, local_rank: int):
     return tokenizer, expert, amateur, vocab, sorted(s for s in stops if s is not None)
 
 
+def _discard_rows(out: Path) -> None:
+    """--overwrite: drop our own files of the old run (nothing else in D)."""
+    import shutil
+
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    shutil.rmtree(out / "data", ignore_errors=True)
+    (out / "README.md").unlink(missing_ok=True)
+    (out / "shards").mkdir()
+
+
+def _changed_prompts(done: dict[str, dict], prompts: list[dict], cfg: SynthesizeConfig) -> bool:
+    """A resumed run must answer the same prompts: matching ids alone would keep stale rows for
+    edited prompts. True (start over) only with --overwrite; otherwise an error."""
+    changed = [p["id"] for p in prompts if p["id"] in done and done[p["id"]]["messages"][:-1] != p["messages"]]
+    if changed and not cfg.overwrite:
+        raise DistillError(f"output {cfg.out} holds rows for {len(changed)} prompt id(s) whose prompt in {cfg.prompts} "
+                           f"has changed since (first: id {changed[0]!r}); restore the original prompts, or pass "
+                           f"--overwrite to start over, or choose another --out")
+    return bool(changed)
+
+
 def _render(tokenizer, messages) -> list[int]:
     # Render to text then tokenize without adding specials: the template already holds BOS.
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -160,8 +177,11 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
     rank, world, local_rank = _rank()
     prompts = load_prompts(cfg.prompts, cfg.limit)
     out = _prepare_out(cfg, [p["id"] for p in prompts])
-    writer = ShardWriter(shard_path(out, rank))
     done = finished_rows(out)
+    if _changed_prompts(done, prompts, cfg):
+        _discard_rows(out)
+        done = {}
+    writer = ShardWriter(shard_path(out, rank))
     todo = [p for p in prompts[rank::world] if p["id"] not in done]
     log.info("rank %d/%d: %d prompts, %d already done, %d to go", rank, world,
              len(prompts[rank::world]), len(prompts[rank::world]) - len(todo), len(todo))

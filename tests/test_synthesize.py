@@ -81,6 +81,29 @@ def test_resume_after_torn_shard_equals_uninterrupted(zoo, full_run):
     assert rows(out) == rows(full_run) and (out / "data" / "train.jsonl").stat().st_mtime_ns >= mtime
 
 
+def test_resume_with_edited_prompts_is_refused_then_overwritten(zoo, full_run, tmp_path):
+    out = tmp_path / "edited"
+    shutil.copytree(full_run, out)
+    lines = (zoo / "prompts.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({"id": "q2", "instruction": "an edited prompt"})
+    edited = tmp_path / "prompts.jsonl"
+    edited.write_text("\n".join(lines) + "\n")
+    # The prompts file was edited in place: same path, same settings, so the rows must be compared.
+    run = cfg(zoo, out, prompts=str(edited))
+    prov = json.loads((out / "provenance.json").read_text())
+    prov["settings"]["prompts"] = str(edited)
+    (out / "provenance.json").write_text(json.dumps(prov))
+    with pytest.raises(DistillError, match=r"1 prompt id\(s\) whose prompt .* has changed since \(first: id 'q2'\)"):
+        synthesize(run)
+    assert rows(out) == rows(full_run)  # nothing lost by the refusal
+    run.overwrite = True
+    synthesize(run)
+    new = rows(out)
+    assert [r["id"] for r in new] == [f"q{i}" for i in range(7)] and new[2]["instruction"] == "an edited prompt"
+    assert [r["response"] for i, r in enumerate(new) if i != 2] == \
+        [r["response"] for i, r in enumerate(rows(full_run)) if i != 2]  # per-row seeds: the rest regenerate alike
+
+
 def test_two_ranks_then_merge_equal_one_rank(zoo, full_run, monkeypatch):
     out = zoo / "ranks"
     monkeypatch.setenv("WORLD_SIZE", "2")
