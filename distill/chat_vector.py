@@ -317,12 +317,12 @@ def _cmd_apply(args) -> int:
     return 0
 
 
-def add_cli(subparsers) -> None:
+def add_cli(subparsers, summary: str | None = None) -> None:
     from distill.chat_vector_stats import add_stats_cli
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = subparsers.add_parser(
-        "chat-vector", help="extract / apply / inspect chat vectors (parameter space)", formatter_class=fmt,
+        "chat-vector", help=summary, formatter_class=fmt,
         description="Chat vectors in parameter space: Δ = θ_post − θ_base, added to a same-architecture "
                     "target as θ_target + λ·Δ. All commands stream one tensor at a time.")
     sub = parser.add_subparsers(dest="chat_vector_command", metavar="ACTION", required=True)

@@ -1,6 +1,6 @@
 """The `distill` command: one subcommand per pipeline stage.
 
-Each stage module exposes `add_cli(subparsers)`, which adds its parser and sets
+Each stage module exposes `add_cli(subparsers, summary)`, which adds its parser and sets
 `func` on it; this file only wires them together, so stages stay independent.
 """
 
@@ -13,19 +13,22 @@ import sys
 
 from distill import DistillError, __version__
 
-# (module, one-line summary) in pipeline order. A module is imported only when its
-# subcommand is registered, so `distill --help` stays quick.
+# (command, module, one-line summary) in pipeline order. Only the module of the command being
+# run is imported, so `distill --help` lists the stages without importing torch.
 STAGES = [
-    "distill.chat_vector",
-    "distill.world.cli",
-    "distill.synthesize",
-    "distill.train",
-    "distill.evaluate",
-    "distill.recipe",
+    ("chat-vector", "distill.chat_vector", "extract / apply / inspect chat vectors (parameter space)"),
+    ("zoo", "distill.world.cli", "the embedded synthetic world and its tiny model zoo"),
+    ("synthesize", "distill.synthesize", "write an instruction dataset by CoDIT contrastive decoding "
+                                         "(or direct sampling)"),
+    ("train", "distill.train", "fine-tune a target on a dataset with the HF Trainer + DeepSpeed"),
+    ("evaluate", "distill.evaluate", "score a model: instruction following, knowledge, perplexity "
+                                     "(and lm-eval tasks)"),
+    ("run", "distill.recipe", "run a recipe end to end (chat vector, synthesis, training, evaluation, report)"),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser of the command named in argv; the other stages as one-line entries."""
     parser = argparse.ArgumentParser(
         prog="distill",
         description=(
@@ -37,19 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"distill {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in STAGES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a stage not built yet must not break the others
-            if exc.name == name:
-                continue
-            raise
-        module.add_cli(sub)
+    chosen = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+    for command, module, summary in STAGES:
+        if command == chosen:
+            importlib.import_module(module).add_cli(sub, summary)
+        else:
+            sub.add_parser(command, help=summary)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -258,10 +258,10 @@ def _cli(args) -> int:
     return 0
 
 
-def add_cli(subparsers) -> None:
+def add_cli(subparsers, summary: str | None = None) -> None:
     d = EvaluateConfig()
     p = subparsers.add_parser(
-        "evaluate", help="score a model: instruction following, knowledge, perplexity (and lm-eval tasks)",
+        "evaluate", help=summary,
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (or a hub id already in the local HF cache)")
     p.add_argument("--zoo", help="directory of the world's layout (prompts/eval.jsonl, knowledge/questions.jsonl, "

@@ -292,10 +292,10 @@ def run_recipe(path: str | os.PathLike, overrides: list[str] = (), start_from: s
     return pipeline.run(start_from=start_from, only=only)
 
 
-def add_cli(sub) -> None:
+def add_cli(sub, summary: str | None = None) -> None:
     p = sub.add_parser(
         "run",
-        help="run a recipe end to end (chat vector, synthesis, training, evaluation, report)",
+        help=summary,
         description=__doc__,
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
     )

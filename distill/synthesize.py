@@ -233,10 +233,10 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
 # CLI
 # ---------------------------------------------------------------------------------------------
 
-def add_cli(subparsers) -> None:
+def add_cli(subparsers, summary: str | None = None) -> None:
     d = SynthesizeConfig.__dataclass_fields__
     p = subparsers.add_parser(
-        "synthesize", help="write an instruction dataset by CoDIT contrastive decoding (or direct sampling)",
+        "synthesize", help=summary,
         description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--expert", help="post-trained (chat) model: local HF directory or HF-cache id")
     p.add_argument("--amateur", help="the expert's pre-trained base model (same tokenizer); not needed for --method direct")

@@ -317,9 +317,9 @@ _HELP = {
 }
 
 
-def add_cli(subparsers) -> None:
+def add_cli(subparsers, summary: str | None = None) -> None:
     p = subparsers.add_parser(
-        "train", help="fine-tune a target on a dataset with the HF Trainer + DeepSpeed",
+        "train", help=summary,
         description="Supervised fine-tuning of a target model (any architecture) on instruction/response "
                     "rows, loss on assistant tokens only, with the Hugging Face Trainer and DeepSpeed ZeRO. "
                     "One process: `distill train ...`; several GPUs: `deepspeed --num_gpus 8 -m distill.train "

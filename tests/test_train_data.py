@@ -149,7 +149,7 @@ def test_shipped_deepspeed_configs_leave_numbers_to_the_trainer():
 def test_cli_help_explains_every_option():
     from distill.cli import build_parser
 
-    parser = build_parser()
+    parser = build_parser(["train"])
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     text = sub.choices["train"].format_help()
     for flag in ("--deepspeed", "--packing", "--max-length", "--truncation", "--gradient-checkpointing",

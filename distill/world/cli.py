@@ -6,9 +6,9 @@ import argparse
 import json
 
 
-def add_cli(subparsers) -> None:
+def add_cli(subparsers, summary: str | None = None) -> None:
     zoo = subparsers.add_parser(
-        "zoo", help="the embedded synthetic world and its tiny model zoo",
+        "zoo", help=summary,
         description="The embedded default: a synthetic world (made-up facts, verifiable instructions) and "
                     "four small models (source-base/-post/-cp in Mistral architecture, target-base in Qwen2).",
     )
