@@ -213,3 +213,20 @@ def test_fast_prefill_in_chunks_equals_one_pass(setup):
     for row, p in enumerate(prompts):  # the real columns; padding columns hold junk by design
         for x, y in zip(whole.lms[1].v_cache, chunked.lms[1].v_cache):
             assert torch.allclose(x[row, :, :len(p)], y[row, :, :len(p)], atol=1e-5)
+
+
+def test_model_still_saves_and_reloads_after_the_fast_engine_fused_its_weights(tmp_path):
+    # FastLM re-points q/k/v and gate/up at views of one fused tensor; save_pretrained must not
+    # mistake the shared storage for tied weights and drop any of them.
+    from transformers import AutoModelForCausalLM
+
+    from distill.fast_decoder import FastLM
+
+    model = make_model(arch="mistral", vocab_size=120)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    FastLM(model)
+    model.save_pretrained(tmp_path)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, atol=0, rtol=0, msg=name)
