@@ -2,7 +2,8 @@
 # Reproduce analysis/results/ on the embedded tiny world (2 CPU cores; a GPU is faster).
 #   analysis/run_tiny.sh [RUN_DIR] [OUT_DIR]
 # 1. the tiny zoo (cached) and the recipe's run: synthesis, SFT over 3 seeds, chat vector, evaluation;
-# 2. the comparison table; 3. the theory experiments T1-T4.
+# 2. the comparison table; 3. the theory experiments T1-T4; 4. the mask ablation, over the
+# recipe's run and a second run with another synthesis seed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,3 +18,5 @@ $PY analysis/theory.py t3 --zoo "$ZOO" --run-dir "$RUN" --out "$OUT/theory" --pa
 $PY analysis/theory.py t2 --zoo "$ZOO" --run-dir "$RUN" --out "$OUT/theory" --work "$RUN/theory-t2" --epochs 3
 $PY analysis/theory.py t4 --zoo "$ZOO" --out "$OUT/theory" --work "$RUN/theory-t4" \
     --betas 0,0.5,1,1.5 --alphas 0.1 --limit 150 --epochs 8 --eval-limit 100
+$PY -m distill.cli run recipes/tiny.yaml --set run_dir="$RUN-synth1" --set synthesis.seed=1
+$PY analysis/ablation_mask.py --run-dir "$RUN" --run-dir "$RUN-synth1" --out "$OUT/ablation_mask"

@@ -24,6 +24,7 @@ from distill.fsutil import atomic_write_text
 ROW_LABELS = {
     "target-base": "target base (no tuning)",
     "direct": "target + SFT on direct responses",
+    "direct-masked": "target + SFT on direct responses with CoDIT's mask (beta 0)",
     "codit": "target + SFT on CoDIT responses",
     "weight-arithmetic": "same-arch target + chat vector",
     "source-post": "source post (teacher, upper bound)",

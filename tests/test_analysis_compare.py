@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +17,14 @@ RUN = Path(__file__).parent / "fixtures" / "run_dirs" / "recipe"
 
 def test_rows_columns_and_spread_from_a_recipe_run_dir(tmp_path):
     runs = collect_run_dir(RUN)
-    assert list(runs) == list(ROW_LABELS.values())
+    assert list(runs) == [label for key, label in ROW_LABELS.items() if key != "direct-masked"]
     assert len(runs[ROW_LABELS["codit"]]) == 3
     result = compare(runs, tmp_path, figure=False)
     codit = result["rows"][ROW_LABELS["codit"]]["if_prompt_strict"]
     assert codit["n"] == 3 and codit["mean"] == pytest.approx(0.42) and codit["std"] == pytest.approx(0.02)
     with open(result["csv"]) as f:
         table = list(csv.DictReader(f))
-    assert [r["row"] for r in table] == list(ROW_LABELS.values())
+    assert [r["row"] for r in table] == list(runs)
     assert set(table[0]) == {"row", "n"} | {f"{k}_{s}" for k, *_ in COLUMNS for s in ("mean", "std")}
     md = Path(result["md"]).read_text()
     for _, header, _, _ in COLUMNS:
@@ -59,3 +60,35 @@ def test_command_line_writes_table_and_figure(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "o" / "comparison.png").stat().st_size > 1000
     assert "| extra | 1 | 0.500 |" in (tmp_path / "o" / "comparison.md").read_text()
+
+
+def test_mask_ablation_pools_run_dirs_and_scores_the_training_data(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
+    from ablation_mask import data_table, pooled_comparison
+
+    runs = []
+    for synth_seed, masked_if in ((0, 0.50), (1, 0.54)):
+        run = tmp_path / f"run{synth_seed}"
+        shutil.copytree(RUN, run)
+        for seed in range(3):
+            scores = json.loads((run / "scores" / f"direct-seed{seed}.json").read_text())
+            scores["if"]["prompt_level_strict"] = masked_if
+            (run / "scores" / f"direct-masked-seed{seed}.json").write_text(json.dumps(scores))
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text(json.dumps({"id": "p0", "instruction": "Shout.", "constraints": [
+            {"kind": "uppercase", "kwargs": {}}]}) + "\n" + json.dumps({"id": "p1", "instruction": "Whisper.",
+                                                                    "constraints": [{"kind": "lowercase", "kwargs": {}}]}) + "\n")
+        (run / "data" / "direct-masked" / "data").mkdir(parents=True)
+        (run / "data" / "direct-masked" / "data" / "train.jsonl").write_text(
+            json.dumps({"id": "p0", "response": "YES SIR"}) + "\n" + json.dumps({"id": "p1", "response": "Nope"}) + "\n")
+        runs.append((run, {"prompts": {"synthesis": str(prompts)}, "synthesis": {"seed": synth_seed}}))
+
+    result = pooled_comparison([r for r, _ in runs], tmp_path / "out")
+    masked = result["rows"][ROW_LABELS["direct-masked"]]["if_prompt_strict"]
+    assert masked["n"] == 6 and masked["mean"] == pytest.approx(0.52)  # both run dirs pooled
+    assert result["rows"][ROW_LABELS["codit"]]["if_prompt_strict"]["n"] == 6
+    assert result["rows"][ROW_LABELS["target-base"]]["if_prompt_strict"]["n"] == 1  # untuned: counted once
+    assert (ROW_LABELS["direct-masked"], ROW_LABELS["direct"]) in {(p["a"], p["b"]) for p in result["pairs"]}
+    table = data_table(runs)
+    # one of two responses keeps its constraint ("YES SIR" is uppercase, "Nope" is not lowercase)
+    assert table.count("| 0.500 | 0.500 |") == 2 and "| 0 | 2 |" in table and "| 1 | 2 |" in table

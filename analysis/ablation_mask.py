@@ -1,0 +1,130 @@
+"""Ablation: is CoDIT's effect the contrast or the plausibility mask?
+
+CoDIT differs from direct sampling in two ways: the amateur's log-probs are subtracted (beta) and
+tokens below alpha x the expert's top probability are masked. This adds the missing corner:
+direct sampling from the teacher WITH CoDIT's mask (alpha from the recipe, beta 0), trained,
+evaluated and tabled exactly like the recipe's rows, over the recipe's seeds.
+
+    python analysis/ablation_mask.py --run-dir runs/analysis-tiny --run-dir runs/analysis-tiny-synth1 \
+        --out analysis/results/ablation_mask
+
+Each run directory must hold a finished recipe run (its recipe.json gives every setting); give
+several (e.g. the same recipe with another `synthesis.seed`) and the table pools their rows, so a
+row's spread covers both the synthesis draw and the training seed. New files go next to the
+recipe's own: data/direct-masked, models/direct-masked-seedN and scores/direct-masked-seedN.json;
+finished pieces are reused on a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from distill import DistillError  # noqa: E402
+from distill.evaluate import evaluate  # noqa: E402
+from distill.evaluate_compare import ROW_LABELS, collect_run_dir, compare  # noqa: E402
+from distill.synthesize import SynthesizeConfig, synthesize  # noqa: E402
+from distill.train import TrainConfig, train  # noqa: E402
+
+ROW = "direct-masked"
+
+
+def ablate(run_dir: Path, alpha: float | None) -> dict:
+    """Synthesize, train and score the masked-direct row in one recipe run directory; its recipe."""
+    recipe_file = run_dir / "recipe.json"
+    if not recipe_file.is_file():
+        raise DistillError(f"{recipe_file} not found; run the recipe first (distill run recipes/tiny.yaml "
+                           f"--set run_dir={run_dir})")
+    r = json.loads(recipe_file.read_text())
+    s, t, e = r["synthesis"], r["train"], r["evaluate"]
+    if not e.get("zoo"):
+        raise DistillError(f"{recipe_file}: evaluate.zoo is not set; the ablation needs the world to score on")
+    data = run_dir / "data" / ROW
+    synthesize(SynthesizeConfig(
+        expert=r["source"]["post"], prompts=r["prompts"]["synthesis"], out=str(data), method="direct",
+        alpha=s["alpha"] if alpha is None else alpha, temperature=s["temperature"], top_p=s["top_p"],
+        max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=s["seed"], limit=r["prompts"]["limit"],
+        device=s["device"] or "auto", dtype=s["dtype"] or "auto"))
+    for seed in t["seeds"]:
+        model = run_dir / "models" / f"{ROW}-seed{seed}"
+        scores = run_dir / "scores" / f"{ROW}-seed{seed}.json"
+        if not (model / "train_summary.json").is_file():
+            train(TrainConfig(model=r["target"]["base"], data=str(data), out=str(model), deepspeed=t["deepspeed"],
+                              epochs=t["epochs"], max_steps=t["max_steps"], lr=t["lr"], batch_size=t["batch_size"],
+                              grad_accum=t["grad_accum"], max_length=t["max_length"], truncation=t["truncation"],
+                              packing=t["packing"], seed=seed, gradient_checkpointing=t["gradient_checkpointing"],
+                              overwrite=True))
+        if not scores.is_file():
+            evaluate(model, e["zoo"], suites=tuple(e["suites"]), out=str(scores), batch_size=e["batch_size"],
+                     max_new_tokens=e["max_new_tokens"], limit=e["limit"], device=e["device"])
+    return r
+
+
+def pooled_comparison(run_dirs: list[Path], out: Path) -> dict:
+    rows: dict[str, list[str]] = {}
+    for i, d in enumerate(run_dirs):
+        for row, paths in collect_run_dir(d).items():
+            # Untuned rows (base, teacher, chat vector) do not depend on the synthesis seed: count them once.
+            rows.setdefault(row, []).extend(p for p in paths if i == 0 or re.search(r"-seed\d+\.json$", p))
+    label = {key: ROW_LABELS[key] for key in ("direct", ROW, "codit", "target-base")}
+    pairs = [(label[ROW], label["direct"]), (label["codit"], label[ROW]), (label["codit"], label["direct"]),
+             (label[ROW], label["target-base"])]
+    return compare(rows, out, pairs=[(a, b) for a, b in pairs if a in rows and b in rows],
+                   title="Ablation: direct sampling with and without CoDIT's mask")
+
+
+def data_table(runs: list[tuple[Path, dict]]) -> str:
+    """How well each training set itself follows its prompts' constraints (the teacher's samples,
+    before any fine-tuning): what the student can learn at best."""
+    from distill.fsutil import iter_jsonl
+    from distill.metrics import instruction_following
+    from distill.world.constraints import check_loose, check_strict
+
+    lines = ["| training data | synthesis seed | rows | IF prompt strict | IF instr. strict | mean words | repetitive |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key in ("direct", ROW, "codit"):
+        for run_dir, recipe in runs:
+            path = run_dir / "data" / key / "data" / "train.jsonl"
+            if not path.is_file():
+                continue
+            prompts = {row["id"]: row for _, row in iter_jsonl(Path(recipe["prompts"]["synthesis"]), "prompts")}
+            rows = [row for _, row in iter_jsonl(path, "synthesized data")]
+            scores = instruction_following([r["response"] for r in rows], [prompts[r["id"]] for r in rows],
+                                           check_strict, check_loose)
+            words = sum(len(r["response"].split()) for r in rows) / len(rows)
+            repetitive = sum(bool(r.get("repetitive")) for r in rows) / len(rows)
+            name = ROW_LABELS[key].replace("target + SFT on ", "")
+            lines.append(f"| {name} | {recipe['synthesis']['seed']} | {len(rows)} | {scores['prompt_level_strict']:.3f} | "
+                         f"{scores['inst_level_strict']:.3f} | {words:.1f} | {repetitive:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, action="append",
+                   help="a finished recipe run directory (holds recipe.json); repeatable, rows pool")
+    p.add_argument("--out", required=True, help="output directory for comparison.md/.csv/.png and training_data.md")
+    p.add_argument("--alpha", type=float, default=None, help="the mask's alpha (default: the recipe's CoDIT alpha)")
+    args = p.parse_args(argv)
+    try:
+        runs = [(Path(d), ablate(Path(d), args.alpha)) for d in args.run_dir]
+        result = pooled_comparison([d for d, _ in runs], Path(args.out))
+    except DistillError as exc:
+        print(f"ablation_mask: error: {exc}", file=sys.stderr)
+        return 2
+    table = data_table(runs)
+    (Path(args.out) / "training_data.md").write_text(
+        "# The training data itself\n\nThe teacher's samples scored on their own prompts' constraints "
+        "(before any fine-tuning).\n\n" + table)
+    print(result["markdown"])
+    print("The training data itself (teacher samples scored on their own prompts' constraints):\n\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
