@@ -230,3 +230,24 @@ def test_model_still_saves_and_reloads_after_the_fast_engine_fused_its_weights(t
     assert before.keys() == after.keys()
     for name, tensor in before.items():
         torch.testing.assert_close(after[name], tensor, atol=0, rtol=0, msg=name)
+
+
+def test_sliding_window_with_left_padding_and_refills_matches_a_no_cache_reference(setup):
+    # Mistral's sliding window, shorter than the sequences here: padded, refilled rows must still
+    # see exactly the last `window` real tokens, as an unpadded model without a cache does.
+    tok, _, _, prompts = setup
+    model = make_model(seed=4)
+    model.config.sliding_window = 5
+    vocab, new = len(tok), 12
+    expected = {}
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            seq, out = list(p), []
+            while len(out) < new and (not out or out[-1] != 2):
+                out.append(int(model(torch.tensor([seq]), use_cache=False).logits[0, -1, :vocab].argmax()))
+                seq.append(out[-1])
+            expected[str(i)] = out
+    for engine, batch in [("eager", 4), ("fast", 4), ("fast", 1)]:
+        got = run(model, None, vocab, prompts, alpha=0.0, beta=0.0, temperature=0.0, max_new_tokens=new,
+                  batch_size=batch, engine=engine, check_every=3)
+        assert {k: tokens for k, (tokens, _) in got.items()} == expected, (engine, batch)
