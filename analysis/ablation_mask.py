@@ -1,18 +1,17 @@
 """Ablation: is CoDIT's effect the contrast or the plausibility mask?
 
 CoDIT differs from direct sampling in two ways: the amateur's log-probs are subtracted (beta) and
-tokens below alpha x the expert's top probability are masked. This adds the missing corner:
-direct sampling from the teacher WITH CoDIT's mask (alpha from the recipe, beta 0), trained,
-evaluated and tabled exactly like the recipe's rows, over the recipe's seeds.
+tokens below alpha x the expert's top probability are masked. The recipe method `direct-masked`
+is the missing corner, direct sampling from the teacher WITH CoDIT's mask (alpha from the recipe,
+beta 0), trained and evaluated like the other rows. This script pools several recipe runs (e.g.
+two synthesis seeds, so a row's spread covers the synthesis draw as well as the training seed)
+into one table, and scores each training set itself against its prompts' constraints.
 
-    python analysis/ablation_mask.py --run-dir runs/analysis-tiny --run-dir runs/analysis-tiny-synth1 \
-        --out analysis/results/ablation_mask
-
-Each run directory must hold a finished recipe run (its recipe.json gives every setting); give
-several (e.g. the same recipe with another `synthesis.seed`) and the table pools their rows, so a
-row's spread covers both the synthesis draw and the training seed. New files go next to the
-recipe's own: data/direct-masked, models/direct-masked-seedN and scores/direct-masked-seedN.json;
-finished pieces are reused on a rerun.
+    for seed in 0 1; do
+      distill run recipes/tiny.yaml --set run_dir=runs/mask-$seed --set synthesis.seed=$seed \
+          --set "synthesis.methods=[codit, direct, direct-masked]"
+    done
+    python analysis/ablation_mask.py --run-dir runs/mask-0 --run-dir runs/mask-1 --out analysis/results/ablation_mask
 """
 
 from __future__ import annotations
@@ -26,43 +25,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from distill import DistillError  # noqa: E402
-from distill.evaluate import evaluate  # noqa: E402
 from distill.evaluate_compare import ROW_LABELS, collect_run_dir, compare  # noqa: E402
-from distill.synthesize import SynthesizeConfig, synthesize  # noqa: E402
-from distill.train import TrainConfig, train  # noqa: E402
 
 ROW = "direct-masked"
 
 
-def ablate(run_dir: Path, alpha: float | None) -> dict:
-    """Synthesize, train and score the masked-direct row in one recipe run directory; its recipe."""
+def load_run(run_dir: Path) -> dict:
+    """The recipe of a finished run that has the masked-direct row."""
     recipe_file = run_dir / "recipe.json"
     if not recipe_file.is_file():
-        raise DistillError(f"{recipe_file} not found; run the recipe first (distill run recipes/tiny.yaml "
-                           f"--set run_dir={run_dir})")
-    r = json.loads(recipe_file.read_text())
-    s, t, e = r["synthesis"], r["train"], r["evaluate"]
-    if not e.get("zoo"):
-        raise DistillError(f"{recipe_file}: evaluate.zoo is not set; the ablation needs the world to score on")
-    data = run_dir / "data" / ROW
-    synthesize(SynthesizeConfig(
-        expert=r["source"]["post"], prompts=r["prompts"]["synthesis"], out=str(data), method="direct",
-        alpha=s["alpha"] if alpha is None else alpha, temperature=s["temperature"], top_p=s["top_p"],
-        max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=s["seed"], limit=r["prompts"]["limit"],
-        device=s["device"] or "auto", dtype=s["dtype"] or "auto"))
-    for seed in t["seeds"]:
-        model = run_dir / "models" / f"{ROW}-seed{seed}"
-        scores = run_dir / "scores" / f"{ROW}-seed{seed}.json"
-        if not (model / "train_summary.json").is_file():
-            train(TrainConfig(model=r["target"]["base"], data=str(data), out=str(model), deepspeed=t["deepspeed"],
-                              epochs=t["epochs"], max_steps=t["max_steps"], lr=t["lr"], batch_size=t["batch_size"],
-                              grad_accum=t["grad_accum"], max_length=t["max_length"], truncation=t["truncation"],
-                              packing=t["packing"], seed=seed, gradient_checkpointing=t["gradient_checkpointing"],
-                              overwrite=True))
-        if not scores.is_file():
-            evaluate(model, e["zoo"], suites=tuple(e["suites"]), out=str(scores), batch_size=e["batch_size"],
-                     max_new_tokens=e["max_new_tokens"], limit=e["limit"], device=e["device"])
-    return r
+        raise DistillError(f"{recipe_file} not found; --run-dir must be a `distill run` run directory")
+    if not list((run_dir / "scores").glob(f"{ROW}-seed*.json")):
+        raise DistillError(f"{run_dir} has no {ROW} row; run the recipe again with it (finished stages are "
+                           f"reused): distill run RECIPE --set run_dir={run_dir} "
+                           f"--set \"synthesis.methods=[codit, direct, {ROW}]\"")
+    return json.loads(recipe_file.read_text())
 
 
 def pooled_comparison(run_dirs: list[Path], out: Path) -> dict:
@@ -109,10 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", required=True, action="append",
                    help="a finished recipe run directory (holds recipe.json); repeatable, rows pool")
     p.add_argument("--out", required=True, help="output directory for comparison.md/.csv/.png and training_data.md")
-    p.add_argument("--alpha", type=float, default=None, help="the mask's alpha (default: the recipe's CoDIT alpha)")
     args = p.parse_args(argv)
     try:
-        runs = [(Path(d), ablate(Path(d), args.alpha)) for d in args.run_dir]
+        runs = [(Path(d), load_run(Path(d))) for d in args.run_dir]
         result = pooled_comparison([d for d, _ in runs], Path(args.out))
     except DistillError as exc:
         print(f"ablation_mask: error: {exc}", file=sys.stderr)

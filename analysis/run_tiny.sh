@@ -11,12 +11,13 @@ RUN=${1:-runs/analysis-tiny}
 OUT=${2:-analysis/results}
 ZOO=$($PY -m distill.cli zoo build --preset tiny | tail -n 1)
 echo "zoo: $ZOO"
-$PY -m distill.cli run recipes/tiny.yaml --set run_dir="$RUN"
+METHODS="synthesis.methods=[codit, direct, direct-masked]"
+$PY -m distill.cli run recipes/tiny.yaml --set run_dir="$RUN" --set "$METHODS"
 $PY analysis/compare_transfer.py --run-dir "$RUN" --out "$OUT/compare" --title "Tiny world: transfer of instruction following"
 $PY analysis/theory.py t1 --zoo "$ZOO" --out "$OUT/theory" --prompts 48 --max-new-tokens 64
 $PY analysis/theory.py t3 --zoo "$ZOO" --run-dir "$RUN" --out "$OUT/theory" --pairs 128
 $PY analysis/theory.py t2 --zoo "$ZOO" --run-dir "$RUN" --out "$OUT/theory" --work "$RUN/theory-t2" --epochs 3
 $PY analysis/theory.py t4 --zoo "$ZOO" --out "$OUT/theory" --work "$RUN/theory-t4" \
     --betas 0,0.5,1,1.5 --alphas 0.1 --limit 150 --epochs 8 --eval-limit 100
-$PY -m distill.cli run recipes/tiny.yaml --set run_dir="$RUN-synth1" --set synthesis.seed=1
+$PY -m distill.cli run recipes/tiny.yaml --set run_dir="$RUN-synth1" --set synthesis.seed=1 --set "$METHODS"
 $PY analysis/ablation_mask.py --run-dir "$RUN" --run-dir "$RUN-synth1" --out "$OUT/ablation_mask"

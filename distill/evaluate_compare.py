@@ -108,7 +108,8 @@ def verdict(a: dict, b: dict, higher_better: bool | None) -> tuple[float | None,
 
 def default_pairs(rows: list[str]) -> list[tuple[str, str]]:
     lab = ROW_LABELS
-    wanted = [(lab["codit"], lab["direct"]), (lab["codit"], lab["target-base"]), (lab["direct"], lab["target-base"]),
+    wanted = [(lab["codit"], lab["direct"]), (lab["direct-masked"], lab["direct"]), (lab["codit"], lab["direct-masked"]),
+              (lab["codit"], lab["target-base"]), (lab["direct"], lab["target-base"]),
               (lab["codit"], lab["weight-arithmetic"]), (lab["codit"], lab["source-post"])]
     pairs = [(a, b) for a, b in wanted if a in rows and b in rows]
     return pairs or [(r, rows[0]) for r in rows[1:]]

@@ -1,6 +1,6 @@
 """`distill run RECIPE.yaml`: the whole pipeline, stage by stage, with caching.
 
-zoo → preflight → chat-vector → weight-arithmetic → synthesize-{codit,direct}
+zoo → preflight → chat-vector → weight-arithmetic → synthesize-{codit,direct[,direct-masked]}
     → train-{method}-seed{s} → evaluate-{model} → report
 
 Every stage writes into the run directory. A stage records a key (a hash of its settings
@@ -144,10 +144,15 @@ class Pipeline:
         out = self.run_dir / "data" / method
         cfg = SynthesizeConfig(
             expert=r.source.post, amateur=r.source.base, prompts=r.prompts.synthesis, out=str(out),
-            # direct is plain sampling from the expert (beta 0, no plausibility mask): the baseline.
-            method=method, alpha=s.alpha if method == "codit" else None, beta=s.beta, temperature=s.temperature, top_p=s.top_p,
+            # direct is plain sampling from the expert (beta 0, no plausibility mask): the baseline;
+            # direct-masked keeps CoDIT's mask without the contrast.
+            method="codit" if method == "codit" else "direct", alpha=None if method == "direct" else s.alpha,
+            beta=s.beta, temperature=s.temperature, top_p=s.top_p,
             max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed, limit=r.prompts.limit,
             device=s.device or "auto", dtype=s.dtype or "auto",
+            # This stage runs because it never finished or its settings changed: the same settings
+            # resume the data already written, other settings replace it.
+            overwrite=True,
         )
         synthesize(cfg)
         return {"data": str(out)}
@@ -159,7 +164,8 @@ class Pipeline:
         args = dict(model=self.recipe.target.base, data=data, out=str(out), deepspeed=t.deepspeed, epochs=t.epochs,
                     max_steps=t.max_steps, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
                     max_length=t.max_length, truncation=t.truncation, packing=t.packing, seed=seed,
-                    gradient_checkpointing=t.gradient_checkpointing)
+                    gradient_checkpointing=t.gradient_checkpointing,
+                    overwrite=True)  # as for synthesis: same settings resume, other settings start over
         if t.num_gpus and t.num_gpus > 1:
             self._launch_train(args, t.num_gpus)
         else:
@@ -208,7 +214,9 @@ class Pipeline:
         else:
             self.notes.append(f"Weight-arithmetic route skipped: {why}.")
         for method in r.synthesis.methods:  # all data first, then all training
-            settings = {"source": s["source"], "prompts": s["prompts"], "synthesis": s["synthesis"], "method": method}
+            # The method list itself is not a setting of one method's data: adding a method reuses the others.
+            synthesis = {k: v for k, v in s["synthesis"].items() if k != "methods"}
+            settings = {"source": s["source"], "prompts": s["prompts"], "synthesis": synthesis, "method": method}
             stages.append(Stage(f"synthesize-{method}", settings, lambda m=method: self.stage_synthesize(m)))
         for method in r.synthesis.methods:
             for seed in r.train.seeds:

@@ -56,10 +56,15 @@ class PromptsConfig:
     limit: Optional[int] = None  # use the first N prompts only
 
 
+SYNTHESIS_METHODS = ("codit", "direct", "direct-masked")
+
+
 @dataclass
 class SynthesisConfig:
+    # codit | direct (plain sampling from the expert) | direct-masked (direct with CoDIT's alpha mask,
+    # beta 0: the ablation that separates the mask from the contrast)
     methods: list[str] = field(default_factory=lambda: ["codit", "direct"])
-    alpha: float = 0.01  # CoDIT's plausibility threshold; direct samples plainly from the expert
+    alpha: float = 0.01  # CoDIT's plausibility threshold (and direct-masked's); direct uses none
     beta: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
@@ -111,7 +116,7 @@ class Recipe:
 
 
 def _check(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Validate (and lightly coerce: int -> float) one value against a type annotation."""
+    """Validate (and lightly coerce: int -> float, "3e-4" -> float) one value against a type annotation."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -130,6 +135,8 @@ def _check(value: Any, tp: Any, key: str, where: str) -> Any:
         return [_check(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; it is plainly a number
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise DistillError(f"{where}: '{key}' must be {tp.__name__}, got {value!r}")
     return value
@@ -191,9 +198,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         _set(data, key.strip(), raw, str(path))
     recipe = _from_dict(Recipe, data, str(path))
     recipe.run_dir = recipe.run_dir.replace("${name}", recipe.name)
-    unknown = sorted(set(recipe.synthesis.methods) - {"codit", "direct"})
+    unknown = sorted(set(recipe.synthesis.methods) - set(SYNTHESIS_METHODS))
     if unknown:
-        raise DistillError(f"{path}: synthesis.methods: unknown {unknown}; use codit and/or direct")
+        raise DistillError(f"{path}: synthesis.methods: unknown {unknown}; use any of {', '.join(SYNTHESIS_METHODS)}")
     return recipe
 
 

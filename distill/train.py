@@ -26,7 +26,7 @@ from distill import train_data as td
 from distill.fsutil import check_output_dir
 from distill.models import resolve_model, stop_token_ids
 from distill.train_fused import compile_layers, fused_loss_trainer
-from distill.train_outputs import save_final
+from distill.train_outputs import prepare_checkpoints, save_final
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,11 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
         disable_tqdm=False,
     )
 
+    # Before the model loads: a checkpoint from other settings is an error worth raising early.
+    with args.main_process_first(local=False, desc="checking checkpoints"):
+        if args.process_index == 0:
+            prepare_checkpoints(cfg, ckpt)
+
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True,
                                               trust_remote_code=cfg.trust_remote_code)
     td.ensure_chat_template(tokenizer)
@@ -311,9 +316,10 @@ _HELP = {
     "attn_implementation": "attention kernel: sdpa, eager or flash_attention_2 (default %(default)s)",
     "seed": "random seed for init of new embeddings, data order and the eval split (default %(default)s)",
     "keep_repetitive": "keep rows flagged `repetitive: true` (dropped by default)",
-    "no_resume": "start over even if <out>.checkpoints/ holds an interrupted run",
+    "no_resume": "start over even if <out>.checkpoints/ holds an interrupted run (discarding it)",
     "trust_remote_code": "allow the target's own modelling code (only for targets you trust)",
-    "overwrite": "replace --out if it already exists",
+    "overwrite": "replace --out if it already exists, and discard checkpoints an interrupted run with other "
+                 "settings left (without it, those are an error)",
 }
 
 

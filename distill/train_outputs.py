@@ -7,15 +7,44 @@ provenance/card, assembled in a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from distill import DistillError
 from distill import train_data as td
 from distill.fsutil import atomic_write_json, atomic_write_text, replace_dir
 
 log = logging.getLogger("distill.train")
+
+
+# TrainConfig fields that do not change the trained model: a resume may differ in these.
+RESUME_IGNORES = ("out", "resume", "overwrite", "logging_steps", "save_steps", "eval_steps", "trust_remote_code")
+CHECKPOINT_SETTINGS = "distill_settings.json"
+
+
+def prepare_checkpoints(cfg, ckpt: Path) -> None:
+    """Keep `<out>.checkpoints` only to resume this very run, then record its settings there.
+
+    A checkpoint left by a run with other settings (another lr, data, DeepSpeed stage, ...) would
+    be resumed as if nothing had changed: with `overwrite` it is discarded, otherwise an error
+    names the differences. `resume=False` always starts over. Run by the main process only.
+    """
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUME_IGNORES}
+    saved = ckpt / CHECKPOINT_SETTINGS
+    if ckpt.is_dir():
+        old = json.loads(saved.read_text()) if saved.is_file() else settings  # older runs wrote none
+        changed = {k: [old.get(k), v] for k, v in settings.items() if old.get(k) != v}
+        if changed and cfg.resume and not cfg.overwrite:
+            raise DistillError(f"{ckpt} holds an interrupted run with other settings {changed}; rerun with the "
+                               f"same settings to resume it, or pass --overwrite (or --no-resume) to start over")
+        if changed or not cfg.resume:
+            log.info("discarding the checkpoints in %s (%s)", ckpt, "other settings" if changed else "--no-resume")
+            shutil.rmtree(ckpt)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(saved, settings)
 
 
 def save_final(trainer, cfg, out: Path, ckpt: Path, stats, resumed_from, result) -> None:

@@ -64,7 +64,10 @@ def test_command_line_writes_table_and_figure(tmp_path):
 
 def test_mask_ablation_pools_run_dirs_and_scores_the_training_data(tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
-    from ablation_mask import data_table, pooled_comparison
+    from ablation_mask import data_table, load_run, pooled_comparison
+
+    with pytest.raises(DistillError, match=r"recipe.json not found"):
+        load_run(RUN)
 
     runs = []
     for synth_seed, masked_if in ((0, 0.50), (1, 0.54)):
@@ -83,6 +86,12 @@ def test_mask_ablation_pools_run_dirs_and_scores_the_training_data(tmp_path):
             json.dumps({"id": "p0", "response": "YES SIR"}) + "\n" + json.dumps({"id": "p1", "response": "Nope"}) + "\n")
         runs.append((run, {"prompts": {"synthesis": str(prompts)}, "synthesis": {"seed": synth_seed}}))
 
+    (runs[0][0] / "recipe.json").write_text("{}")
+    shutil.move(runs[0][0] / "scores", tmp_path / "aside")
+    with pytest.raises(DistillError, match=r"has no direct-masked row; run the recipe again with it"):
+        load_run(runs[0][0])
+    shutil.move(tmp_path / "aside", runs[0][0] / "scores")
+    assert load_run(runs[0][0]) == {}
     result = pooled_comparison([r for r, _ in runs], tmp_path / "out")
     masked = result["rows"][ROW_LABELS["direct-masked"]]["if_prompt_strict"]
     assert masked["n"] == 6 and masked["mean"] == pytest.approx(0.52)  # both run dirs pooled

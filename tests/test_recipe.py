@@ -36,6 +36,11 @@ def test_schema_rejects_unknown_keys_and_wrong_types(tmp_path):
         load_recipe(MISTRAL_TO_QWEN, ["synthesis.batch_size"])
     r = load_recipe(MISTRAL_TO_QWEN, ["train.seeds=[1, 2]", "train.lr=0.001", "weight_arithmetic.target=/m"])
     assert r.train.seeds == [1, 2] and r.train.lr == 0.001 and r.weight_arithmetic.target == "/m"
+    assert load_recipe(MISTRAL_TO_QWEN, ["train.lr=3e-4"]).train.lr == 3e-4  # YAML 1.1 reads this as a string
+    with pytest.raises(DistillError, match=r"'train.lr' must be float, got '3e-4x'"):
+        load_recipe(MISTRAL_TO_QWEN, ["train.lr=3e-4x"])
+    with pytest.raises(DistillError, match=r"synthesis.methods: unknown \['contrast'\]; use any of codit, direct"):
+        load_recipe(MISTRAL_TO_QWEN, ["synthesis.methods=[codit, contrast]"])
 
 
 def test_real_recipe_without_checkpoints_fails_fast_naming_them(tmp_path, capsys, monkeypatch):
@@ -115,6 +120,7 @@ def test_mistral_to_qwen_recipe_runs_end_to_end_with_stand_ins_and_resumes(stand
 
     # Rerun: finished stages are skipped (not redone), the rest completes.
     monkeypatch.setattr(recipe_mod.Pipeline, "stage_train", real_stage_train)
+    real_synthesize = recipe_mod.Pipeline.stage_synthesize
     calls = []
     monkeypatch.setattr(recipe_mod.Pipeline, "stage_synthesize", lambda self, m: calls.append(m))
     assert main(args) == 0
@@ -132,6 +138,24 @@ def test_mistral_to_qwen_recipe_runs_end_to_end_with_stand_ins_and_resumes(stand
 
     tuned = AutoModelForCausalLM.from_pretrained(run_dir / "models" / "codit-seed0")
     assert tuned.config.model_type == "qwen2"
+
+    # Adding the mask ablation runs only its own stages; codit and direct are reused as they are.
+    monkeypatch.setattr(recipe_mod.Pipeline, "stage_synthesize", real_synthesize)
+    before = json.loads((run_dir / "stages.json").read_text())
+    assert main(args + ["--set", "synthesis.methods=[codit, direct, direct-masked]"]) == 0
+    after = json.loads((run_dir / "stages.json").read_text())
+    rerun = {name for name in after if name != "report" and after[name] != before.get(name)}
+    assert rerun == {"synthesize-direct-masked", "train-direct-masked-seed0", "evaluate-direct-masked-seed0"}
+    masked = [json.loads(line) for line in (run_dir / "data" / "direct-masked" / "data" / "train.jsonl").open()]
+    assert {(r["method"], r["alpha"], r["beta"], r["amateur"]) for r in masked} == {("direct", 0.01, 0.0, None)}
+    assert "target + SFT on direct responses with CoDIT's mask (beta 0)" in (run_dir / "report.md").read_text()
+
+    # A changed setting reruns the stages it touches and replaces their outputs (no "already exists").
+    assert main(args + ["--set", "synthesis.methods=[codit, direct, direct-masked]", "--set", "train.lr=3e-4"]) == 0
+    final = json.loads((run_dir / "stages.json").read_text())
+    assert {n for n in final if final[n]["key"] != after[n]["key"]} >= {"train-codit-seed0", "train-direct-seed0"}
+    assert final["synthesize-codit"] == after["synthesize-codit"]
+    assert json.loads((run_dir / "models" / "codit-seed0" / "train_config.json").read_text())["lr"] == 3e-4
 
 
 def test_cross_architecture_weight_arithmetic_is_skipped_and_said(stand_ins, tmp_path):

@@ -5,6 +5,7 @@ DeepSpeed's CPU accelerator compiles a small comm op with g++ on first use (abou
 under ~/.cache/torch_extensions); after that a run costs seconds.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from distill import DistillError
 from distill.train import TrainConfig, train
 from tiny import make_model, make_tokenizer
 
@@ -143,11 +145,22 @@ def test_interrupted_run_resumes_to_the_same_step_count(world):
     with pytest.raises(Interrupt):
         train(cfg, callbacks=[StopAt(5)])
     assert not out.exists() and (world / "model-resume.checkpoints" / "checkpoint-4").is_dir()
+    with pytest.raises(DistillError, match=r"other settings \{'lr': \[0.01, 0.02\]\}.*--overwrite"):
+        train(dataclasses.replace(cfg, lr=2e-2, logging_steps=2))  # logging cadence may differ; lr may not
     train(cfg)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["global_step"] == 6 and summary["resumed_from"].endswith("checkpoint-4")
     steps = [int(line.split(",")[0]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5, 6]  # history restored from the checkpoint, then continued
+
+    # Interrupted again, then rerun with other settings and --overwrite: the stale checkpoints go.
+    again = dataclasses.replace(cfg, out=str(world / "model-restart"))
+    with pytest.raises(Interrupt):
+        train(again, callbacks=[StopAt(5)])
+    train(dataclasses.replace(again, lr=2e-2, overwrite=True))
+    summary = json.loads((world / "model-restart" / "train_summary.json").read_text())
+    assert summary["global_step"] == 6 and summary["resumed_from"] is None
+    assert not (world / "model-restart.checkpoints").exists()
 
 
 @pytest.mark.slow
