@@ -12,6 +12,8 @@ GPU (one H100; under 8 minutes):
     zero2        `distill.train.train`: Trainer + DeepSpeed ZeRO-2, packing, --fused-loss
     zero2-compile  zero2 plus --compile-layers
     trainer      `distill.train.train` without DeepSpeed (`--deepspeed none`), packing, --fused-loss
+  NAME@B runs a configuration at batch B: `--configs plain,fast,fast@8` puts the chunked loss's
+  memory saving to use beside the anchor, in the same run.
     zero3        `distill.train.train`: Trainer + DeepSpeed ZeRO-3, packing (HF loss)
   MFU = tokens/s x (6 N + 12 L d T) / 989e12, N all parameters (tied embedding once), T = 2048:
   the formula that gives the issue's anchor (35,100 tok/s -> 36.6 %).
@@ -312,8 +314,10 @@ def worker_cpu_trl(args):
 
 
 def run_worker(python, name, args, extra_env=None, timeout=600):
-    cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--device", args.device,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+    """One configuration in its own process; "NAME@B" runs NAME at batch B instead of --batch."""
+    worker, _, batch = name.partition("@")
+    cmd = [python, str(Path(__file__).resolve()), "--worker", worker, "--device", args.device,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", batch or str(args.batch),
            "--seq-len", str(args.seq_len), "--workdir", str(args.workdir)] + (["--grad-ckpt"] if args.grad_ckpt else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                **(extra_env or {}))
@@ -325,7 +329,7 @@ def run_worker(python, name, args, extra_env=None, timeout=600):
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             res = json.loads(line[len("RESULT "):])
-            res["wall_s"] = time.perf_counter() - t0
+            res["config"], res["wall_s"] = name, time.perf_counter() - t0
             return res
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-6:]
     return {"config": name, "error": " | ".join(tail)[-600:]}
@@ -338,7 +342,8 @@ def main(argv=None):
                    help="mfu: the 1.5B throughput table (default on cuda; on cpu a small shape, to check the "
                         "script); trl: the CPU comparison with TRL's SFTTrainer (default on cpu)")
     p.add_argument("--configs", default=None,
-                   help="comma list; mfu: plain,zero2,zero3,fast,zero2-compile,fast-packed; trl: none,zero2,trl")
+                   help="comma list; mfu: plain,zero2,zero3,fast,zero2-compile,fast-packed,trainer; trl: "
+                        "none,zero2,trl. NAME@B runs NAME at batch B (e.g. fast@8 beside plain at --batch)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile, allocator)")
     p.add_argument("--batch", type=int, default=None, help="rows per step (default 4 on cuda, 8 on cpu)")
