@@ -19,7 +19,6 @@ import re
 import time
 from pathlib import Path
 
-import torch
 
 from theory_common import dataset_rows, pyplot, save_figure, write_table
 

@@ -415,7 +415,7 @@ def main(argv=None):
 def report(results, args, n_params=None):
     if args.suite == "mfu":
         shape = _model_shape(args.device)
-        print(f"\n| configuration | batch x seq | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|")
+        print("\n| configuration | batch x seq | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|")
         for r in results:
             if "error" in r:
                 print(f"| {r['config']} | | error: {r['error'][:200]} | | |")

@@ -82,7 +82,7 @@ def test_bfloat16_models_match_the_float32_route_exactly(zoo, tmp_path):
         model.load_state_dict(_state(zoo / name))
         model.to(torch.bfloat16).save_pretrained(tmp_path / name)
     vec = cv.extract(tmp_path / "base", tmp_path / "post", tmp_path / "v")
-    out = cv.apply(tmp_path / "cp", [(vec, 0.5)], tmp_path / "m")
+    cv.apply(tmp_path / "cp", [(vec, 0.5)], tmp_path / "m")
     base, post, cp, delta, got = (_state(tmp_path / n) for n in ("base", "post", "cp", "v", "m"))
     for n in base:
         assert delta[n].dtype == torch.bfloat16 and got[n].dtype == torch.bfloat16
