@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from distill import DistillError
 from distill.checkpoints import Checkpoint, ShardedWriter, copy_through, dtype_from_name, dtype_name
 from distill.fsutil import atomic_dir
+from distill.progress import progress_bar
 from distill.streaming import pipelined, row_chunks
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def _shared_rows(name: str, a: tuple, b: tuple, a_label: str, b_label: str) -> i
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
+    return progress_bar(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
 
 
 def extract(base, post, out, dtype=None, overwrite: bool = False, **options) -> Path:

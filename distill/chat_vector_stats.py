@@ -99,10 +99,10 @@ def stats(vector, base=None, other=None, progress: bool = False) -> dict:
     keys = ["sq", "numel"] + (["base_sq"] if base_ckpt else []) + (["dot", "other_sq", "sq_shared"] if other_vec else [])
     per_tensor: dict[str, dict] = {name: dict.fromkeys(keys, 0) for name in names}
     jobs = [(n, start, stop) for n in names for start, stop in row_chunks(vec.tensors[n].shape)]
-    from tqdm.auto import tqdm
+    from distill.progress import progress_bar
 
-    for name, acc in tqdm(pipelined(work, jobs), total=len(jobs), desc="stats", unit="chunk",
-                          disable=not progress, leave=False):
+    for name, acc in progress_bar(iterable=pipelined(work, jobs), total=len(jobs), desc="stats", unit="chunk",
+                                  disable=not progress, leave=False):
         for key, value in acc.items():
             per_tensor[name][key] += value
 

@@ -170,9 +170,8 @@ def _render(tokenizer, messages) -> list[int]:
 
 def synthesize(cfg: SynthesizeConfig) -> Path:
     """Run (or resume) one synthesis; returns the dataset directory D."""
-    from tqdm.auto import tqdm
-
     from distill.decoding import ContrastiveDecoder, DecodingConfig, Request, derive_seed
+    from distill.progress import progress_bar
 
     rank, world, local_rank = _rank()
     prompts = load_prompts(cfg.prompts, cfg.limit)
@@ -199,7 +198,7 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
                       "beta": cfg.beta, "temperature": cfg.temperature, "top_p": cfg.top_p,
                       "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "distill_version": __version__}
         start = time.perf_counter()
-        bar = tqdm(total=len(todo), desc=f"synthesize rank {rank}", unit="prompt", disable=not cfg.progress)
+        bar = progress_bar(total=len(todo), desc=f"synthesize rank {rank}", unit="prompt", disable=not cfg.progress)
         try:
             for i, result in enumerate(decoder.generate(requests), 1):
                 tokens = result.tokens[:-1] if result.finish_reason == "stop" else result.tokens
@@ -215,7 +214,8 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
                 if i % cfg.batch_size == 0:
                     writer.sync()
                 bar.update(1)
-                bar.set_postfix(tok_s=f"{decoder.tokens_generated / (time.perf_counter() - start):.0f}")
+                # refresh=False: the bar's own interval decides when to redraw (see distill.progress)
+                bar.set_postfix(tok_s=f"{decoder.tokens_generated / (time.perf_counter() - start):.0f}", refresh=False)
         finally:
             bar.close()
             writer.close()

@@ -149,6 +149,14 @@ def test_clear_errors(zoo, tmp_path):
                  str(tmp_path / "o4")]) == 2  # codit without an amateur
 
 
+def test_progress_bar_in_a_log_file_is_not_redrawn_per_prompt(zoo, tmp_path, capfd):
+    # Under pytest stderr is not a terminal, as in a batch job's log: the bar must not redraw per row.
+    synthesize(cfg(zoo, tmp_path / "logged", progress=True, batch_size=2))
+    err = capfd.readouterr().err
+    assert err.count("synthesize rank 0:") <= 3, err  # first draw and the final one, not 7 updates
+    assert "7/7" in err
+
+
 def test_repetition_fraction():
     assert repetition_fraction("abc") == 0.0
     prose = "The river city sits below the hills; its market sells fish, bread and copper pots to travellers."
