@@ -1,13 +1,15 @@
 """T2, parameter-space alignment: does fine-tuning on CoDIT text move the weights along Δ?
 
-`source-base` itself is fine-tuned on CoDIT responses and, separately, on direct responses
-(the same prompts, the same steps and settings). Per layer, the cosine between each
+`source-base` itself is fine-tuned on CoDIT responses and, separately, on direct responses, and
+on direct responses with CoDIT's mask when the run has them (the same prompts, the same steps
+and settings). Per layer, the cosine between each
 fine-tuning delta δ = θ_tuned − θ_base and the chat vector Δ = θ_post − θ_base, the norm
 ratio ‖δ‖/‖Δ‖, and the share of the post model's instruction following each recovers:
 (IF_tuned − IF_base) / (IF_post − IF_base), IF = prompt-level strict.
 
     python analysis/theory_t2.py --zoo ZOO --run-dir runs/tiny --out analysis/results/theory
-(--run-dir supplies data/codit and data/direct; or pass --codit D --direct D.)
+(--run-dir supplies data/codit, data/direct and data/direct-masked if present; or pass
+--codit D --direct D [--direct-masked D].)
 """
 
 from __future__ import annotations
@@ -80,24 +82,26 @@ def delta_alignment(base_dir: Path, post_dir: Path, tuned_dir: Path) -> dict[str
             for g, v in sorted(acc.items())}
 
 
-def same_prompts(codit: str | Path, direct: str | Path, out_dir: Path, limit: int | None) -> tuple[Path, Path, dict]:
-    """Rows of both datasets restricted to the prompts both kept (non-repetitive), as two JSONL files."""
-    c = {r["id"]: r for r in dataset_rows(codit) if not r.get("repetitive")}
-    d = {r["id"]: r for r in dataset_rows(direct) if not r.get("repetitive")}
-    ids = [i for i in c if i in d][:limit]
+LABELS = {"codit": "CoDIT", "direct": "direct", "direct-masked": "direct with CoDIT's mask"}
+
+
+def same_prompts(datasets: dict[str, Path], out_dir: Path, limit: int | None) -> tuple[dict[str, Path], dict]:
+    """Rows of every dataset restricted to the prompts all of them kept (non-repetitive), one JSONL each."""
+    rows = {name: {r["id"]: r for r in dataset_rows(path) if not r.get("repetitive")} for name, path in datasets.items()}
+    first = next(iter(rows.values()))
+    ids = [i for i in first if all(i in r for r in rows.values())][:limit]
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    stats = {"prompts": len(ids)}
-    for name, rows in (("codit", c), ("direct", d)):
+    paths, stats = {}, {"prompts": len(ids)}
+    for name, by_id in rows.items():
         p = out_dir / f"{name}.jsonl"
-        p.write_text("".join(json.dumps({"id": i, "instruction": rows[i]["instruction"],
-                                         "response": rows[i]["response"]}) + "\n" for i in ids))
-        stats[f"{name}_words"] = sum(len(rows[i]["response"].split()) for i in ids)
-        paths.append(p)
-    return paths[0], paths[1], stats
+        p.write_text("".join(json.dumps({"id": i, "instruction": by_id[i]["instruction"],
+                                         "response": by_id[i]["response"]}) + "\n" for i in ids))
+        stats[f"{name}_words"] = sum(len(by_id[i]["response"].split()) for i in ids)
+        paths[name] = p
+    return paths, stats
 
 
-def run(zoo: Path, out_dir: Path, codit: Path, direct: Path, work: Path, epochs: float = 3.0, lr: float = 1e-3,
+def run(zoo: Path, out_dir: Path, datasets: dict[str, Path], work: Path, epochs: float = 3.0, lr: float = 1e-3,
         batch_size: int = 16, max_length: int = 256, limit: int | None = None, eval_limit: int | None = None,
         max_new_tokens: int = 96, seed: int = 0, device: str | None = None) -> dict:
     from distill.evaluate import evaluate
@@ -105,14 +109,13 @@ def run(zoo: Path, out_dir: Path, codit: Path, direct: Path, work: Path, epochs:
 
     t0 = time.time()
     base_dir, post_dir = zoo / "source-base", zoo / "source-post"
-    codit_jsonl, direct_jsonl, data_stats = same_prompts(codit, direct, work / "data", limit)
+    jsonl, data_stats = same_prompts(datasets, work / "data", limit)
     models = {}
-    for name, data in (("codit", codit_jsonl), ("direct", direct_jsonl)):
+    for name, data in jsonl.items():
         out = work / f"source-base+sft-{name}"
-        if not (out / "config.json").exists():
-            train(TrainConfig(model=str(base_dir), data=str(data), out=str(out), deepspeed=None, epochs=epochs, lr=lr,
-                              batch_size=batch_size, max_length=max_length, seed=seed, eval_fraction=0.0,
-                              overwrite=True))
+        train(TrainConfig(model=str(base_dir), data=str(data), out=str(out), deepspeed=None, epochs=epochs, lr=lr,
+                          batch_size=batch_size, max_length=max_length, seed=seed, eval_fraction=0.0,
+                          overwrite=True))  # always retrained: the common prompt set depends on the datasets given
         models[name] = out
     ifs = {}
     for name, m in (("base", base_dir), ("post", post_dir), *models.items()):
@@ -121,36 +124,41 @@ def run(zoo: Path, out_dir: Path, codit: Path, direct: Path, work: Path, epochs:
         ifs[name] = s["if"]["prompt_level_strict"]
     gap = ifs["post"] - ifs["base"]
     align = {name: delta_alignment(base_dir, post_dir, m) for name, m in models.items()}
+    cos_cols = {n: f"cos(δ_{n}, Δ)" for n in models}
+    norm_cols = {n: f"‖δ_{n}‖/‖Δ‖" for n in models}
     rows = []
     for g in align["codit"]:
-        rows.append({"group": g, "cos(δ_codit, Δ)": align["codit"][g]["cos"],
-                     "cos(δ_direct, Δ)": align["direct"][g]["cos"],
-                     "‖δ_codit‖/‖Δ‖": align["codit"][g]["norm_ratio"],
-                     "‖δ_direct‖/‖Δ‖": align["direct"][g]["norm_ratio"]})
+        row = {"group": g}
+        row.update({cos_cols[n]: align[n][g]["cos"] for n in models})
+        row.update({norm_cols[n]: align[n][g]["norm_ratio"] for n in models})
+        rows.append(row)
     recovered = {n: (ifs[n] - ifs["base"]) / gap if abs(gap) > 1e-9 else None for n in models}
     notes = [f"IF (prompt-level strict): base {ifs['base']:.3f}, post {ifs['post']:.3f}, "
-             f"SFT on CoDIT {ifs['codit']:.3f}, SFT on direct {ifs['direct']:.3f}.",
+             + ", ".join(f"SFT on {LABELS[n]} {ifs[n]:.3f}" for n in models) + ".",
              "Share of the post model's IF gain recovered: "
              + ", ".join(f"{n} {v:.3f}" if v is not None else f"{n} –" for n, v in recovered.items()) + ".",
-             f"Same {data_stats['prompts']} prompts; response words: CoDIT {data_stats['codit_words']}, "
-             f"direct {data_stats['direct_words']}; epochs {epochs}, lr {lr}, batch {batch_size}, seed {seed}; "
-             f"{time.time() - t0:.0f} s.",
+             f"Same {data_stats['prompts']} prompts; response words: "
+             + ", ".join(f"{LABELS[n]} {data_stats[n + '_words']}" for n in models)
+             + f"; epochs {epochs}, lr {lr}, batch {batch_size}, seed {seed}; {time.time() - t0:.0f} s.",
              "Two random directions of this size have cosine ≈ 0; the sign and size against that is what counts."]
-    cols = ["group", "cos(δ_codit, Δ)", "cos(δ_direct, Δ)", "‖δ_codit‖/‖Δ‖", "‖δ_direct‖/‖Δ‖"]
+    cols = ["group", *cos_cols.values(), *norm_cols.values()]
     write_table(out_dir, "t2_alignment", "T2: fine-tuning deltas of source-base vs the chat vector Δ", cols, rows,
                 notes, extra={"if": ifs, "recovered": recovered, "data": data_stats})
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 1]})
     groups = [r["group"] for r in rows]
-    x = range(len(groups))
-    axes[0].bar([i - 0.2 for i in x], [r["cos(δ_codit, Δ)"] or 0.0 for r in rows], 0.4, label="SFT on CoDIT")
-    axes[0].bar([i + 0.2 for i in x], [r["cos(δ_direct, Δ)"] or 0.0 for r in rows], 0.4, label="SFT on direct")
-    axes[0].set_xticks(list(x), groups, rotation=45, ha="right", fontsize=8)
+    width = 0.8 / len(models)
+    for k, n in enumerate(models):
+        offset = (k - (len(models) - 1) / 2) * width
+        axes[0].bar([i + offset for i in range(len(groups))], [r[cos_cols[n]] or 0.0 for r in rows], width,
+                    label=f"SFT on {LABELS[n]}")
+    axes[0].set_xticks(list(range(len(groups))), groups, rotation=45, ha="right", fontsize=8)
     axes[0].axhline(0, color="k", lw=0.5)
     axes[0].set_ylabel("cosine with Δ")
     axes[0].legend()
-    axes[1].bar(["base", "CoDIT", "direct", "post"], [ifs["base"], ifs["codit"], ifs["direct"], ifs["post"]],
-                color=["C7", "C0", "C1", "C2"])
+    names = ["base", *models, "post"]
+    axes[1].bar([LABELS.get(n, n) for n in names], [ifs[n] for n in names], color=[f"C{i}" for i in range(len(names))])
+    axes[1].tick_params(axis="x", rotation=45, labelsize=8)
     axes[1].set_title("IF prompt strict")
     save_figure(fig, out_dir / "t2_alignment.png")
     return {"rows": rows, "if": ifs, "recovered": recovered}
@@ -159,9 +167,12 @@ def run(zoo: Path, out_dir: Path, codit: Path, direct: Path, work: Path, epochs:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", required=True, type=Path, help="world directory (source-base, source-post, prompts/)")
-    p.add_argument("--run-dir", type=Path, help="recipe run directory holding data/codit and data/direct")
+    p.add_argument("--run-dir", type=Path,
+                   help="recipe run directory holding data/codit, data/direct (and data/direct-masked, if made)")
     p.add_argument("--codit", type=Path, help="CoDIT dataset directory (default <run-dir>/data/codit)")
     p.add_argument("--direct", type=Path, help="direct dataset directory (default <run-dir>/data/direct)")
+    p.add_argument("--direct-masked", type=Path,
+                   help="direct-with-CoDIT's-mask dataset directory (default <run-dir>/data/direct-masked if it exists)")
     p.add_argument("--out", type=Path, default=Path("analysis/results/theory"), help="output directory")
     p.add_argument("--work", type=Path, help="where tuned models go (default <out>/work/t2)")
     p.add_argument("--epochs", type=float, default=3.0, help="SFT epochs (default 3)")
@@ -175,11 +186,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="evaluation device (default: cuda if available)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    codit = a.codit or (a.run_dir / "data" / "codit" if a.run_dir else None)
-    direct = a.direct or (a.run_dir / "data" / "direct" if a.run_dir else None)
-    if not codit or not direct:
+    datasets = {}
+    for name, given in (("codit", a.codit), ("direct", a.direct), ("direct-masked", a.direct_masked)):
+        path = given or (a.run_dir / "data" / name if a.run_dir else None)
+        if path is not None and (given or path.is_dir() or name != "direct-masked"):
+            datasets[name] = path
+    if "codit" not in datasets or "direct" not in datasets:
         p.error("give --run-dir, or both --codit and --direct")
-    run(a.zoo, a.out, codit, direct, a.work or a.out / "work" / "t2", a.epochs, a.lr, a.batch_size, a.max_length,
+    run(a.zoo, a.out, datasets, a.work or a.out / "work" / "t2", a.epochs, a.lr, a.batch_size, a.max_length,
         a.limit, a.eval_limit, a.max_new_tokens, a.seed, a.device)
     print((a.out / "t2_alignment.md").read_text())
     return 0

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
 
 from theory_common import spearman  # noqa: E402
 from theory_t1 import chat_vector, logits_and_jvp, position_metrics  # noqa: E402
-from theory_t2 import delta_alignment, group_of  # noqa: E402
+from theory_t2 import delta_alignment, group_of, same_prompts  # noqa: E402
 from tiny import make_model, make_tokenizer  # noqa: E402
 
 SMALL = dict(vocab_size=64, hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32)
@@ -114,3 +114,17 @@ def test_delta_alignment_per_layer(tmp_path):
 def test_spearman_handles_ties():
     assert spearman([1, 2, 2, 3], [10, 20, 20, 30]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_t2_trains_every_dataset_on_the_prompts_all_of_them_kept(tmp_path):
+    sets = {}
+    for name, repetitive in (("codit", {"b"}), ("direct", {"c"}), ("direct-masked", set())):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"id": i, "instruction": f"q {i}", "response": f"{name} answer {i}",
+                                            "repetitive": i in repetitive}) + "\n" for i in "abcd"))
+        sets[name] = path
+    paths, stats = same_prompts(sets, tmp_path / "out", limit=None)
+    assert list(paths) == ["codit", "direct", "direct-masked"] and stats["prompts"] == 2
+    for name, path in paths.items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["id"] for r in rows] == ["a", "d"] and rows[0]["response"] == f"{name} answer a"
