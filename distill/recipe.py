@@ -5,8 +5,9 @@ zoo → preflight → chat-vector → weight-arithmetic → synthesize-{codit,di
 
 Every stage writes into the run directory. A stage records a key (a hash of its settings
 and of the keys of the stages it reads) in `stages.json` when it finishes; on a rerun a
-stage whose key is unchanged is skipped. An interrupted stage simply runs again: synthesis
-appends and resumes, training resumes from its last checkpoint, the rest write atomically.
+stage whose key is unchanged and whose outputs are still there is skipped. An interrupted
+stage simply runs again: synthesis appends and resumes, training resumes from its last
+checkpoint, the rest write atomically.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class StageState:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def is_current(self, stage: Stage) -> bool:
+        """Finished with these settings and inputs, and its outputs are still on disk."""
         entry = self.done.get(stage.name)
-        return bool(entry) and entry["key"] == self.key(stage)
+        return bool(entry) and entry["key"] == self.key(stage) and all(
+            Path(v).exists() for v in entry.get("outputs", {}).values() if isinstance(v, str))
 
     def record(self, stage: Stage, outputs: dict, seconds: float) -> None:
         self.done[stage.name] = {"key": self.key(stage), "outputs": outputs, "seconds": round(seconds, 1)}

@@ -150,6 +150,13 @@ def test_mistral_to_qwen_recipe_runs_end_to_end_with_stand_ins_and_resumes(stand
     assert {(r["method"], r["alpha"], r["beta"], r["amateur"]) for r in masked} == {("direct", 0.01, 0.0, None)}
     assert "target + SFT on direct responses with CoDIT's mask (beta 0)" in (run_dir / "report.md").read_text()
 
+    # A deleted output is made again, though its settings did not change.
+    import shutil
+
+    shutil.rmtree(run_dir / "models" / "direct-masked-seed0")
+    assert main(args + ["--set", "synthesis.methods=[codit, direct, direct-masked]"]) == 0
+    assert (run_dir / "models" / "direct-masked-seed0" / "model.safetensors").is_file()
+
     # A changed setting reruns the stages it touches and replaces their outputs (no "already exists").
     assert main(args + ["--set", "synthesis.methods=[codit, direct, direct-masked]", "--set", "train.lr=3e-4"]) == 0
     final = json.loads((run_dir / "stages.json").read_text())
