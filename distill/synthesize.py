@@ -142,8 +142,15 @@ def _load(cfg: SynthesizeConfig, local_rank: int):
 
 
 def _discard_rows(out: Path) -> None:
-    """--overwrite: drop our own files of the old run (nothing else in D)."""
+    """--overwrite: drop our own files of the old run (nothing else in D).
+
+    One process only: ranks start independently, so one rank could delete a shard another rank
+    has just begun to write."""
     import shutil
+
+    if _rank()[1] > 1:
+        raise DistillError(f"output {out} holds an older run, and {_rank()[1]} ranks cannot discard it safely in "
+                           f"parallel; delete {out} first (or choose another --out), then launch again")
 
     shutil.rmtree(out / "shards", ignore_errors=True)
     shutil.rmtree(out / "data", ignore_errors=True)

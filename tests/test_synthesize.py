@@ -81,7 +81,7 @@ def test_resume_after_torn_shard_equals_uninterrupted(zoo, full_run):
     assert rows(out) == rows(full_run) and (out / "data" / "train.jsonl").stat().st_mtime_ns >= mtime
 
 
-def test_resume_with_edited_prompts_is_refused_then_overwritten(zoo, full_run, tmp_path):
+def test_resume_with_edited_prompts_is_refused_then_overwritten(zoo, full_run, tmp_path, monkeypatch):
     out = tmp_path / "edited"
     shutil.copytree(full_run, out)
     lines = (zoo / "prompts.jsonl").read_text().splitlines()
@@ -97,6 +97,11 @@ def test_resume_with_edited_prompts_is_refused_then_overwritten(zoo, full_run, t
         synthesize(run)
     assert rows(out) == rows(full_run)  # nothing lost by the refusal
     run.overwrite = True
+    monkeypatch.setenv("WORLD_SIZE", "2")  # ranks start independently: none may delete the others' shards
+    with pytest.raises(DistillError, match=r"2 ranks cannot discard it safely in parallel; delete .* first"):
+        synthesize(run)
+    monkeypatch.delenv("WORLD_SIZE")
+    assert rows(out) == rows(full_run)
     synthesize(run)
     new = rows(out)
     assert [r["id"] for r in new] == [f"q{i}" for i in range(7)] and new[2]["instruction"] == "an edited prompt"
