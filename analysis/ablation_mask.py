@@ -64,14 +64,15 @@ def data_table(runs: list[tuple[Path, dict]]) -> str:
 
     lines = ["| training data | synthesis seed | rows | IF prompt strict | IF instr. strict | mean words | repetitive |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    prompts = [{row["id"]: row for _, row in iter_jsonl(Path(recipe["prompts"]["synthesis"]), "prompts")}
+               for _, recipe in runs]  # once per run, not per dataset
     for key in ("direct", ROW, "codit"):
-        for run_dir, recipe in runs:
+        for (run_dir, recipe), by_id in zip(runs, prompts):
             path = run_dir / "data" / key / "data" / "train.jsonl"
             if not path.is_file():
                 continue
-            prompts = {row["id"]: row for _, row in iter_jsonl(Path(recipe["prompts"]["synthesis"]), "prompts")}
             rows = [row for _, row in iter_jsonl(path, "synthesized data")]
-            scores = instruction_following([r["response"] for r in rows], [prompts[r["id"]] for r in rows],
+            scores = instruction_following([r["response"] for r in rows], [by_id[r["id"]] for r in rows],
                                            check_strict, check_loose)
             words = sum(len(r["response"].split()) for r in rows) / len(rows)
             repetitive = sum(bool(r.get("repetitive")) for r in rows) / len(rows)

@@ -13,9 +13,9 @@ GPU (one H100; under 8 minutes):
     zero2-compile  zero2 plus --compile-layers
     zero2-bucket   zero2 with DeepSpeed's 5e8-element reduce bucket instead of HF's "auto" (hidden²)
     trainer      `distill.train.train` without DeepSpeed (`--deepspeed none`), packing, --fused-loss
+    zero3        `distill.train.train`: Trainer + DeepSpeed ZeRO-3, packing (HF loss)
   NAME@B runs a configuration at batch B: `--configs plain,fast,fast@8` puts the chunked loss's
   memory saving to use beside the anchor, in the same run.
-    zero3        `distill.train.train`: Trainer + DeepSpeed ZeRO-3, packing (HF loss)
   MFU = tokens/s x (6 N + 12 L d T) / 989e12, N all parameters (tied embedding once), T = 2048:
   the formula that gives the issue's anchor (35,100 tok/s -> 36.6 %).
 

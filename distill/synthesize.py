@@ -148,8 +148,9 @@ def _discard_rows(out: Path) -> None:
     has just begun to write."""
     import shutil
 
-    if _rank()[1] > 1:
-        raise DistillError(f"output {out} holds an older run, and {_rank()[1]} ranks cannot discard it safely in "
+    world = _rank()[1]
+    if world > 1:
+        raise DistillError(f"output {out} holds an older run, and {world} ranks cannot discard it safely in "
                            f"parallel; delete {out} first (or choose another --out), then launch again")
 
     shutil.rmtree(out / "shards", ignore_errors=True)
