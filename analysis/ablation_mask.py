@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from distill import DistillError  # noqa: E402
-from distill.evaluate_compare import ROW_LABELS, collect_run_dir, compare  # noqa: E402
+from distill.evaluate_compare import ROW_LABELS, compare, pool_run_dirs  # noqa: E402
 
 ROW = "direct-masked"
 
@@ -43,11 +42,7 @@ def load_run(run_dir: Path) -> dict:
 
 
 def pooled_comparison(run_dirs: list[Path], out: Path) -> dict:
-    rows: dict[str, list[str]] = {}
-    for i, d in enumerate(run_dirs):
-        for row, paths in collect_run_dir(d).items():
-            # Untuned rows (base, teacher, chat vector) do not depend on the synthesis seed: count them once.
-            rows.setdefault(row, []).extend(p for p in paths if i == 0 or re.search(r"-seed\d+\.json$", p))
+    rows = pool_run_dirs(run_dirs)  # untuned rows (base, teacher, chat vector) are shared: compare counts them once
     label = {key: ROW_LABELS[key] for key in ("direct", ROW, "codit", "target-base")}
     pairs = [(label[ROW], label["direct"]), (label["codit"], label[ROW]), (label["codit"], label["direct"]),
              (label[ROW], label["target-base"])]

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from distill import DistillError  # noqa: E402
-from distill.evaluate_compare import collect_run_dir, compare  # noqa: E402,F401
+from distill.evaluate_compare import compare, pool_run_dirs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,10 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--title", default="Transfer of instruction following", help="title of the table and figure")
     p.add_argument("--no-figure", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
-    runs: dict[str, list[str]] = {}
-    for d in args.run_dir:
-        for row, paths in collect_run_dir(d).items():
-            runs.setdefault(row, []).extend(paths)
+    runs = pool_run_dirs(args.run_dir)
     for spec in args.row:
         name, sep, paths = spec.partition("=")
         if not sep or not paths:

@@ -75,6 +75,29 @@ def collect_run_dir(run_dir: str | Path) -> dict[str, list[str]]:
     return dict(sorted(groups.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
+def pool_run_dirs(run_dirs) -> dict[str, list[str]]:
+    """Rows of several run directories merged: each trained seed of each run is one more measurement."""
+    rows: dict[str, list[str]] = {}
+    for d in run_dirs:
+        for row, paths in collect_run_dir(d).items():
+            rows.setdefault(row, []).extend(paths)
+    return rows
+
+
+def _distinct(scores: list[dict]) -> list[dict]:
+    """One entry per measurement. Identical scores under identical settings come from identical
+    models (evaluation is deterministic), e.g. an untuned row or the chat vector shared by two
+    run directories: one measurement, not two with a spread of zero. The model's path and the
+    wall time are left out of the comparison, as each run directory has its own copy."""
+    seen, out = [], []
+    for s in scores:
+        key = {k: v for k, v in s.items() if k not in ("model", "seconds")}
+        if key not in seen:
+            seen.append(key)
+            out.append(s)
+    return out
+
+
 def _stats(xs: list[float]) -> dict:
     xs = [x for x in xs if x is not None and not math.isnan(x)]
     if not xs:
@@ -128,7 +151,7 @@ def compare(runs: dict[str, list[str]], out_dir: str | Path, title: str = "Trans
     for row, paths in runs.items():
         if not paths:
             raise DistillError(f"row {row!r} has no scores paths")
-        scores = [load_scores(p) for p in paths]
+        scores = _distinct([load_scores(p) for p in paths])
         table[row] = {key: _stats([_get(s, path) for s in scores]) for key, _, path, _ in COLUMNS}
         table[row]["_runs"] = len(scores)
     rows = list(table)
@@ -139,7 +162,8 @@ def compare(runs: dict[str, list[str]], out_dir: str | Path, title: str = "Trans
             diff, words = verdict(table[a][key], table[b][key], better)
             pair_rows.append({"a": a, "b": b, "column": header, "diff": diff, "verdict": words})
 
-    md = [f"# {title}", "", "Mean ± sample std over runs (seeds); n = runs per row.", "",
+    md = [f"# {title}", "", "Mean ± sample std over runs (seeds); n = distinct runs per row (identical scores of "
+          "identical models, e.g. an untuned row shared by two run directories, count once).", "",
           "| row | n | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |",
           "| --- | ---: | " + " | ".join("---:" for _ in COLUMNS) + " |"]
     for row in rows:

@@ -62,6 +62,25 @@ def test_command_line_writes_table_and_figure(tmp_path):
     assert "| extra | 1 | 0.500 |" in (tmp_path / "o" / "comparison.md").read_text()
 
 
+def test_pooled_run_dirs_count_a_shared_untuned_row_once(tmp_path):
+    """Two run directories share the untuned rows' models; each trained its own seeds."""
+    script = Path(__file__).parents[1] / "analysis" / "compare_transfer.py"
+    other = tmp_path / "other"
+    shutil.copytree(RUN, other)
+    for seeded in (other / "scores").glob("codit-seed*.json"):
+        scores = json.loads(seeded.read_text())
+        scores["if"]["prompt_level_strict"] += 0.1
+        seeded.write_text(json.dumps(scores))
+    out = subprocess.run([sys.executable, str(script), "--run-dir", str(RUN), "--run-dir", str(other),
+                          "--out", str(tmp_path / "o"), "--no-figure"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    with open(tmp_path / "o" / "comparison.csv") as f:
+        n = {r["row"]: int(r["n"]) for r in csv.DictReader(f)}
+    assert n[ROW_LABELS["target-base"]] == 1 and n[ROW_LABELS["weight-arithmetic"]] == 1
+    assert n[ROW_LABELS["codit"]] == 6  # three seeds from each run
+    assert n[ROW_LABELS["direct"]] == 3  # identical copies: the same three measurements
+
+
 def test_mask_ablation_pools_run_dirs_and_scores_the_training_data(tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
     from ablation_mask import data_table, load_run, pooled_comparison
@@ -73,6 +92,10 @@ def test_mask_ablation_pools_run_dirs_and_scores_the_training_data(tmp_path):
     for synth_seed, masked_if in ((0, 0.50), (1, 0.54)):
         run = tmp_path / f"run{synth_seed}"
         shutil.copytree(RUN, run)
+        for scored in (run / "scores").glob("*-seed*.json"):  # each synthesis draw trains other models
+            scores = json.loads(scored.read_text())
+            scores["if"]["prompt_level_strict"] += 0.01 * synth_seed
+            scored.write_text(json.dumps(scores))
         for seed in range(3):
             scores = json.loads((run / "scores" / f"direct-seed{seed}.json").read_text())
             scores["if"]["prompt_level_strict"] = masked_if
