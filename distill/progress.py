@@ -16,3 +16,26 @@ def progress_bar(**kwargs):
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
     return tqdm(**kwargs)
+
+
+def trainer_progress_callback():
+    """The Trainer's ProgressCallback with its bars made by `progress_bar`, so a training log
+    file gets a redraw every 30 s instead of one per optimizer step. The logged loss lines
+    (every `logging_steps`) are unchanged."""
+    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_utils import has_length
+
+    class LogFriendlyProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.training_bar = progress_bar(total=state.max_steps, dynamic_ncols=True, desc="training")
+            self.current_step = 0
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if state.is_world_process_zero and has_length(eval_dataloader):
+                if self.prediction_bar is None:
+                    self.prediction_bar = progress_bar(total=len(eval_dataloader), leave=self.training_bar is None,
+                                                       dynamic_ncols=True, desc="held-out loss")
+                self.prediction_bar.update(1)
+
+    return LogFriendlyProgress()

@@ -25,6 +25,7 @@ from distill import DistillError
 from distill import train_data as td
 from distill.fsutil import check_output_dir
 from distill.models import resolve_model, stop_token_ids
+from distill.progress import trainer_progress_callback
 from distill.train_fused import compile_layers, fused_loss_trainer
 from distill.train_outputs import prepare_checkpoints, save_final
 
@@ -165,6 +166,7 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers.trainer_callback import ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     if ds_config is not None:
@@ -247,6 +249,8 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=td.SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=list(callbacks))
+    trainer.remove_callback(ProgressCallback)  # its bar redraws every step, even into a log file
+    trainer.add_callback(trainer_progress_callback())
     last = get_last_checkpoint(str(ckpt)) if cfg.resume and ckpt.is_dir() else None
     if last:
         log.info("resuming from %s", last)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,16 @@ def test_bf16_without_deepspeed_trains_under_autocast(world, fused):
     assert probe.dtypes == {torch.bfloat16}
 
 
+def test_training_progress_in_a_log_file_is_not_redrawn_per_step(world, capfd):
+    # Under pytest stderr is not a terminal, as in a batch job's log: the Trainer's own bar
+    # redrew once per optimizer step there.
+    train(_config(world, world / "model-logged", deepspeed="none", max_steps=12, eval_fraction=0.0,
+                  logging_steps=100))  # only the first step's loss line, which redraws the bar once
+    err = capfd.readouterr().err
+    assert "12/12 [" in err
+    assert err.count("/12 [") <= 5, err  # first draw, the loss line, the end: not 12 updates
+
+
 class Interrupt(Exception):
     pass
 
@@ -170,7 +181,9 @@ def test_two_ranks_through_the_deepspeed_launcher(world, stage):
     if launcher is None:
         pytest.skip("the deepspeed launcher is not installed")
     out = world / f"model-2rank-{stage}"
-    port = 29600 + (os.getpid() % 200) + (stage == "zero3")
+    with socket.socket() as s:  # a free port: a fixed one collides with another suite running beside this one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     # Both entry points: `-m distill.train` takes the launcher's --local_rank; `distill.cli` needs --no_local_rank.
     entry = ["--module", "distill.train"] if stage == "zero2" else ["--no_local_rank", "--module", "distill.cli", "train"]
     cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), *entry, "--model", str(world / "target"), "--data", str(world / "data" / "train.jsonl"),
