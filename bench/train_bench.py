@@ -114,7 +114,7 @@ def worker_manual(args):
     def step():
         batch = _rows(args.batch, args.seq_len, model.config.vocab_size, docs, device, gen)
         if fast:
-            loss = causal_lm_loss(model, batch, chunk_size=4096)
+            loss = causal_lm_loss(model, batch)  # the chunk size `distill train` uses
         else:
             loss = model(**batch).loss
         loss.backward()

@@ -17,10 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
-    """Defaults: CUDA when present; bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow)."""
+    """Defaults: CUDA when present; `distill.models.default_dtype` (bfloat16 on CUDA, float32 on CPU)."""
+    from distill.models import default_dtype
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype in (None, "auto"):
-        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return device, default_dtype(device)
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:

@@ -77,3 +77,14 @@ def stop_token_ids(tokenizer) -> list[int]:
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
         ids.append(im_end)
     return ids
+
+
+def default_dtype(device: str):
+    """Inference dtype when the user picks none: float32 on CPU (its bf16 matmuls are slow);
+    bfloat16 on a GPU that has it natively, else float16 (V100, T4: torch emulates bfloat16 there,
+    slowly, and `torch.cuda.is_bf16_supported()` counts the emulation unless told not to)."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16

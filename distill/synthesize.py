@@ -49,7 +49,7 @@ class SynthesizeConfig:
     seed: int = 0
     limit: int | None = None  # only the first `limit` prompts
     device: str = "auto"  # auto = cuda:LOCAL_RANK if available, else cpu
-    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
+    dtype: str = "auto"  # auto = distill.models.default_dtype: bfloat16 on cuda, float32 on cpu
     engine: str = "auto"  # auto | eager | fast (see distill.decoding.DecodingConfig)
     cuda_graphs: bool = True  # fast engine: replay the decode step as CUDA graphs (False = a fallback)
     repetition_ngram: int = 20
@@ -109,7 +109,7 @@ def _load(cfg: SynthesizeConfig, local_rank: int):
     import torch
 
     from distill.decoding import check_embedding_rows, check_same_tokenizer
-    from distill.models import load_causal_lm, load_tokenizer
+    from distill.models import default_dtype, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.expert, cfg.trust_remote_code, what="expert")
     if tokenizer.chat_template is None:
@@ -128,7 +128,7 @@ def _load(cfg: SynthesizeConfig, local_rank: int):
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if cfg.dtype != "auto" and cfg.dtype not in dtypes:
         raise DistillError(f"dtype must be auto or one of {sorted(dtypes)}, got {cfg.dtype!r}")
-    dtype = dtypes.get(cfg.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = dtypes[cfg.dtype] if cfg.dtype != "auto" else default_dtype(device)
     expert = load_causal_lm(cfg.expert, dtype, device, cfg.trust_remote_code, what="expert")
     check_embedding_rows(expert, vocab, f"expert {cfg.expert}")
     amateur = None
@@ -271,7 +271,7 @@ def add_cli(subparsers, summary: str | None = None) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model dtype; auto = bfloat16 on cuda, float32 on cpu")
+                   help="model dtype; auto = bfloat16 on cuda (float16 where bf16 is not native), float32 on cpu")
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "fast"],
                    help="auto: the fast static-cache/CUDA-graph engine on cuda for Llama/Mistral/Qwen2, else the "
                         "eager Hugging Face engine")

@@ -112,7 +112,8 @@ def use_bf16(precision: str) -> bool:
     import torch
 
     if precision == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # Native bf16 only: where torch emulates it (V100, T4) fp32 is the faster choice.
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if precision not in ("bf16", "fp32"):
         raise DistillError(f"precision must be auto, bf16 or fp32, not {precision!r}")
     return precision == "bf16"

@@ -9,6 +9,7 @@ backward only scales the stored gradients, so peak extra memory is one chunk of 
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -72,16 +73,28 @@ def linear_cross_entropy(hidden, weight, labels, num_items=None, chunk_size: int
     return _LinearCrossEntropy.apply(hidden, weight, labels, max(num_items, 1.0), chunk_size)
 
 
-def causal_lm_loss(model, inputs: dict, num_items_in_batch=None, chunk_size: int = 2048):
+def causal_lm_loss(model, inputs: dict, num_items_in_batch=None, chunk_size: int = 2048, inner=None):
     """The loss HF's *ForCausalLM computes (labels shifted by one), without full logits.
 
-    `model` is the unwrapped *ForCausalLM (it needs `.model` and `.lm_head` with a plain weight,
-    so not under ZeRO-3 where the weight is partitioned)."""
+    `model` is the model as the Trainer holds it, wrapper included: calling the DDP or DeepSpeed
+    wrapper is what synchronises gradients across ranks (calling the inner module directly left
+    each rank with its own gradients). `inner` is the unwrapped *ForCausalLM (default: `model`);
+    its `.model` yields the hidden states through a forward hook and its `.lm_head` needs a plain
+    weight, so not under ZeRO-3, where the weight is partitioned. The forward asks for the last
+    position's logits only, so the full [tokens x vocab] logits are never made."""
+    inner = model if inner is None else inner
     labels = inputs["labels"]
     kwargs = {k: v for k, v in inputs.items() if k != "labels"}
-    hidden = model.model(**kwargs, use_cache=False).last_hidden_state
+    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    captured = []
+    handle = inner.model.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+    try:
+        model(**kwargs, use_cache=False)
+    finally:
+        handle.remove()
     shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    return linear_cross_entropy(hidden, model.lm_head.weight, shifted, num_items_in_batch, chunk_size)
+    return linear_cross_entropy(captured[-1], inner.lm_head.weight, shifted, num_items_in_batch, chunk_size)
 
 
 def compile_layers(model, zero3: bool) -> None:
@@ -107,11 +120,11 @@ def fused_loss_trainer():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs:  # evaluation wants logits anyway
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # accelerate applies mixed precision by wrapping model.forward in autocast; calling
-            # model.model directly bypasses that wrapper, so re-enter the same autocast here (without
-            # it the Trainer's fp32 master weights ran every matmul in fp32: 8x slower on an H100).
+            # The linear + cross-entropy runs after the forward, outside accelerate's autocast
+            # (which wraps model.forward only): re-enter it, so that under the Trainer's fp32 master
+            # weights its [tokens x vocab] matmuls run in bf16 too.
             with self.accelerator.autocast():
-                loss = causal_lm_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch)
+                loss = causal_lm_loss(model, inputs, num_items_in_batch, inner=self.accelerator.unwrap_model(model))
             # Same scaling as Trainer.compute_loss: num_items_in_batch counts tokens on all ranks.
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes

@@ -174,6 +174,45 @@ def test_interrupted_run_resumes_to_the_same_step_count(world):
     assert not (world / "model-restart.checkpoints").exists()
 
 
+RANK_PROBE = """
+import json, os, sys
+from transformers import TrainerCallback
+from distill.train import TrainConfig, train
+
+class Checksum(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kw):
+        total = sum(p.double().sum().item() for p in model.parameters())
+        with open(os.path.join(sys.argv[3], f"checksum-{os.environ['RANK']}.json"), "w") as f:
+            json.dump(total, f)
+
+world, out, _ = sys.argv[1:]
+train(TrainConfig(model=world + "/target", data=world + "/data/train.jsonl", out=out, deepspeed="none",
+                  fused_loss=True, max_steps=3, lr=1e-2, batch_size=2, max_length=64, eval_fraction=0.0,
+                  warmup_ratio=0.0, lr_scheduler="constant", save_steps=100), callbacks=[Checksum()])
+"""
+
+
+@pytest.mark.slow
+def test_fused_loss_keeps_ranks_in_sync_without_deepspeed(world, tmp_path):
+    # DDP synchronises gradients only when its wrapper's forward runs; the fused loss once called
+    # the inner model and each rank drifted off with its own gradients, silently.
+    probe = tmp_path / "probe.py"
+    probe.write_text(RANK_PROBE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by in-process runs
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(probe), str(world), str(tmp_path / "model"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sums = [json.loads((tmp_path / f"checksum-{rank}.json").read_text()) for rank in (0, 1)]
+    assert sums[0] == sums[1]
+    assert json.loads((tmp_path / "model" / "train_summary.json").read_text())["world_size"] == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_two_ranks_through_the_deepspeed_launcher(world, stage):
@@ -201,3 +240,16 @@ def test_two_ranks_through_the_deepspeed_launcher(world, stage):
     assert train_loss[-1] < train_loss[0]
     model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     assert model.get_input_embeddings().num_embeddings == len(AutoTokenizer.from_pretrained(out))
+
+
+def test_auto_precision_takes_native_bf16_only(monkeypatch):
+    # On a V100 or T4 torch emulates bf16 (slowly) and says it is supported unless asked for native.
+    from distill.models import default_dtype
+    from distill.train import use_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not use_bf16("auto") and default_dtype("cuda:0") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert use_bf16("auto") and default_dtype("cuda") == torch.bfloat16
+    assert default_dtype("cpu") == torch.float32
