@@ -15,6 +15,14 @@ every row generates exactly --new-tokens). Compared:
 tokens/s = rows x new tokens / wall time of the generation (prefill included; for our engine the
 one-off cache allocation and CUDA-graph capture are reported separately as setup_s). Peak GPU
 memory per line. Results print as a Markdown table while they come, and go to --json.
+
+`--workload mixed` is a synthesis run instead: --rows prompts (default 4 x batch) whose responses
+stop at random lengths, so finished rows are refilled. round(vocab / --mean-length) token ids are
+stop tokens, and a random-init model samples close to uniformly, so lengths are about geometric
+with that mean, capped at --new-tokens. The peer is `generate` with the contrastive processor over
+the prompts in batches (each batch runs until its longest row stops); ours is continuous batching,
+once refilling at every check (refill_min 1) and once waiting for batch / 16 free slots (the GPU default).
+tokens/s there = generated tokens (stop tokens included) / wall time.
 """
 
 from __future__ import annotations
@@ -147,6 +155,51 @@ def run_ours(expert, amateur, batch, args, engine, beta):
     return batch * args.new_tokens / seconds, seconds, dec.setup_seconds
 
 
+def stop_ids(args) -> list[int]:
+    return list(range(3, 3 + max(1, round(args.vocab / args.mean_length))))
+
+
+def run_hf_mixed(expert, amateur, batch, args):
+    """The usual way for a synthesis run: generate + contrastive processor, batch after batch."""
+    from transformers import LogitsProcessorList
+
+    ids = prompts(args.rows, args.prompt_len, args.vocab, 1).to(args.device)
+    stops, generated = stop_ids(args), 0
+    sync(args.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, args.rows, batch):
+            chunk = ids[i:i + batch]
+            mask = torch.ones_like(chunk)
+            out = expert.generate(input_ids=chunk, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                  top_p=1.0, max_new_tokens=args.new_tokens, eos_token_id=stops, pad_token_id=0,
+                                  logits_processor=LogitsProcessorList([AmateurContrast(amateur, mask)]))
+            new = out[:, chunk.shape[1]:]
+            is_stop = torch.isin(new, torch.tensor(stops, device=new.device))
+            # a row's tokens: up to and including its first stop (generate pads after it)
+            first = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, new.shape[1])
+            generated += int(first.sum())
+    sync(args.device)
+    seconds = time.perf_counter() - start
+    return generated / seconds, seconds, 0.0
+
+
+def run_ours_mixed(expert, amateur, batch, args, engine, refill_min):
+    ids = prompts(args.rows, args.prompt_len, args.vocab, 1).tolist()
+    cfg = DecodingConfig(alpha=0.01, beta=1.0, temperature=1.0, max_new_tokens=args.new_tokens, batch_size=batch,
+                         engine=engine, cuda_graphs=not args.no_cuda_graphs, check_every=args.check_every,
+                         refill_min=refill_min)
+    dec = ContrastiveDecoder(expert, amateur, args.vocab, stop_ids(args), cfg)
+    sync(args.device)
+    start = time.perf_counter()
+    results = list(dec.generate([Request(str(i), p, i) for i, p in enumerate(ids)]))
+    sync(args.device)
+    seconds = time.perf_counter() - start - dec.setup_seconds
+    if dec.batch < batch:
+        raise MemoryError(f"the engine capped the batch at {dec.batch} rows (GPU memory)")
+    return sum(len(r.tokens) for r in results) / seconds, seconds, dec.setup_seconds
+
+
 @torch.no_grad()
 def check_fast_engine(expert, args):
     """Print how far the fast engine's logits are from Hugging Face's (prefill and 3 decode steps)."""
@@ -185,6 +238,13 @@ def main():
     ap.add_argument("--check-every", type=int, default=8, help="steps between host checks for finished rows")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="fast engine without CUDA graphs")
     ap.add_argument("--skip-hf", action="store_true", help="only our engine")
+    ap.add_argument("--workload", choices=["fixed", "mixed"], default="fixed",
+                    help="fixed: every row runs to --new-tokens; mixed: a synthesis run with random response "
+                         "lengths and refills (see above)")
+    ap.add_argument("--mean-length", type=int, default=None,
+                    help="mixed: mean response length (default 400; 64 for tiny); --new-tokens caps it "
+                         "(default 4x the mean)")
+    ap.add_argument("--rows", type=int, default=None, help="mixed: prompts per line (default 4 x the batch)")
     ap.add_argument("--budget-s", type=float, default=420, help="skip remaining lines after this many seconds")
     ap.add_argument("--json", default="bench/decoding_bench.json", help="where the results go")
     ap.add_argument("--repeat", type=int, default=None, help="best of N runs per line (default 1 on cuda, 3 on cpu)")
@@ -199,6 +259,9 @@ def main():
     tiny = args.config == "tiny"
     args.repeat = args.repeat or (1 if cuda else 3)
     args.prompt_len = args.prompt_len or (32 if tiny else 128)
+    if args.workload == "mixed":
+        args.mean_length = args.mean_length or (64 if tiny else 400)
+        args.new_tokens = args.new_tokens or 4 * args.mean_length
     args.new_tokens = args.new_tokens or (64 if tiny else 256)
     args.batches = args.batches or ("1,32,128" if tiny else "1,32,128,max")
     args.engines = (args.engines or ("fast" if cuda else "fast,eager")).split(",")
@@ -249,6 +312,20 @@ def main():
                         pad_token_id=0)
     run_ours(expert, amateur, 2, argparse.Namespace(**{**vars(args), "new_tokens": 4}), args.engines[0], 1.0)
 
+    if args.workload == "mixed":
+        print(f"mixed workload: {len(stop_ids(args))} stop ids, mean length about {args.mean_length}, "
+              f"cap {args.new_tokens}\n", flush=True)
+        for b in [int(x) for x in args.batches.split(",") if x != "max"]:
+            rows = args.rows
+            args.rows = rows or 4 * b
+            if not args.skip_hf:
+                line("hf-contrast (LogitsProcessor), batches", b, lambda: run_hf_mixed(expert, amateur, b, args))
+            for refill in sorted({1, max(1, b // 16)}):
+                line(f"ours-codit ({args.engines[0]}), refill_min {refill}", b,
+                     lambda: run_ours_mixed(expert, amateur, b, args, args.engines[0], refill))
+            args.rows = rows
+        print(f"\ntotal {time.perf_counter() - began:.0f} s; results in {args.json}", flush=True)
+        return
     if not args.skip_hf:
         for b in [int(x) for x in args.hf_batches.split(",")]:
             line("hf-direct", b, lambda: run_hf(expert, None, b, args))

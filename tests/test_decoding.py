@@ -153,6 +153,27 @@ def test_continuous_batching_and_fast_engine_match_batch_one(setup, temperature)
                    batch_size=batch, engine=engine, check_every=4) == base, (engine, batch)
 
 
+@pytest.mark.parametrize("engine", ["eager", "fast"])
+def test_refills_wait_for_refill_min_free_slots_and_change_no_output(setup, engine):
+    tok, expert, amateur, prompts = setup
+    prompts = prompts + [p[::-1] for p in prompts]  # 12 prompts through 4 slots
+    kw = dict(temperature=1.0, max_new_tokens=12, batch_size=4, engine=engine, check_every=2)
+    stops = [2, 5, 7, 11, 13]  # several stop ids, so rows finish at different checks
+    outputs, admitted = {}, {}
+    for refill_min in (1, 3):
+        dec = ContrastiveDecoder(expert, amateur, len(tok), stops, DecodingConfig(refill_min=refill_min, **kw))
+        sizes, admit = [], dec._admit
+        dec._admit = lambda backend, slots, free, queue, admit=admit, sizes=sizes: (
+            sizes.append(len(free)), admit(backend, slots, free, queue))
+        outputs[refill_min] = {r.key: r.tokens for r in dec.generate(
+            [Request(str(i), p, seed=100 + i) for i, p in enumerate(prompts)])}
+        admitted[refill_min] = sizes
+    assert outputs[1] == outputs[3] and len(outputs[1]) == 12
+    assert sum(admitted[3]) == sum(admitted[1]) == 12
+    assert admitted[3][0] == 4 and all(n >= 3 for n in admitted[3][1:-1])  # the last may take what is left
+    assert min(admitted[1][1:]) < 3  # the test's workload does refill single rows when allowed to
+
+
 def test_alpha_one_is_greedy_and_stop_tokens(setup):
     tok, expert, amateur, prompts = setup
     greedy = run(expert, None, len(tok), prompts[:3], alpha=0.0, beta=0.0, temperature=0.0, max_new_tokens=8)
