@@ -2,8 +2,10 @@
 
     python bench/profile_decoding.py --batch 128        # Mistral-7B config x2, bf16
 
-Times, per step: the two-model graph replay, the same step without graphs, and the sampling
-(`next_token`) that runs outside the graph; then prints the profiler's top CUDA kernels.
+Times, per step: the two-model graph replay with the token choice captured inside it (as the
+engine runs it), the same graph without the token choice (their difference is the token
+choice's real cost), the step without graphs, and `next_token` alone run eagerly (mostly kernel
+launches: not what the engine pays); then prints the profiler's top CUDA kernels.
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ from distill.decoding import DecodingConfig, next_token  # noqa: E402
 from distill.fast_decoder import FastPair  # noqa: E402
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, steps):
-    torch.cuda.synchronize()
+    fn()  # warm-up
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t0) / steps * 1e3
 
 
@@ -38,34 +46,48 @@ def main():
     ap.add_argument("--capacity", type=int, default=384)
     ap.add_argument("--config", default="mistral-7b")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only checks that the script runs (--config tiny)")
     args = ap.parse_args()
-    models = [build_model(args.config, "cuda", torch.bfloat16, s) for s in (0, 1)]
+    dev = args.device
+    models = [build_model(args.config, dev, torch.bfloat16 if dev == "cuda" else torch.float32, s) for s in (0, 1)]
     vocab = models[0].config.vocab_size
     prompts = torch.randint(3, vocab, (args.batch, 128)).tolist()
-    for graphs in (True, False):
-        pair = FastPair(models, args.batch, args.capacity, cuda_graphs=graphs)
-        pair.prepare()
-        pair.prefill(list(range(args.batch)), prompts)
-        tok = torch.randint(3, vocab, (args.batch,), device="cuda")
-        active = torch.ones(args.batch, dtype=torch.bool, device="cuda")
-        ms = timed(lambda: pair.decode(tok, active), args.steps)
-        print(f"two-model decode step, graphs={graphs}: {ms:.2f} ms", flush=True)
-        pair.lengths.fill_(128)
-    logits = [torch.randn(args.batch, vocab, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     cfg = DecodingConfig()
-    seeds = torch.arange(args.batch, device="cuda")
-    steps = torch.zeros(args.batch, dtype=torch.long, device="cuda")
+    seeds = torch.arange(args.batch, device=dev)
+    steps = torch.zeros(args.batch, dtype=torch.long, device=dev)
+    chosen = torch.zeros(args.batch, dtype=torch.long, device=dev)
+
+    def choose(logits):  # the token choice, as the engine captures it after the step
+        chosen.copy_(next_token(logits[0], logits[1], cfg, seeds, steps, vocab)[0])
+
+    for graphs, post in ((True, choose), (True, None), (False, None)):
+        pair = FastPair(models, args.batch, args.capacity, cuda_graphs=graphs)
+        tok = torch.randint(3, vocab, (args.batch,), device=dev)
+        active = torch.zeros(args.batch, dtype=torch.bool, device=dev)  # inactive: lengths stay put
+        pair.prepare(tok, active, post) if post else pair.prepare()
+        pair.prefill(list(range(args.batch)), prompts)
+        ms = timed(lambda: pair.decode(tok, active), args.steps)
+        what = "with the token choice inside the graph" if post else "step only"
+        print(f"two-model decode step, graphs={graphs}, {what}: {ms:.2f} ms", flush=True)
+        pair.lengths.fill_(128)
+        if post:
+            del pair
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    logits = [torch.randn(args.batch, vocab, device=dev, dtype=torch.bfloat16) for _ in range(2)]
     ms = timed(lambda: next_token(logits[0], logits[1], cfg, seeds, steps, vocab), args.steps)
-    print(f"next_token (contrast + sample, outside the graph): {ms:.2f} ms", flush=True)
+    print(f"next_token alone, eager (launch-bound; not what the engine pays): {ms:.2f} ms", flush=True)
     from torch.profiler import ProfilerActivity, profile
 
     pair.lengths.fill_(128)
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(5):
             pair.decode(tok, active)
             next_token(logits[0], logits[1], cfg, seeds, steps, vocab)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        sync()
+    sort = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":
