@@ -23,24 +23,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, num_items, chunk_size):
         # hidden [N, d] (already shifted), weight [V, d], labels [N]; loss = sum(CE) / num_items
-        grad_hidden = torch.empty_like(hidden)
+        grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start: start + chunk_size]
-            y = labels[start: start + chunk_size]
+        # Only rows with a label: prompt tokens (assistant-only loss) cost no vocab matmuls at all.
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        for start in range(0, rows.shape[0], chunk_size):
+            idx = rows[start: start + chunk_size]
+            h, y = hidden[idx], labels[idx]
             logits = (h @ weight.t()).float()
-            valid = y != IGNORE_INDEX
-            target = torch.where(valid, y, 0)
             lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, target[:, None]).squeeze(1)
-            total += ((lse - picked) * valid).sum()
-            # d(CE)/d(logits) = softmax - onehot, zero on ignored rows
-            grad = torch.softmax(logits, dim=-1)
-            grad[torch.arange(len(y), device=y.device), target] -= 1
-            grad *= valid[:, None]
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            # d(CE)/d(logits) = softmax - onehot; the softmax in place, from the logsumexp
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(len(y), device=y.device), y] -= 1
             grad = grad.to(hidden.dtype)
-            grad_hidden[start: start + chunk_size] = grad @ weight
+            grad_hidden[idx] = grad @ weight
             if grad_weight is not None:
                 grad_weight += (grad.t() @ h).float()
         scale = 1.0 / num_items
