@@ -223,6 +223,9 @@ class ContrastiveDecoder:
         self.pad_token_id = pad_token_id
         self.score_hook = score_hook
         self.device = next(expert.parameters()).device
+        if amateur is not None and next(amateur.parameters()).device != self.device:
+            raise DistillError(f"expert and amateur must be on one device (expert on {self.device}, amateur on "
+                               f"{next(amateur.parameters()).device}); the engine steps both in one process")
         self.tokens_generated = 0
         self.setup_seconds = 0.0
 

@@ -184,16 +184,18 @@ class FastLM:
         pos = torch.arange(width, device=ids.device)
         cos, sin = self._cos_sin(pos)
         cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, d] against [k, T, heads, d]
-        causal = pos[None, :] <= pos[:, None]
-        if self.window is not None:
-            causal &= pos[None, :] > pos[:, None] - self.window
+        windowed = self.window is not None and width > self.window
+        causal = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window) if windowed else None
         for p, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             q, k, v = (t.transpose(1, 2) for t in self._qkv(x, p, cos, sin))  # [k, heads, T, d]
             kc[slots, :, :width] = k
             vc[slots, :, :width] = v
-            rep = heads // kv
-            o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                               attn_mask=causal)
+            if not windowed:  # plain causal: no mask tensor and no K/V copies, so the flash kernel can run
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                rep = heads // kv
+                o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                                   attn_mask=causal)
             x = _linear_add(x, o.transpose(1, 2).reshape(k_rows, width, heads * d), *p["o"])
             x = self._mlp(x, p)
         last = x[torch.arange(k_rows, device=ids.device), lengths - 1]

@@ -98,6 +98,13 @@ def test_tokenizer_mismatch_is_a_clear_error():
 
 # --- the engines --------------------------------------------------------------------------------
 
+def test_expert_and_amateur_on_different_devices_is_a_clear_error(setup):
+    tok, expert, _, _ = setup
+    amateur = make_model(seed=1).to("meta")  # any device other than the expert's
+    with pytest.raises(DistillError, match="must be on one device"):
+        ContrastiveDecoder(expert, amateur, len(tok), [2])
+
+
 @pytest.mark.parametrize("engine", ["eager", "fast"])
 def test_direct_greedy_equals_hf_generate(setup, engine):
     tok, expert, _, prompts = setup
