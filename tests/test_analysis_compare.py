@@ -33,8 +33,12 @@ def test_rows_columns_and_spread_from_a_recipe_run_dir(tmp_path):
     # CoDIT vs direct: IF +0.12 is beyond the spread; own-fact knowledge (−0.01 vs std 0.02) is not.
     by = {(p["a"], p["b"], p["column"]): p["verdict"] for p in result["pairs"]}
     key = (ROW_LABELS["codit"], ROW_LABELS["direct"])
+    assert result["pairs"][0]["a"] == ROW_LABELS["codit"]  # the headline pair comes first, CoDIT as a
     assert by[key + ("IF prompt strict",)] == "better"
     assert by[key + ("knowledge (own facts)",)] == "no difference"
+    # lower perplexity is better, a conflict share has no better direction
+    assert by[key + ("held-out ppl",)] == by[key + ("bits/byte",)] == "worse"
+    assert by[key + ("conflicts: source's answer",)] == "lower"
 
 
 def test_verdict_rules():
@@ -43,6 +47,17 @@ def test_verdict_rules():
     assert verdict(a, {"mean": 0.2, "std": 0.05}, True)[1] == "better"
     assert verdict(a, {"mean": 0.2, "std": 0.05}, False)[1] == "worse"
     assert verdict({"mean": 1.0, "std": None}, {"mean": 2.0, "std": None}, True)[1] == "n=1"
+    assert verdict({"mean": 1.0, "std": None}, {"mean": 0.5, "std": 0.1}, True)[1] == "better"  # one side has a spread
+    # the spread of a difference adds in quadrature: sqrt(0.03² + 0.04²) = 0.05 < 0.06 (a plain sum, 0.07, would not)
+    assert verdict({"mean": 0.56, "std": 0.03}, {"mean": 0.5, "std": 0.04}, True)[1] == "better"
+
+
+def test_missing_and_nan_values_do_not_count():
+    from distill.evaluate_compare import _stats
+
+    assert _stats([0.5, float("nan"), None, 0.7]) == pytest.approx({"n": 2, "mean": 0.6, "std": 0.1414},
+                                                                   rel=1e-3)
+    assert _stats([]) == {"n": 0, "mean": None, "std": None}
 
 
 def test_missing_scores_is_a_clear_error(tmp_path):
@@ -63,22 +78,26 @@ def test_command_line_writes_table_and_figure(tmp_path):
 
 
 def test_pooled_run_dirs_count_a_shared_untuned_row_once(tmp_path):
-    """Two run directories share the untuned rows' models; each trained its own seeds."""
+    """Two run directories share the untuned rows' models (each has its own copy, scored with
+    its own wall time); each trained its own seeds."""
     script = Path(__file__).parents[1] / "analysis" / "compare_transfer.py"
-    other = tmp_path / "other"
-    shutil.copytree(RUN, other)
-    for seeded in (other / "scores").glob("codit-seed*.json"):
-        scores = json.loads(seeded.read_text())
-        scores["if"]["prompt_level_strict"] += 0.1
-        seeded.write_text(json.dumps(scores))
-    out = subprocess.run([sys.executable, str(script), "--run-dir", str(RUN), "--run-dir", str(other),
+    runs = [tmp_path / "first", tmp_path / "other"]
+    for i, run in enumerate(runs):
+        shutil.copytree(RUN, run)
+        for scored in (run / "scores").glob("*.json"):
+            scores = json.loads(scored.read_text())
+            scores.update(model=str(run / "models" / scored.stem), seconds=3.0 + i)
+            if i and scored.stem.startswith("codit-seed"):
+                scores["if"]["prompt_level_strict"] += 0.1
+            scored.write_text(json.dumps(scores))
+    out = subprocess.run([sys.executable, str(script), "--run-dir", str(runs[0]), "--run-dir", str(runs[1]),
                           "--out", str(tmp_path / "o"), "--no-figure"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     with open(tmp_path / "o" / "comparison.csv") as f:
         n = {r["row"]: int(r["n"]) for r in csv.DictReader(f)}
     assert n[ROW_LABELS["target-base"]] == 1 and n[ROW_LABELS["weight-arithmetic"]] == 1
     assert n[ROW_LABELS["codit"]] == 6  # three seeds from each run
-    assert n[ROW_LABELS["direct"]] == 3  # identical copies: the same three measurements
+    assert n[ROW_LABELS["direct"]] == 3  # identical scores: the same three models' measurements
 
 
 def test_mask_ablation_pools_run_dirs_and_scores_the_training_data(tmp_path):
