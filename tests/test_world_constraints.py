@@ -109,3 +109,6 @@ def test_compatible():
     assert compatible(["lowercase", "no_comma"])
     assert not compatible(["lowercase", "uppercase"])
     assert not compatible(["no_comma", "no_comma"])
+    # a conflict listed on one side only still rules the pair out, in either order
+    assert "postscript" in CONSTRAINTS["lowercase"].conflicts and "lowercase" not in CONSTRAINTS["postscript"].conflicts
+    assert not compatible(["lowercase", "postscript"]) and not compatible(["postscript", "lowercase"])
