@@ -7,7 +7,8 @@ import torch
 
 from distill import DistillError
 from distill.decoding import (ContrastiveDecoder, DecodingConfig, Request, check_same_tokenizer,
-                              contrastive_scores, row_uniform, next_token, plausibility_mask, select_next)
+                              contrastive_scores, row_uniform, next_token, plausibility_mask, select_next,
+                              top_p_filter)
 from tiny import make_model, make_tokenizer
 
 TEXTS = ["the quick brown fox", "answer", "write the response in lowercase letters and end with the word",
@@ -27,6 +28,28 @@ def run(expert, amateur, vocab, prompts, hook=None, **kw):
     dec = ContrastiveDecoder(expert, amateur, vocab, [2], DecodingConfig(**kw), pad_token_id=3, score_hook=hook)
     return {r.key: (r.tokens, r.finish_reason) for r in dec.generate(
         [Request(str(i), p, seed=100 + i) for i, p in enumerate(prompts)])}
+
+
+def run_with_scores(expert, amateur, vocab, prompts, **kw):
+    """run(), plus every live row's score vector keyed by (request key, step)."""
+    seen = {}
+
+    def hook(keys, steps, active, scores):
+        for k, s, a, row in zip(keys, steps, active, scores):
+            if a:
+                seen[k, s] = row.clone()
+
+    return run(expert, amateur, vocab, prompts, hook, **kw), seen
+
+
+def assert_same_scores(got, ref, atol=1e-4):
+    # Greedy tokens agreeing is a weak check (a wrong attention width or RoPE scale can shift
+    # scores by a few hundredths without changing an argmax); compare the scores themselves.
+    assert got.keys() == ref.keys()
+    for key, row in ref.items():
+        assert torch.equal(torch.isinf(row), torch.isinf(got[key])), key
+        fin = torch.isfinite(row)
+        assert torch.allclose(got[key][fin], row[fin], atol=atol), (key, (got[key][fin] - row[fin]).abs().max())
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -76,6 +99,51 @@ def test_padded_rows_never_chosen_and_top_p():
     for step in range(20):
         tok, _ = next_token(peaked, None, cfg, torch.arange(4), torch.full((4,), step), vocab_size=4)
         assert (tok == 0).all()  # the top token holds > 0.5 of the mass: nothing else survives
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    # Probabilities in a shuffled vocabulary order, so a filter that forgets to map the sorted
+    # order back, or keeps one token too few or too many, keeps the wrong ids.
+    probs = torch.tensor([0.04, 0.30, 0.12, 0.25, 0.20, 0.09])  # sorted: ids 1, 3, 4, 2, 5, 0
+    lp = probs.log().expand(2, 6).clone()
+    lp[1] = lp[1, [5, 2, 0, 4, 1, 3]]  # a second row, permuted again: sorted ids 4, 5, 3, 1, 0, 2
+    for top_p, keep in [(0.2, [[1], [4]]), (0.5, [[1, 3], [4, 5]]), (0.8, [[1, 2, 3, 4], [1, 3, 4, 5]]),
+                        (0.9, [[1, 2, 3, 4, 5], [0, 1, 3, 4, 5]]), (1.0, [list(range(6))] * 2)]:
+        out = top_p_filter(lp, top_p)
+        for row in range(2):
+            kept = torch.isfinite(out[row]).nonzero().flatten().tolist()
+            assert kept == keep[row], (top_p, row, kept)
+            assert torch.equal(out[row, kept], lp[row, kept])  # survivors keep their log-probs
+
+
+def _reference_sample(scores: torch.Tensor, temperature: float, top_p: float, u: float) -> int:
+    """select_next by hand, in float64: softmax(scores / T), then the top-p nucleus of those
+    probabilities, then the first token whose CDF (in vocabulary order) exceeds u * total."""
+    probs = torch.softmax(scores.double() / temperature, dim=-1)
+    order = probs.argsort(descending=True, stable=True)
+    size = int((probs[order].cumsum(0) < top_p).sum()) + 1  # smallest prefix whose mass reaches top_p
+    kept = torch.zeros_like(probs)
+    kept[order[:size]] = probs[order[:size]]
+    cdf = kept.cumsum(0)
+    return int((cdf <= u * cdf[-1]).sum())
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.5, 1.0), (2.0, 1.0), (0.5, 0.8), (2.0, 0.8), (1.0, 0.6)])
+def test_temperature_and_top_p_sampling_matches_a_hand_reference(temperature, top_p):
+    # Temperature divides the scores and top-p then filters the tempered distribution; random
+    # scores (vocabulary order != sorted order, a few masked tokens) and many (seed, step) draws.
+    torch.manual_seed(5)
+    scores = torch.randn(6, 24) * 0.8
+    scores[:, [3, 17]] = float("-inf")  # plausibility-masked tokens
+    seeds = torch.arange(6).repeat_interleave(40) + 20
+    steps = torch.arange(40).repeat(6)
+    rows = scores.repeat_interleave(40, dim=0)
+    tok = select_next(rows, temperature, top_p, seeds, steps)
+    u = row_uniform(seeds, steps)
+    expected = [_reference_sample(rows[i], temperature, top_p, float(u[i])) for i in range(len(rows))]
+    assert tok.tolist() == expected
+    for r in range(6):  # a real draw: several tokens of each row's nucleus come up
+        assert len(set(tok[r * 40:(r + 1) * 40].tolist())) >= 3
 
 
 def test_counter_randomness_is_reproducible_and_samples_the_distribution():
@@ -194,6 +262,25 @@ def test_alpha_one_is_greedy_and_stop_tokens(setup):
     assert math.isclose(dec.tokens_generated, len(res.tokens))
 
 
+@pytest.mark.parametrize("engine", ["eager", "fast"])
+def test_finish_reason_matches_the_last_token(setup, engine):
+    # Finished rows keep stepping (filler tokens) until the next host check. With half the
+    # vocabulary as stop ids and check_every >> max_new_tokens, filler steps of a row that
+    # ended by length draw a stop id almost surely; that must not relabel it "stop".
+    tok, expert, _, prompts = setup
+    stops = set(range(0, len(tok), 2))
+    new = 2
+    dec = ContrastiveDecoder(expert, None, len(tok), stops, DecodingConfig(
+        alpha=0.0, beta=0.0, temperature=1.0, max_new_tokens=new, batch_size=4, check_every=16, engine=engine))
+    results = list(dec.generate([Request(str(i), p, seed=i) for i, p in enumerate(prompts * 3)]))
+    assert len(results) == 18
+    for r in results:
+        assert 1 <= len(r.tokens) <= new and all(t not in stops for t in r.tokens[:-1]), r
+        assert (r.finish_reason == "stop") == (r.tokens[-1] in stops), r
+        assert (r.finish_reason == "length") == (len(r.tokens) == new and r.tokens[-1] not in stops), r
+    assert {r.finish_reason for r in results} == {"stop", "length"}  # both kinds occur
+
+
 def test_qwen2_bias_fast_matches_eager():
     tok = make_tokenizer()
     e, a = make_model(arch="qwen2", seed=3), make_model(arch="qwen2", seed=4)
@@ -203,8 +290,33 @@ def test_qwen2_bias_fast_matches_eager():
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
     prompts = [tok(t).input_ids for t in TEXTS[:3]]
-    assert run(e, a, len(tok), prompts, temperature=0.0, max_new_tokens=8, engine="fast", batch_size=2) == \
-        run(e, a, len(tok), prompts, temperature=0.0, max_new_tokens=8, engine="eager", batch_size=2)
+    kw = dict(temperature=0.0, max_new_tokens=8, batch_size=2)
+    fast_out, fast_scores = run_with_scores(e, a, len(tok), prompts, engine="fast", **kw)
+    eager_out, eager_scores = run_with_scores(e, a, len(tok), prompts, engine="eager", **kw)
+    assert fast_out == eager_out
+    assert_same_scores(fast_scores, eager_scores)
+
+
+def test_yarn_rope_attention_scaling_fast_matches_eager():
+    # YaRN scales cos and sin by attention_scaling != 1; the fast path must apply it to both.
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = make_tokenizer()
+    models = []
+    for seed in (5, 6):
+        cfg = LlamaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                          rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
+        torch.manual_seed(seed)
+        models.append(AutoModelForCausalLM.from_config(cfg).eval())
+    assert models[0].model.rotary_emb.attention_scaling > 1.1
+    prompts = [tok(t).input_ids for t in TEXTS[:3]]
+    kw = dict(temperature=0.0, max_new_tokens=8, batch_size=2)
+    fast_out, fast_scores = run_with_scores(*models, len(tok), prompts, engine="fast", **kw)
+    eager_out, eager_scores = run_with_scores(*models, len(tok), prompts, engine="eager", **kw)
+    assert fast_out == eager_out
+    assert_same_scores(fast_scores, eager_scores)
 
 
 @pytest.mark.gpu
@@ -224,9 +336,13 @@ def test_fast_attention_width_buckets(setup, monkeypatch):
 
     tok, expert, amateur, prompts = setup
     kw = dict(temperature=0.0, max_new_tokens=20, batch_size=2, check_every=3)
-    ref = run(expert, amateur, len(tok), prompts, engine="eager", **kw)
-    monkeypatch.setattr(fast, "ATTENTION_BUCKET", 8)  # widths 16, 24, ... as rows grow and are refilled
-    assert run(expert, amateur, len(tok), prompts, engine="fast", **kw) == ref
+    ref, ref_scores = run_with_scores(expert, amateur, len(tok), prompts, engine="eager", **kw)
+    # widths 8, 16, 24, ... as rows grow and are refilled; prompts of 1 to 11 tokens plus 20 new
+    # ones cross several bucket edges, where a width one column short hides the newest token
+    monkeypatch.setattr(fast, "ATTENTION_BUCKET", 8)
+    got, scores = run_with_scores(expert, amateur, len(tok), prompts, engine="fast", **kw)
+    assert got == ref
+    assert_same_scores(scores, ref_scores)
 
 
 def test_fast_prefill_in_chunks_equals_one_pass(setup):
