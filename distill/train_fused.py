@@ -64,8 +64,9 @@ def linear_cross_entropy(hidden, weight, labels, num_items=None, chunk_size: int
     num_items = float(num_items.item() if torch.is_tensor(num_items) else num_items)
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
-        # A custom autograd Function escapes autocast: without this cast, fp32 master weights
-        # (the Trainer without DeepSpeed) would run the [tokens x vocab] matmuls in fp32.
+        # Autocast runs the matmuls inside in its dtype, but the Function's buffers are made like
+        # its inputs (grad_hidden like hidden): cast the inputs so that everything is in one dtype
+        # (fp32 master weights, as the Trainer without DeepSpeed keeps them, would mix the two).
         dtype = torch.get_autocast_dtype(device)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     return _LinearCrossEntropy.apply(hidden, weight, labels, max(num_items, 1.0), chunk_size)

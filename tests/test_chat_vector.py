@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -75,12 +76,16 @@ def test_bfloat16_vector_is_close(zoo, tmp_path):
         assert err.max() > 0  # really rounded
 
 
-def test_bfloat16_models_match_the_float32_route_exactly(zoo, tmp_path):
-    # bf16 in and out takes torch's direct bf16 kernels; they must round exactly like float32 + one cast
-    for name in ("base", "post", "cp"):
+def _bfloat16_copies(zoo, dest, names=("base", "post", "cp")):
+    for name in names:
         model = make_model(None)
         model.load_state_dict(_state(zoo / name))
-        model.to(torch.bfloat16).save_pretrained(tmp_path / name)
+        model.to(torch.bfloat16).save_pretrained(dest / name)
+
+
+def test_bfloat16_models_match_the_float32_route_exactly(zoo, tmp_path):
+    # bf16 in and out takes torch's direct bf16 kernels; they must round exactly like float32 + one cast
+    _bfloat16_copies(zoo, tmp_path)
     vec = cv.extract(tmp_path / "base", tmp_path / "post", tmp_path / "v")
     cv.apply(tmp_path / "cp", [(vec, 0.5)], tmp_path / "m")
     base, post, cp, delta, got = (_state(tmp_path / n) for n in ("base", "post", "cp", "v", "m"))
@@ -88,6 +93,58 @@ def test_bfloat16_models_match_the_float32_route_exactly(zoo, tmp_path):
         assert delta[n].dtype == torch.bfloat16 and got[n].dtype == torch.bfloat16
         assert torch.equal(delta[n], (post[n].float() - base[n].float()).bfloat16()), n
         assert torch.equal(got[n], (cp[n].float() + 0.5 * delta[n].float()).bfloat16()), n
+
+
+def test_several_bfloat16_vectors_round_once(zoo, tmp_path):
+    # Two bf16 addends accumulate in float32 and round once; rounding after each would drift.
+    # Power-of-two scales keep the float32 reference exact.
+    _bfloat16_copies(zoo, tmp_path)
+    v1 = cv.extract(tmp_path / "base", tmp_path / "post", tmp_path / "v1")
+    v2 = cv.extract(tmp_path / "base", tmp_path / "cp", tmp_path / "v2")
+    out = cv.apply(tmp_path / "cp", [(v1, 0.5), (v2, -0.25)], tmp_path / "m")
+    cp, d1, d2, got = _state(tmp_path / "cp"), _state(v1), _state(v2), _state(out)
+    for n in cp:
+        assert d1[n].dtype == d2[n].dtype == got[n].dtype == torch.bfloat16, n
+        want = (cp[n].float() + 0.5 * d1[n].float() - 0.25 * d2[n].float()).bfloat16()
+        assert torch.equal(got[n], want), n
+
+
+def test_mixed_dtypes_store_the_vector_in_float32(zoo, tmp_path):
+    # base and post of different dtypes (dtype=None): neither one's dtype holds Δ exactly, float32 does
+    _bfloat16_copies(zoo, tmp_path, names=("base", "post"))
+    for i, (base, post) in enumerate(((zoo / "base", tmp_path / "post"), (tmp_path / "base", zoo / "post"))):
+        vec = cv.extract(base, post, tmp_path / f"v{i}")
+        assert json.loads((vec / "chat_vector.json").read_text())["dtype"] == "float32"
+        b, p, delta = _state(base), _state(post), _state(vec)
+        assert b[next(iter(b))].dtype != p[next(iter(p))].dtype
+        for n in b:
+            assert delta[n].dtype == torch.float32 and torch.equal(delta[n], p[n].float() - b[n].float()), n
+
+
+def _with_int_buffer(src, dest, values):
+    """`src`'s checkpoint plus an integer buffer (as BERT-style position_ids are saved)."""
+    from safetensors.torch import save_file
+
+    dest.mkdir()
+    shutil.copy(src / "config.json", dest / "config.json")
+    save_file({**_state(src), "model.position_ids": values}, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def test_integer_tensors_are_not_weights(zoo, tmp_path):
+    ids = torch.arange(16)
+    base = _with_int_buffer(zoo / "base", tmp_path / "base", ids)
+    post = _with_int_buffer(zoo / "post", tmp_path / "post", ids + 1)
+    target = _with_int_buffer(zoo / "cp", tmp_path / "t", ids * 2)
+    vec = cv.extract(base, post, tmp_path / "v")
+    assert "model.position_ids" not in _state(vec)  # nothing to subtract
+    # the target's buffer needs no Δ: copied as it is, every weight moved
+    got, want = _state(cv.apply(target, [(vec, 1.0)], tmp_path / "m")), _state(target)
+    assert got.keys() == want.keys() and torch.equal(got["model.position_ids"], ids * 2)
+    assert got["model.position_ids"].dtype == torch.int64
+    delta = _state(vec)
+    for n in delta:
+        assert torch.equal(got[n], want[n] + delta[n]), n
 
 
 def test_sharded_and_unsharded_inputs_give_identical_vectors(zoo, tmp_path):
@@ -141,6 +198,22 @@ def test_tied_vector_moves_an_untied_head_too(tmp_path):
     out = _state(cv.apply(tmp_path / "t", [(vec, 1.0)], tmp_path / "m"))
     delta = _state(vec)["model.embed_tokens.weight"]
     torch.testing.assert_close(out["lm_head.weight"], target.lm_head.weight.detach() + delta)
+
+
+def test_tied_target_takes_the_embedding_delta_only(zoo, tmp_path, caplog):
+    # The vector comes from untied models (separate lm_head Δ); a tied target has one matrix for both.
+    # Policy: one matrix, one Δ - the embedding's; the head's Δ is left out, with a warning.
+    target = make_model(tmp_path / "t", tie=True, seed=6)
+    delta = _state(zoo / "cv")
+    assert "lm_head.weight" in delta and "lm_head.weight" not in _state(tmp_path / "t")
+    with caplog.at_level(logging.WARNING, logger="distill.chat_vector"):
+        out = _state(cv.apply(tmp_path / "t", [(zoo / "cv", 1.0)], tmp_path / "m"))
+    assert "ties lm_head" in caplog.text
+    assert "lm_head.weight" not in out  # still tied
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(out[emb], target.model.embed_tokens.weight.detach() + delta[emb])
+    want = {n: p.detach() for n, p in target.named_parameters()}
+    assert all(torch.equal(out[n], want[n] + delta[n]) for n in out), "every other tensor moves by its own Δ"
 
 
 def test_qwen2_round_trip_and_architecture_mismatch(zoo, tmp_path):

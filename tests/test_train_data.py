@@ -1,6 +1,8 @@
 """Data side of `distill train`, no DeepSpeed: templates, assistant masks, packing, bad input."""
 
 import json
+import random
+from itertools import pairwise
 
 import pytest
 import torch
@@ -68,6 +70,62 @@ def test_length_policy_and_repetitive_rows_are_counted(tmp_path):
         assert len(ds) == kept and max(len(x) for x in ds["input_ids"]) <= 40
         assert (stats.dropped_too_long, stats.truncated) == ((1, 0) if policy == "drop" else (0, 1))
     assert len(td.read_chats(data, keep_repetitive=True, stats=td.DataStats())) == 3
+
+
+def test_length_boundary_truncated_labels_and_rows_without_assistant_tokens(tmp_path):
+    tok = make_tokenizer(chat_template=None)
+    td.ensure_chat_template(tok)
+    fits = QA
+    n = len(td.tokenize_chat(tok, fits)[0])  # max_length is exactly this row's length: it fits
+    long_answer = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "the lazy dog " * 20}]
+    long_prompt = [{"role": "user", "content": "the quick brown fox " * 5}, {"role": "assistant", "content": "done"}]
+    cut = td.tokenize_chat(tok, long_prompt)[1][:n]
+    assert len(cut) == n and set(cut) == {-100}  # its assistant tokens all lie past the cut
+    no_answer = [{"role": "user", "content": "the capital"}]
+    empty_answer = [{"role": "user", "content": "the capital"}, {"role": "assistant", "content": ""}]
+    rows = [{"messages": m} for m in (fits, long_answer, long_prompt, no_answer, empty_answer)]
+    data = _rows_file(tmp_path / "chats.jsonl", rows)
+    for policy in ("drop", "truncate"):
+        stats = td.DataStats()
+        chats = td.read_chats(data, keep_repetitive=False, stats=stats)
+        assert stats.dropped_empty == 2  # no assistant turn, or an empty one: nothing to learn
+        ds = td.tokenize_dataset(chats, tok, n, policy, stats)
+        assert all(len(x) == len(y) for x, y in zip(ds["input_ids"], ds["labels"]))  # labels cut with the ids
+        if policy == "drop":
+            assert (len(ds), stats.dropped_too_long, stats.truncated, stats.dropped_no_assistant_tokens) == (1, 2, 0, 0)
+        else:
+            # the long answer is cut to its first n tokens; the long prompt loses every assistant
+            # token to the cut, so it is dropped and counted
+            assert (len(ds), stats.dropped_too_long, stats.truncated, stats.dropped_no_assistant_tokens) == (2, 0, 2, 1)
+            ids, labels = td.tokenize_chat(tok, long_answer)
+            assert (ds[1]["input_ids"], ds[1]["labels"]) == (ids[:n], labels[:n])
+        # the row of exactly max_length is neither dropped nor truncated
+        assert (ds[0]["input_ids"], ds[0]["labels"]) == tuple(td.tokenize_chat(tok, fits))
+        assert stats.examples == len(ds) and stats.tokens == sum(len(x) for x in ds["input_ids"])
+
+
+def test_packing_many_examples_fills_bins_without_overflow():
+    import datasets
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 64) for _ in range(60)]
+    # example i is made of token i only (labels -i), so every packed segment names its example
+    ds = datasets.Dataset.from_dict({"input_ids": [[i] * n for i, n in enumerate(lengths)],
+                                     "labels": [[-i] * n for i, n in enumerate(lengths)]})
+    packed = td.pack(ds, max_length=64)
+    assert len(packed) < len(lengths)  # it did pack
+    seen = []
+    for row in packed:
+        ids, labels, pos = row["input_ids"], row["labels"], row["position_ids"]
+        assert len(ids) == len(labels) == len(pos) <= 64
+        starts = [k for k, p in enumerate(pos) if p == 0] + [len(pos)]
+        for a, b in pairwise(starts):
+            i = ids[a]
+            # one example per segment, whole, with positions 0..len-1
+            assert ids[a:b] == [i] * lengths[i] and labels[a:b] == [-i] * lengths[i]
+            assert pos[a:b] == list(range(lengths[i]))
+            seen.append(i)
+    assert sorted(seen) == list(range(len(lengths)))  # every example exactly once
 
 
 def test_packed_rows_never_attend_across_examples():
