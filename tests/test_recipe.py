@@ -160,7 +160,9 @@ def test_mistral_to_qwen_recipe_runs_end_to_end_with_stand_ins_and_resumes(stand
     # A changed setting reruns the stages it touches and replaces their outputs (no "already exists").
     assert main(args + ["--set", "synthesis.methods=[codit, direct, direct-masked]", "--set", "train.lr=3e-4"]) == 0
     final = json.loads((run_dir / "stages.json").read_text())
-    assert {n for n in final if final[n]["key"] != after[n]["key"]} >= {"train-codit-seed0", "train-direct-seed0"}
+    # exactly the retrained models and their scores (evaluating the unchanged models again would be waste)
+    retrained = {f"{stage}-{m}-seed0" for stage in ("train", "evaluate") for m in ("codit", "direct", "direct-masked")}
+    assert {n for n in final if final[n]["key"] != after[n]["key"]} == retrained | {"report"}
     assert final["synthesize-codit"] == after["synthesize-codit"]
     assert json.loads((run_dir / "models" / "codit-seed0" / "train_config.json").read_text())["lr"] == 3e-4
 
@@ -176,6 +178,51 @@ def test_cross_architecture_weight_arithmetic_is_skipped_and_said(stand_ins, tmp
     names = [s.name for s in pipeline.plan()]
     assert "weight-arithmetic" not in names and "chat-vector" not in names
     assert any("same architecture" in n for n in pipeline.notes)
+
+
+def _dry_run(stand_ins, run_dir, overrides=(), **run_kw) -> list[str]:
+    """Pipeline.run with every stage's work replaced by a no-op: the names of the stages that ran."""
+    from distill.recipe import Pipeline
+    from distill.recipe_schema import resolve_references
+
+    recipe = resolve_references(load_recipe(MISTRAL_TO_QWEN, _overrides(stand_ins, run_dir)[1::2] + list(overrides)),
+                                None)
+    pipeline = Pipeline(recipe, MISTRAL_TO_QWEN)
+    pipeline.preflight()
+    ran, real_plan = [], pipeline.plan
+
+    def plan():
+        stages = real_plan()
+        for st in stages:
+            st.run = lambda name=st.name: ran.append(name) or {}
+        return stages
+
+    pipeline.plan = plan
+    pipeline.run(**run_kw)
+    return ran
+
+
+def test_changed_train_settings_rerun_the_evaluations_of_the_retrained_models_only(stand_ins, tmp_path):
+    everything = _dry_run(stand_ins, tmp_path)
+    assert "evaluate-codit-seed0" in everything and "evaluate-weight-arithmetic" in everything
+    assert _dry_run(stand_ins, tmp_path) == ["report"]  # nothing changed: only the report is rewritten
+    before = json.loads((tmp_path / "stages.json").read_text())
+    # A retrained model must be scored again (its stage key includes its producer's key), else the
+    # report shows stale scores; the models training does not touch keep theirs.
+    ran = _dry_run(stand_ins, tmp_path, ["train.lr=3e-4"])
+    assert ran == ["train-codit-seed0", "train-direct-seed0", "evaluate-codit-seed0", "evaluate-direct-seed0",
+                   "report"]
+    after = json.loads((tmp_path / "stages.json").read_text())
+    assert {n for n in after if after[n]["key"] != before[n]["key"]} == set(ran)
+
+
+def test_from_reruns_the_named_stage_and_everything_after_it(stand_ins, tmp_path):
+    names = _dry_run(stand_ins, tmp_path)
+    for start, first in (("train", "train-codit-seed0"), ("evaluate-codit-seed0", "evaluate-codit-seed0"),
+                         ("synthesize-*", "synthesize-codit")):
+        assert _dry_run(stand_ins, tmp_path, start_from=start) == names[names.index(first):], start
+    with pytest.raises(DistillError, match=r"--from trian: no such stage; stages: chat-vector, "):
+        _dry_run(stand_ins, tmp_path, start_from="trian")
 
 
 def test_multi_gpu_training_goes_through_the_deepspeed_launcher_with_parseable_flags(stand_ins, tmp_path,

@@ -65,7 +65,53 @@ def test_dataset_card_and_rows(full_run):
     assert json.loads((full_run / "provenance.json").read_text())["counts"]["rows"] == 7
 
 
-def test_resume_after_torn_shard_equals_uninterrupted(zoo, full_run):
+def test_rows_match_the_decoder_tokens_and_the_repetition_filter(zoo, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import distill.decoding
+
+    # Extra stop ids in generation_config (as Llama-3's <|eot_id|>), here ordinary word pieces, so
+    # some rows stop and others run to max_new_tokens, and a kept stop token would show in the text.
+    expert = tmp_path / "post-stops"
+    shutil.copytree(zoo / "post", expert)
+    gen = json.loads((expert / "generation_config.json").read_text())
+    stops = [2] + list(range(4, 170, 9))
+    (expert / "generation_config.json").write_text(json.dumps(gen | {"eos_token_id": stops}))
+    results = {}
+    real_generate = distill.decoding.ContrastiveDecoder.generate
+
+    def spy(self, requests):
+        for result in real_generate(self, requests):
+            results[result.key] = result
+            yield result
+
+    monkeypatch.setattr(distill.decoding.ContrastiveDecoder, "generate", spy)
+    # n = 3 and a threshold of 0.1 split these short responses (the default n = 20 finds no repeats in them)
+    out = tmp_path / "stops"
+    synthesize(cfg(zoo, out, expert=str(expert), repetition_ngram=3, repetition_threshold=0.1))
+    tok = AutoTokenizer.from_pretrained(expert)
+    data = rows(out)
+    assert {r["finish_reason"] for r in data} == {"stop", "length"}
+    for r in data:
+        tokens = results[r["id"]].tokens
+        if r["finish_reason"] == "stop":  # the stop token ends the row and is not part of the response
+            assert tokens[-1] in stops
+            tokens = tokens[:-1]
+        else:  # cut at max_new_tokens: every generated token is in the response
+            assert len(tokens) == 10
+        assert r["response_tokens"] == len(tokens)
+        assert r["response"] == tok.decode(tokens, skip_special_tokens=True).strip(), r
+        assert r["messages"][-1] == {"role": "assistant", "content": r["response"]}
+        rep = repetition_fraction(r["response"], 3)
+        assert r["repetition"] == round(rep, 4) and r["repetitive"] == (rep > 0.1), r
+    flagged = sum(r["repetitive"] for r in data)
+    assert 0 < flagged < len(data)  # the threshold splits the rows, so both sides are checked
+    # The card and provenance count the flagged rows (train drops them by default).
+    assert json.loads((out / "provenance.json").read_text())["counts"]["repetitive"] == flagged
+    assert f"Repetition filter: {flagged} of {len(data)} rows" in (out / "README.md").read_text()
+
+
+def test_resume_after_torn_shard_equals_uninterrupted(zoo, full_run, monkeypatch):
     out = zoo / "resumed"
     (out / "shards").mkdir(parents=True)
     shutil.copy(full_run / "provenance.json", out / "provenance.json")
@@ -76,9 +122,11 @@ def test_resume_after_torn_shard_equals_uninterrupted(zoo, full_run):
     assert rows(out) == rows(full_run)
     shard = [json.loads(x) for x in (out / "shards" / "rank-00000.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in shard) == [f"q{i}" for i in range(7)]  # no duplicates, none lost
-    mtime = (out / "data" / "train.jsonl").stat().st_mtime_ns
+    shard_bytes = (out / "shards" / "rank-00000.jsonl").read_bytes()
+    monkeypatch.setattr("distill.synthesize._load", lambda *a: pytest.fail("all done: no model may be loaded"))
     synthesize(cfg(zoo, out))  # all done: nothing to generate, same data
-    assert rows(out) == rows(full_run) and (out / "data" / "train.jsonl").stat().st_mtime_ns >= mtime
+    assert rows(out) == rows(full_run)
+    assert (out / "shards" / "rank-00000.jsonl").read_bytes() == shard_bytes  # no row generated twice
 
 
 def test_resume_with_edited_prompts_is_refused_then_overwritten(zoo, full_run, tmp_path, monkeypatch):
@@ -138,6 +186,10 @@ def test_clear_errors(zoo, tmp_path):
     bad.write_text(json.dumps({"id": 1, "prompt": "hi"}) + "\n")
     with pytest.raises(DistillError, match=r"bad.jsonl row 0 has neither an 'instruction'"):
         synthesize(cfg(zoo, tmp_path / "o1", prompts=str(bad)))
+    twice = tmp_path / "twice.jsonl"  # resume keys on ids: a duplicate would silently lose a prompt
+    twice.write_text("".join(json.dumps({"id": i, "instruction": "hi"}) + "\n" for i in ("a", "b", "a")))
+    with pytest.raises(DistillError, match=r"twice.jsonl: id 'a' appears twice; ids must be unique"):
+        synthesize(cfg(zoo, tmp_path / "o0", prompts=str(twice)))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(DistillError, match="empty.jsonl has no rows"):
