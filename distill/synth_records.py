@@ -11,6 +11,7 @@ directory") live in one place:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -182,6 +183,12 @@ tags:
 - distill
 - synthetic
 - {method}
+dataset_info:
+  config_name: default
+  download_checksums:
+    data/train.jsonl:
+      num_bytes: {num_bytes}
+      checksum: {sha256}
 ---
 """
 
@@ -200,8 +207,9 @@ def merge(out: Path, prompt_ids: list[str] | None = None) -> Path | None:
     if missing:
         return None
     ordered = [rows[i] for i in ids]
-    atomic_write_text(out / "data" / "train.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
+    atomic_write_text(out / "data" / "train.jsonl", text)
+    data = text.encode()
     counts = {
         "rows": len(ordered),
         "repetitive": sum(bool(r["repetitive"]) for r in ordered),
@@ -210,11 +218,15 @@ def merge(out: Path, prompt_ids: list[str] | None = None) -> Path | None:
     }
     provenance["counts"] = counts
     atomic_write_json(prov_path, provenance)
-    atomic_write_text(out / "README.md", dataset_card(provenance))
+    atomic_write_text(out / "README.md", dataset_card(provenance, len(data), hashlib.sha256(data).hexdigest()))
     return out
 
 
-def dataset_card(p: dict) -> str:
+def dataset_card(p: dict, num_bytes: int, sha256: str) -> str:
+    """The card. Its checksum of the data file is also what keeps `datasets.load_dataset(D)`
+    correct: `datasets` keys the cache of a local directory on the folder's name and its card's
+    YAML, not on the files, so two outputs both named `codit` with the same header would share
+    one cache entry and the second would load the first one's rows."""
     s, c = p["settings"], p["counts"]
     how = ("contrastive decoding (CoDIT): at each step, among tokens with p_expert >= alpha * max p_expert, "
            "sample from softmax((log p_expert - beta * log p_amateur) / temperature) with top-p"
@@ -222,7 +234,7 @@ def dataset_card(p: dict) -> str:
            "direct sampling from the expert (beta = 0: the CoDIT engine without the amateur)")
     rows = c["rows"]
     avg = c["response_tokens"] / max(rows, 1)
-    return CARD_HEADER.format(method=s["method"]) + f"""
+    return CARD_HEADER.format(method=s["method"], num_bytes=num_bytes, sha256=sha256) + f"""
 # Synthetic instruction data ({s["method"]})
 
 Made by `distill synthesize` (distill {p["distill_version"]}) by {how}.

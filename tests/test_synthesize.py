@@ -49,6 +49,19 @@ def full_run(zoo):
     return out
 
 
+def test_two_outputs_of_one_name_load_their_own_rows_with_datasets(zoo, full_run, tmp_path):
+    # `datasets` caches a local directory by its name and card, not its files: without the data
+    # checksum in the card, the second `codit` directory loaded the first one's rows.
+    import datasets
+
+    other = tmp_path / "b" / "full"
+    synthesize(cfg(zoo, other, seed=6, limit=4))
+    cache = tmp_path / "hf-cache"
+    for out in (full_run, other):
+        loaded = datasets.load_dataset(str(out), cache_dir=str(cache))["train"]
+        assert [r["response"] for r in loaded] == [r["response"] for r in rows(out)]
+
+
 def test_dataset_card_and_rows(full_run):
     import datasets
 
