@@ -175,8 +175,11 @@ class DecodingConfig:
             raise DistillError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
             raise DistillError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.check_every < 1 or self.refill_min < 0:
-            raise DistillError("max_new_tokens, batch_size and check_every must be >= 1, refill_min >= 0")
+        for name in ("max_new_tokens", "batch_size", "check_every"):
+            if getattr(self, name) < 1:
+                raise DistillError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.refill_min < 0:
+            raise DistillError(f"refill_min must be >= 0, got {self.refill_min}")
         if self.engine not in ("auto", "eager", "fast"):
             raise DistillError(f"engine must be auto, eager or fast, got {self.engine!r}")
 

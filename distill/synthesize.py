@@ -67,6 +67,15 @@ class SynthesizeConfig:
             self.beta, self.amateur = 0.0, None
         elif not self.amateur:
             raise DistillError("method codit needs --amateur (the expert's base model); or use --method direct")
+        # Every value checked before anything is written: a run that fails here leaves nothing behind.
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise DistillError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not 0.0 <= self.repetition_threshold <= 1.0 or self.repetition_ngram < 1:
+            raise DistillError("need 0 <= repetition_threshold <= 1 and repetition_ngram >= 1")
+        from distill.decoding import DecodingConfig
+
+        DecodingConfig(alpha=self.alpha, beta=self.beta, temperature=self.temperature, top_p=self.top_p,
+                       max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, engine=self.engine).validate()
 
     def settings(self) -> dict:
         return {k: getattr(self, k) for k in RESUME_KEYS} | {"limit": self.limit}
@@ -89,7 +98,8 @@ def _prepare_out(cfg: SynthesizeConfig, prompt_ids: list[str]) -> Path:
         if prov.exists():
             old = json.loads(prov.read_text())["settings"]
             changed = {k: (old.get(k), v) for k, v in cfg.settings().items() if k != "limit" and old.get(k) != v}
-            if changed and not cfg.overwrite:
+            # An output without a finished row (a run that failed at once) has nothing to lose.
+            if changed and not cfg.overwrite and finished_rows(out):
                 raise DistillError(f"output {out} holds a run with other settings {changed}; rerun with the "
                                    f"same settings to resume, or pass --overwrite, or choose another --out")
             if changed:
@@ -104,12 +114,11 @@ def _prepare_out(cfg: SynthesizeConfig, prompt_ids: list[str]) -> Path:
     return out
 
 
-def _load(cfg: SynthesizeConfig, local_rank: int):
-    """Tokenizers first (vocabulary check before any model touches the device), then the models."""
-    import torch
-
-    from distill.decoding import check_embedding_rows, check_same_tokenizer
-    from distill.models import default_dtype, load_causal_lm, load_tokenizer
+def _load_tokenizer(cfg: SynthesizeConfig):
+    """The expert's tokenizer and the real vocabulary size, checked against the amateur's: before
+    anything is written or any model touches the device."""
+    from distill.decoding import check_same_tokenizer
+    from distill.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.expert, cfg.trust_remote_code, what="expert")
     if tokenizer.chat_template is None:
@@ -120,15 +129,22 @@ def _load(cfg: SynthesizeConfig, local_rank: int):
                                      cfg.expert, cfg.amateur)
     else:
         vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    return tokenizer, vocab
+
+
+def _load(cfg: SynthesizeConfig, local_rank: int, tokenizer, vocab: int):
+    """The models, on this rank's device."""
+    import torch
+
+    from distill.decoding import check_embedding_rows
+    from distill.models import default_dtype, load_causal_lm
+
     device = cfg.device
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)  # one GPU per rank; CUDA graphs capture on the current device
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cfg.dtype != "auto" and cfg.dtype not in dtypes:
-        raise DistillError(f"dtype must be auto or one of {sorted(dtypes)}, got {cfg.dtype!r}")
-    dtype = dtypes[cfg.dtype] if cfg.dtype != "auto" else default_dtype(device)
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else default_dtype(device)
     expert = load_causal_lm(cfg.expert, dtype, device, cfg.trust_remote_code, what="expert")
     check_embedding_rows(expert, vocab, f"expert {cfg.expert}")
     amateur = None
@@ -138,7 +154,7 @@ def _load(cfg: SynthesizeConfig, local_rank: int):
     stops = {tokenizer.eos_token_id}
     gen_eos = getattr(expert.generation_config, "eos_token_id", None)
     stops |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return tokenizer, expert, amateur, vocab, sorted(s for s in stops if s is not None)
+    return expert, amateur, sorted(s for s in stops if s is not None)
 
 
 def _discard_rows(out: Path) -> None:
@@ -183,6 +199,7 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
 
     rank, world, local_rank = _rank()
     prompts = load_prompts(cfg.prompts, cfg.limit)
+    tokenizer, vocab = _load_tokenizer(cfg)
     out = _prepare_out(cfg, [p["id"] for p in prompts])
     done = finished_rows(out)
     if _changed_prompts(done, prompts, cfg):
@@ -193,7 +210,7 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
     log.info("rank %d/%d: %d prompts, %d already done, %d to go", rank, world,
              len(prompts[rank::world]), len(prompts[rank::world]) - len(todo), len(todo))
     if todo:
-        tokenizer, expert, amateur, vocab, stops = _load(cfg, local_rank)
+        expert, amateur, stops = _load(cfg, local_rank, tokenizer, vocab)
         by_id = {p["id"]: p for p in todo}
         requests = [Request(p["id"], _render(tokenizer, p["messages"]), derive_seed(cfg.seed, p["id"])) for p in todo]
         decoder = ContrastiveDecoder(

@@ -213,6 +213,20 @@ def test_clear_errors(zoo, tmp_path):
         synthesize(cfg(zoo, blocker / "out"))
     with pytest.raises(DistillError, match="tokenizers of .* differ"):
         synthesize(cfg(zoo, tmp_path / "o3", amateur=str(zoo / "other")))
+    assert not (tmp_path / "o3").exists()  # refused before anything was written
+    for bad_value, message in ((dict(alpha=2.0), "alpha must be in"), (dict(top_p=0.0), "top_p"),
+                               (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+                               (dict(dtype="fp8"), "dtype must be")):
+        with pytest.raises(DistillError, match=message):
+            synthesize(cfg(zoo, tmp_path / "o5", **bad_value))
+        assert not (tmp_path / "o5").exists()
+    # a stub left by a run that failed before its first row does not block the corrected command
+    stub = tmp_path / "o6"
+    synthesize(cfg(zoo, stub, limit=2))
+    shutil.rmtree(stub / "shards")
+    (stub / "shards").mkdir()
+    synthesize(cfg(zoo, stub, limit=2, alpha=0.5))
+    assert len(rows(stub)) == 2
     with pytest.raises(DistillError, match="other settings"):
         synthesize(cfg(zoo, zoo / "full", alpha=0.5))
     assert main(["synthesize", "--expert", str(zoo / "post"), "--prompts", str(empty), "--out",
