@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from distill import DistillError
 from distill.models import stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[str, to
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)} or auto")
+        raise DistillError(f"unknown dtype {dtype!r}; use one of {', '.join(names)} or auto")
     return device, names[dtype]
 
 

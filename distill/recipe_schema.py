@@ -201,7 +201,28 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     unknown = sorted(set(recipe.synthesis.methods) - set(SYNTHESIS_METHODS))
     if unknown:
         raise DistillError(f"{path}: synthesis.methods: unknown {unknown}; use any of {', '.join(SYNTHESIS_METHODS)}")
+    _check_values(recipe, str(path))
     return recipe
+
+
+def _check_values(recipe: Recipe, where: str) -> None:
+    """Value ranges, with the stages' own checks, when the recipe loads: not hours later, when
+    the stage that reads a bad value finally starts."""
+    from distill.decoding import DecodingConfig
+    from distill.train import TrainConfig, _validate
+
+    s, t = recipe.synthesis, recipe.train
+    try:
+        DecodingConfig(alpha=s.alpha, beta=s.beta, temperature=s.temperature, top_p=s.top_p,
+                       max_new_tokens=s.max_new_tokens, batch_size=s.batch_size).validate()
+    except DistillError as exc:
+        raise DistillError(f"{where}: synthesis: {exc}") from None
+    try:
+        _validate(TrainConfig(model="", data="", out="", epochs=t.epochs, max_steps=t.max_steps, lr=t.lr,
+                              batch_size=t.batch_size, grad_accum=t.grad_accum, max_length=t.max_length,
+                              truncation=t.truncation))
+    except DistillError as exc:
+        raise DistillError(f"{where}: train: {exc}") from None
 
 
 def resolve_references(recipe: Recipe, zoo: str | None) -> Recipe:

@@ -131,6 +131,18 @@ def _validate(cfg: TrainConfig) -> None:
         raise DistillError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         raise DistillError("set epochs > 0 or max_steps > 0")
+    if not cfg.lr > 0 or cfg.weight_decay < 0:
+        raise DistillError(f"need lr > 0 and weight_decay >= 0, got lr {cfg.lr}, weight_decay {cfg.weight_decay}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise DistillError(f"warmup_ratio is a share of the training steps, in [0, 1); got {cfg.warmup_ratio}")
+    if cfg.truncation not in ("drop", "truncate"):
+        raise DistillError(f"truncation must be drop or truncate, got {cfg.truncation!r}")
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.lr_scheduler not in schedulers:
+        raise DistillError(f"unknown lr_scheduler {cfg.lr_scheduler!r}; one of {', '.join(schedulers)}")
+    use_bf16(cfg.precision)  # raises on an unknown precision
 
 
 # ----------------------------------------------------------------------------- training

@@ -41,6 +41,11 @@ def test_schema_rejects_unknown_keys_and_wrong_types(tmp_path):
         load_recipe(MISTRAL_TO_QWEN, ["train.lr=3e-4x"])
     with pytest.raises(DistillError, match=r"synthesis.methods: unknown \['contrast'\]; use any of codit, direct"):
         load_recipe(MISTRAL_TO_QWEN, ["synthesis.methods=[codit, contrast]"])
+    # values out of range fail when the recipe loads, not when their stage starts hours later
+    with pytest.raises(DistillError, match=r"mistral-to-qwen.yaml: synthesis: alpha must be in \[0, 1\], got 2.0"):
+        load_recipe(MISTRAL_TO_QWEN, ["synthesis.alpha=2"])
+    with pytest.raises(DistillError, match=r"mistral-to-qwen.yaml: train: need lr > 0"):
+        load_recipe(MISTRAL_TO_QWEN, ["train.lr=-1"])
 
 
 def test_real_recipe_without_checkpoints_fails_fast_naming_them(tmp_path, capsys, monkeypatch):

@@ -193,6 +193,18 @@ def test_bad_paths_and_deepspeed_config_are_clear_errors(tmp_path, target):
         load_deepspeed_config("zero9")
 
 
+@pytest.mark.parametrize("setting, match", [
+    (dict(lr=-1.0), "need lr > 0"), (dict(warmup_ratio=5.0), "warmup_ratio is a share"),
+    (dict(lr_scheduler="cosinee"), "unknown lr_scheduler 'cosinee'"), (dict(precision="fp8"), "precision must be"),
+    (dict(truncation="cut"), "truncation must be"),
+])
+def test_bad_settings_fail_before_anything_is_written(tmp_path, target, setting, match):
+    data = _rows_file(tmp_path / "d.jsonl", [{"instruction": "a", "response": "b"}])
+    with pytest.raises(DistillError, match=match):
+        train(TrainConfig(model=str(target), data=str(data), out=str(tmp_path / "m"), **setting))
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.checkpoints").exists()
+
+
 def test_shipped_deepspeed_configs_leave_numbers_to_the_trainer():
     for name in ("zero2", "zero3", "zero3_offload"):
         cfg = load_deepspeed_config(name)
