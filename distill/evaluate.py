@@ -12,8 +12,9 @@ shared / source_only / target_only / conflict) and `text/heldout.jsonl` (pre-tra
   whether it answers the source's way or the target's;
 - ppl: held-out perplexity and bits per byte (comparable across tokenizers).
 
-Scores go to `<model>/scores.json` unless `out` says otherwise, responses beside them
-(`*.responses.jsonl`); both are written atomically. `--lm-eval TASKS` passes the model to
+Scores go to `<model>/scores.json` (for a hub id from the HF cache: `scores/<org>--<name>.json`)
+unless `out` says otherwise, responses beside them (`*.responses.jsonl`); both are written
+atomically. `--lm-eval TASKS` passes the model to
 lm-evaluation-harness for real checkpoints whose task data is cached locally.
 """
 
@@ -41,7 +42,7 @@ class EvaluateConfig:
     model: str = ""
     zoo: str | None = None  # directory of the world's layout; None runs lm-eval only
     suites: tuple[str, ...] = SUITES
-    out: str | None = None  # default: <model>/scores.json
+    out: str | None = None  # default: <model>/scores.json (a hub id: scores/<org>--<name>.json)
     batch_size: int = 32
     max_new_tokens: int = 256
     limit: int | None = None  # first N rows of each file (quick looks)
@@ -180,7 +181,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     if "ppl" in suites:
         inputs["ppl"] = read_jsonl(path(cfg.heldout, "text", "heldout.jsonl"), ("text",), cfg.limit)
 
-    out = Path(cfg.out) if cfg.out else model_dir / "scores.json"
+    out = Path(cfg.out) if cfg.out else default_scores_path(cfg.model, model_dir)
     if not os.access(out.parent if out.parent.exists() else out.parent.parent, os.W_OK):
         raise DistillError(f"cannot write scores to {out}: pass --out to a writable path")
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
@@ -215,6 +216,15 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         atomic_write_text(responses_path(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     log.info("scores written to %s", out)
     return scores
+
+
+def default_scores_path(model_ref: str, model_dir: Path) -> Path:
+    """<model>/scores.json for a local directory; for a hub id resolved from the Hugging Face
+    cache, scores/<org>--<name>.json in the working directory: the cache is not ours to write
+    into (and is often read-only, shared)."""
+    if Path(os.path.expanduser(str(model_ref))).is_dir():
+        return model_dir / "scores.json"
+    return Path("scores") / (str(model_ref).replace("/", "--") + ".json")
 
 
 def responses_path(scores_json: Path) -> Path:
@@ -268,7 +278,8 @@ def add_cli(subparsers, summary: str | None = None) -> None:
                                  "text/heldout.jsonl), e.g. the output of `distill zoo build`")
     p.add_argument("--suite", default=",".join(SUITES),
                    help=f"comma-separated suites to run, of {','.join(SUITES)} (default: all)")
-    p.add_argument("--out", help="scores JSON path (default: <model>/scores.json; responses go beside it)")
+    p.add_argument("--out", help="scores JSON path (default: <model>/scores.json, or scores/<org>--<name>.json for a "
+                        "hub id from the Hugging Face cache; responses go beside it)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"rows per forward pass (default {d.batch_size})")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                    help=f"longest response generated for an instruction (default {d.max_new_tokens})")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill import DistillError
-from distill.evaluate import evaluate, responses_path
+from distill.evaluate import default_scores_path, evaluate, responses_path
 from distill.metrics import instruction_following, knowledge_accuracy
 from distill.world.constraints import check_loose, check_strict
 from tiny import make_model, make_tokenizer
@@ -117,3 +117,11 @@ def test_on_the_micro_world(micro_zoo, tmp_path):
     full = evaluate(micro_zoo / "source-cp", micro_zoo, suites=("knowledge",), out=tmp_path / "cp.json")
     assert set(full["knowledge"]["per_split"]) == {"shared", "source_only", "target_only", "conflict"}
     assert full["knowledge"]["conflict"]["n"] == full["knowledge"]["per_split"]["conflict"]["n"] > 0
+
+
+def test_scores_of_a_hub_model_do_not_go_into_the_hf_cache(tmp_path):
+    local = tmp_path / "m"
+    local.mkdir()
+    assert default_scores_path(str(local), local) == local / "scores.json"
+    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc"  # where a hub id resolves
+    assert default_scores_path("org/name", snapshot) == Path("scores") / "org--name.json"
