@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill import DistillError
+from distill.fsutil import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ def load_rows(data: str | Path):
     except DistillError:
         raise
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for unreadable input
+        for jsonl in ([path] if path.is_file() else sorted(path.glob("data/*.jsonl"))):
+            for _ in iter_jsonl(jsonl, "training data"):  # names the first line that is not JSON
+                pass
         raise DistillError(f"cannot read training data {path}: {exc}. Check it is JSONL (one JSON object "
                            "per line) or a `datasets` directory") from exc
     if len(ds) == 0:

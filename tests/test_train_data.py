@@ -181,6 +181,10 @@ def test_bad_data_is_a_clear_error(tmp_path, target, content, match):
 
 def test_bad_paths_and_deepspeed_config_are_clear_errors(tmp_path, target):
     data = _rows_file(tmp_path / "d.jsonl", [{"instruction": "a", "response": "b"}])
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(data.read_text() * 2 + '{"instruction": "a", "resp\n')
+    with pytest.raises(DistillError, match=r"torn.jsonl line 3 is not valid JSON"):
+        train(TrainConfig(model=str(target), data=str(torn), out=str(tmp_path / "m")))
     with pytest.raises(DistillError, match="not on disk"):
         train(TrainConfig(model=str(tmp_path / "nope"), data=str(data), out=str(tmp_path / "m")))
     with pytest.raises(DistillError, match="does not exist"):
