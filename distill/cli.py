@@ -44,9 +44,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for command, module, summary in STAGES:
         if command == chosen:
             importlib.import_module(module).add_cli(sub, summary)
+            _accept_verbose_anywhere(sub.choices[command])
         else:
             sub.add_parser(command, help=summary)
     return parser
+
+
+def _accept_verbose_anywhere(parser: argparse.ArgumentParser) -> None:
+    """`-v` after the subcommand too (`distill run -v recipe.yaml`), not only before it.
+    SUPPRESS as default, so a subcommand without -v keeps the top level's value."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _accept_verbose_anywhere(child)
 
 
 def main(argv: list[str] | None = None) -> int:

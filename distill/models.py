@@ -32,6 +32,8 @@ def resolve_model(ref: str | os.PathLike, what: str = "model") -> Path:
             return Path(snapshot_download(ref, local_files_only=True))
         except Exception:  # noqa: BLE001 - any failure means "not in the cache"
             pass
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:  # a path, not a hub id
+        raise DistillError(f"{what} directory {path} does not exist; check the path")
     raise DistillError(
         f"{what} '{ref}' is not on disk (not a local directory, not in the Hugging Face cache "
         f"{os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}). "

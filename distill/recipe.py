@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -108,7 +109,12 @@ class Pipeline:
             except DistillError as exc:
                 missing.append(f"  {exc}\n    or override: --set {key}=/path/to/model")
         prompts = r.prompts.synthesis
-        if not prompts or not Path(prompts).exists():
+        unset = re.fullmatch(r"\$\{(\w+)\}", prompts or "")
+        if unset:  # an environment variable the recipe reads, left unset
+            missing.append(f"  prompts.synthesis = {prompts}: the environment variable {unset.group(1)} is not set; "
+                           f"set it to a JSONL file or a `datasets` directory of prompts, or pass "
+                           f"--set prompts.synthesis=/path/prompts.jsonl")
+        elif not prompts or not Path(prompts).exists():
             missing.append(
                 f"  prompts.synthesis = {prompts or '(unset)'}: not found; point it to a JSONL file or a "
                 f"`datasets` directory with an `instruction` field: --set prompts.synthesis=/path/prompts.jsonl"

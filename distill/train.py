@@ -386,6 +386,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m distill.train")
     add_cli(parser.add_subparsers(dest="command"))
+    parser._subparsers._group_actions[0].choices["train"].prog = "python -m distill.train"  # no stray `train`
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -22,3 +22,12 @@ def test_every_registered_subcommand_has_help():
         text = p.format_help()
         assert command in text and len(text) > 80
         assert sub._choices_actions[[c for c, _, _ in STAGES].index(command)].help == summary
+
+
+def test_verbose_flag_after_the_subcommand_and_train_module_usage():
+    assert build_parser(["run", "-v", "r.yaml"]).parse_args(["run", "-v", "r.yaml"]).verbose
+    assert build_parser(["chat-vector"]).parse_args(["chat-vector", "extract", "-v", "--base", "b", "--post", "p",
+                                                     "--out", "o"]).verbose
+    assert not build_parser(["run"]).parse_args(["run", "r.yaml"]).verbose
+    usage = subprocess.run([sys.executable, "-m", "distill.train", "--help"], capture_output=True, text=True).stdout
+    assert usage.startswith("usage: python -m distill.train [-h] --model")  # no stray `train` word

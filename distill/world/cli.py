@@ -26,7 +26,8 @@ def add_cli(subparsers, summary: str | None = None) -> None:
     build.add_argument("--out", default=None,
                        help="write the zoo to this directory instead of the cache "
                             "($DISTILL_CACHE/zoo/<preset>-<hash>, DISTILL_CACHE defaults to ~/.cache/distill)")
-    build.add_argument("--force", action="store_true", help="rebuild even if a complete zoo is already there")
+    build.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                       help="rebuild even if a complete zoo is already there")
     build.set_defaults(func=_build)
     zoo.set_defaults(func=lambda args: zoo.print_help())
 
