@@ -34,6 +34,9 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     """Yield a temporary directory next to `out`; rename it to `out` if the block succeeds."""
     out = check_output_dir(out, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename; a plain mkdir's mode instead
     try:
         yield tmp
     except BaseException:

@@ -195,7 +195,7 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        **_checkpointing_kwarg(TrainingArguments, cfg.gradient_checkpointing),
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
         lr_scheduler_type=cfg.lr_scheduler,
         weight_decay=cfg.weight_decay,
@@ -272,6 +272,15 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
         trainer.evaluate()  # the held-out loss at the final weights, unless the last step just logged it
     save_final(trainer, cfg, out, ckpt, stats, last, result)
     return out
+
+
+def _checkpointing_kwarg(args_cls, enabled: bool) -> dict:
+    """Newer transformers renamed gradient_checkpointing to activation_checkpointing and warn on
+    the old name (even when False); older ones know only the old name."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
 def _is_zero3(ds_config) -> bool:

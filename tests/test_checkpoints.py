@@ -133,6 +133,14 @@ def test_atomic_output_refuses_existing_dir(tmp_path):
             pass
 
 
+def test_atomic_output_gets_a_plain_directory_mode(tmp_path):
+    # tempfile.mkdtemp makes 0700 directories; renamed into place, that mode hid outputs from others
+    (tmp_path / "plain").mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+
+
 def test_row_chunks_cover_every_row_once():
     from distill.streaming import row_chunks
 
