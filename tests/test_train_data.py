@@ -185,7 +185,7 @@ def test_bad_paths_and_deepspeed_config_are_clear_errors(tmp_path, target):
     torn.write_text(data.read_text() * 2 + '{"instruction": "a", "resp\n')
     with pytest.raises(DistillError, match=r"torn.jsonl line 3 is not valid JSON"):
         train(TrainConfig(model=str(target), data=str(torn), out=str(tmp_path / "m")))
-    with pytest.raises(DistillError, match="not on disk"):
+    with pytest.raises(DistillError, match="target model directory .*nope does not exist"):
         train(TrainConfig(model=str(tmp_path / "nope"), data=str(data), out=str(tmp_path / "m")))
     with pytest.raises(DistillError, match="does not exist"):
         train(TrainConfig(model=str(target), data=str(tmp_path / "none.jsonl"), out=str(tmp_path / "m")))
