@@ -12,13 +12,9 @@ Runs as one process (no launcher needed), under `deepspeed --num_gpus N`, or mul
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
-import socket
 from dataclasses import dataclass, fields
-from importlib import resources
 from pathlib import Path
 
 from distill import DistillError
@@ -28,10 +24,10 @@ from distill.models import resolve_model, stop_token_ids
 from distill.progress import trainer_progress_callback
 from distill.train_fused import compile_layers, fused_loss_trainer
 from distill.train_outputs import prepare_checkpoints, save_final
+from distill.train_runtime import (checkpointing_kwarg, ensure_distributed_env, is_zero3,
+                                   load_deepspeed_config, use_bf16)
 
 log = logging.getLogger(__name__)
-
-SHIPPED_DEEPSPEED = ("zero2", "zero3", "zero3_offload")
 
 
 @dataclass
@@ -70,53 +66,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def load_deepspeed_config(spec: str | None) -> dict | None:
-    """A shipped config name or a JSON file -> dict (None: train without DeepSpeed)."""
-    if spec in (None, "", "none"):
-        return None
-    if spec in SHIPPED_DEEPSPEED:
-        text = resources.files("distill.configs").joinpath(f"{spec}.json").read_text()
-        return json.loads(text)
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise DistillError(f"DeepSpeed config {spec} is neither one of {', '.join(SHIPPED_DEEPSPEED)} nor a "
-                           "JSON file; pass --deepspeed zero2|zero3|zero3_offload|none or a path")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DistillError(f"DeepSpeed config {path} does not parse as JSON ({exc}); fix it or start from "
-                           "distill/configs/zero2.json") from exc
-    if not isinstance(cfg, dict):
-        raise DistillError(f"DeepSpeed config {path} must be a JSON object")
-    # The Trainer fills an "auto" train_batch_size before it knows the world size (it counts 1
-    # under a launcher, transformers 5.24), so let DeepSpeed derive it: micro batch x accum x world.
-    if cfg.get("train_batch_size") == "auto":
-        del cfg["train_batch_size"]
-    return cfg
-
-
-def ensure_distributed_env() -> None:
-    """Single process without a launcher: give torch.distributed a world of one, or DeepSpeed
-    goes looking for MPI."""
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def use_bf16(precision: str) -> bool:
-    import torch
-
-    if precision == "auto":
-        # Native bf16 only: where torch emulates it (V100, T4) fp32 is the faster choice.
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    if precision not in ("bf16", "fp32"):
-        raise DistillError(f"precision must be auto, bf16 or fp32, not {precision!r}")
-    return precision == "bf16"
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -195,7 +144,7 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        **_checkpointing_kwarg(TrainingArguments, cfg.gradient_checkpointing),
+        **checkpointing_kwarg(TrainingArguments, cfg.gradient_checkpointing),
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
         lr_scheduler_type=cfg.lr_scheduler,
         weight_decay=cfg.weight_decay,
@@ -253,12 +202,12 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * math.ceil(len(train_ds) / per_step))
     args.warmup_steps = int(cfg.warmup_ratio * total)
 
-    fused = cfg.fused_loss and not _is_zero3(ds_config)
+    fused = cfg.fused_loss and not is_zero3(ds_config)
     if cfg.fused_loss and not fused:
         log.warning("--fused-loss needs the whole lm_head on each rank; not available under ZeRO-3, using HF's loss")
     trainer_cls = fused_loss_trainer() if fused else Trainer
     if cfg.compile_layers:
-        compile_layers(model, zero3=_is_zero3(ds_config))
+        compile_layers(model, zero3=is_zero3(ds_config))
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=td.SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=list(callbacks))
@@ -272,19 +221,6 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
         trainer.evaluate()  # the held-out loss at the final weights, unless the last step just logged it
     save_final(trainer, cfg, out, ckpt, stats, last, result)
     return out
-
-
-def _checkpointing_kwarg(args_cls, enabled: bool) -> dict:
-    """Newer transformers renamed gradient_checkpointing to activation_checkpointing and warn on
-    the old name (even when False); older ones know only the old name."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(args_cls)}
-    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
-
-
-def _is_zero3(ds_config) -> bool:
-    return (ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3
 
 
 def _prepare_data(chats, tokenizer, cfg: TrainConfig, stats: td.DataStats):

@@ -1,0 +1,74 @@
+"""What `distill train` sets up around the Trainer: DeepSpeed configs, the single-process
+distributed environment, precision, and the TrainingArguments spellings of this transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from importlib import resources
+from pathlib import Path
+
+from distill import DistillError
+
+SHIPPED_DEEPSPEED = ("zero2", "zero3", "zero3_offload")
+
+
+def load_deepspeed_config(spec: str | None) -> dict | None:
+    """A shipped config name or a JSON file -> dict (None: train without DeepSpeed)."""
+    if spec in (None, "", "none"):
+        return None
+    if spec in SHIPPED_DEEPSPEED:
+        text = resources.files("distill.configs").joinpath(f"{spec}.json").read_text()
+        return json.loads(text)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DistillError(f"DeepSpeed config {spec} is neither one of {', '.join(SHIPPED_DEEPSPEED)} nor a "
+                           "JSON file; pass --deepspeed zero2|zero3|zero3_offload|none or a path")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DistillError(f"DeepSpeed config {path} does not parse as JSON ({exc}); fix it or start from "
+                           "distill/configs/zero2.json") from exc
+    if not isinstance(cfg, dict):
+        raise DistillError(f"DeepSpeed config {path} must be a JSON object")
+    # The Trainer fills an "auto" train_batch_size before it knows the world size (it counts 1
+    # under a launcher, transformers 5.24), so let DeepSpeed derive it: micro batch x accum x world.
+    if cfg.get("train_batch_size") == "auto":
+        del cfg["train_batch_size"]
+    return cfg
+
+
+def ensure_distributed_env() -> None:
+    """Single process without a launcher: give torch.distributed a world of one, or DeepSpeed
+    goes looking for MPI."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def use_bf16(precision: str) -> bool:
+    import torch
+
+    if precision == "auto":
+        # Native bf16 only: where torch emulates it (V100, T4) fp32 is the faster choice.
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision not in ("bf16", "fp32"):
+        raise DistillError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    return precision == "bf16"
+
+
+def checkpointing_kwarg(args_cls, enabled: bool) -> dict:
+    """Newer transformers renamed gradient_checkpointing to activation_checkpointing and warn on
+    the old name (even when False); older ones know only the old name."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+def is_zero3(ds_config) -> bool:
+    return (ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3
