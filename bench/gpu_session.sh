@@ -27,9 +27,9 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 timeout 90 python3 bench/profile_decoding.py --batch 128 2>&1 | tee "$OUT/profile_decoding.txt" | grep -E "ms$"
 timeout 140 python3 bench/decoding_bench.py --device cuda --batches 128 --hf-batches 128 --budget-s 120 \
     --json "$OUT/decoding_fixed.json" 2>&1 | grep -E "^\||fast engine" | tee "$OUT/decoding_fixed.txt"
-timeout 90 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 384 \
-    --mean-length 200 --skip-hf --budget-s 70 --json "$OUT/decoding_mixed.json" 2>&1 \
+timeout 100 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 256 \
+    --mean-length 200 --skip-hf --budget-s 85 --json "$OUT/decoding_mixed.json" 2>&1 \
     | grep -E "^\||mixed" | tee "$OUT/decoding_mixed.txt"
-timeout 230 python3 bench/train_bench.py --device cuda --configs plain,fast@8,trainer,zero2 --steps 20 \
-    --budget-s 220 --json "$OUT/train_gpu.json" 2>&1 | tee "$OUT/train.txt" | grep -E "^\|"
+timeout 220 python3 bench/train_bench.py --device cuda --configs plain,fast@8,trainer,zero2 --steps 20 \
+    --budget-s 210 --json "$OUT/train_gpu.json" 2>&1 | tee "$OUT/train.txt" | grep -E "^\|"
 echo "results in $OUT"
