@@ -3,7 +3,7 @@
 #   analysis/run_tiny.sh [RUN_DIR] [OUT_DIR]
 # 1. the tiny zoo (cached) and the recipe's run: synthesis, SFT over 3 seeds, chat vector, evaluation;
 # 2. the comparison table; 3. the theory experiments T1-T4; 4. the mask ablation, over the
-# recipe's run and a second run with another synthesis seed.
+# recipe's run and a second run with another synthesis seed; 5. T2 over more seeds and that second draw.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -21,3 +21,9 @@ $PY analysis/theory.py t4 --zoo "$ZOO" --out "$OUT/theory" --work "$RUN/theory-t
     --betas 0,0.5,1,1.5 --alphas 0.1 --limit 150 --epochs 8 --eval-limit 100
 $PY -m distill.cli run recipes/tiny.yaml --set run_dir="$RUN-synth1" --set synthesis.seed=1 --set "$METHODS"
 $PY analysis/ablation_mask.py --run-dir "$RUN" --run-dir "$RUN-synth1" --out "$OUT/ablation_mask"
+# T2's spread: two more training seeds on the first draw, three on the second (about 20 s each)
+for spec in "$RUN:1" "$RUN:2" "$RUN-synth1:0" "$RUN-synth1:1" "$RUN-synth1:2"; do
+    run=${spec%:*}; seed=${spec##*:}
+    $PY analysis/theory.py t2 --zoo "$ZOO" --run-dir "$run" --out "$OUT/theory/t2_seeds/$(basename "$run")-seed$seed" \
+        --work "$run/theory-t2-seed$seed" --epochs 3 --seed "$seed"
+done
