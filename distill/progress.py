@@ -32,7 +32,8 @@ def trainer_progress_callback():
             self.current_step = 0
 
         def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-            if state.is_world_process_zero and has_length(eval_dataloader):
+            # A held-out pass of a few batches is over before a bar says anything.
+            if state.is_world_process_zero and has_length(eval_dataloader) and len(eval_dataloader) >= 10:
                 if self.prediction_bar is None:
                     self.prediction_bar = progress_bar(total=len(eval_dataloader), leave=self.training_bar is None,
                                                        dynamic_ncols=True, desc="held-out loss")

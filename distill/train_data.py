@@ -19,6 +19,7 @@ That derivation only happens without a KV cache, so training sets `use_cache=Fal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -121,9 +122,30 @@ def row_to_messages(row: dict) -> list[dict] | None:
     return [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
 
 
+@contextlib.contextmanager
+def _bars_only_for_large(rows: int, threshold: int = 10_000):
+    """datasets' per-operation progress bars, only where an operation takes a while: on a few
+    hundred rows each is a blink that buries the training log (the demo printed 30 of them)."""
+    import datasets
+
+    if rows >= threshold or not datasets.is_progress_bar_enabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def read_chats(data, keep_repetitive: bool, stats: DataStats):
     """Rows -> a `datasets.Dataset` with one column, `messages`; filtered and counted."""
     ds = load_rows(data)
+    with _bars_only_for_large(len(ds)):
+        return _read_chats(ds, data, keep_repetitive, stats)
+
+
+def _read_chats(ds, data, keep_repetitive: bool, stats: DataStats):
     stats.rows_read = len(ds)
     if "repetitive" in ds.column_names and not keep_repetitive:
         before = len(ds)
@@ -212,6 +234,11 @@ def tokenize_dataset(chats, tokenizer, max_length: int, truncation: str, stats: 
             ids, labels = ids[:max_length], labels[:max_length]
         return {"input_ids": ids, "labels": labels, "too_long": too_long}
 
+    with _bars_only_for_large(len(chats)):
+        return _tokenize(chats, encode, truncation, stats)
+
+
+def _tokenize(chats, encode, truncation: str, stats: DataStats):
     ds = chats.map(encode, remove_columns=chats.column_names, desc="tokenising")
     too_long = sum(ds["too_long"])
     if truncation == "drop":
