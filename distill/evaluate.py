@@ -280,16 +280,16 @@ def add_cli(subparsers, summary: str | None = None) -> None:
                    help=f"comma-separated suites to run, of {','.join(SUITES)} (default: all)")
     p.add_argument("--out", help="scores JSON path (default: <model>/scores.json, or scores/<org>--<name>.json for a "
                         "hub id from the Hugging Face cache; responses go beside it)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"rows per forward pass (default {d.batch_size})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"rows per forward pass (default: {d.batch_size})")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                   help=f"longest response generated for an instruction (default {d.max_new_tokens})")
+                   help=f"longest response generated for an instruction (default: {d.max_new_tokens})")
     p.add_argument("--limit", type=int, help="use only the first N rows of each file (a quick look)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--family", choices=["source", "target"],
                    help="whose facts count as the model's own (default: recognised from the zoo's tokenizers)")
     p.add_argument("--max-length", type=int, default=d.max_length,
-                   help=f"held-out texts are truncated to this many tokens (default {d.max_length})")
+                   help=f"held-out texts are truncated to this many tokens (default: {d.max_length})")
     p.add_argument("--prompts", help="instruction file instead of <zoo>/prompts/eval.jsonl")
     p.add_argument("--questions", help="knowledge file instead of <zoo>/knowledge/questions.jsonl")
     p.add_argument("--heldout", help="held-out text file instead of <zoo>/text/heldout.jsonl")

@@ -273,18 +273,18 @@ def add_cli(subparsers, summary: str | None = None) -> None:
                         "(beta=0; the amateur is never loaded)")
     p.add_argument("--alpha", type=float, default=None,
                    help="plausibility: only tokens with p_expert >= alpha * max p_expert are candidates "
-                        "(default 0.01 for codit, 0 for direct, i.e. plain sampling)")
+                        "(default: 0.01 for codit, 0 for direct, i.e. plain sampling)")
     p.add_argument("--beta", type=float, default=d["beta"].default,
-                   help="weight of the amateur's log-probability subtracted from the expert's (default 1.0)")
+                   help="weight of the amateur's log-probability subtracted from the expert's (default: 1.0)")
     p.add_argument("--temperature", type=float, default=d["temperature"].default,
-                   help="sampling temperature on the contrastive scores; 0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=d["top_p"].default, help="nucleus sampling mass (default 1.0 = off)")
+                   help="sampling temperature on the contrastive scores; 0 = greedy (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=d["top_p"].default, help="nucleus sampling mass (default: 1.0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default,
-                   help="longest response in tokens (default 2048)")
+                   help="longest response in tokens (default: 2048)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default,
-                   help="rows decoded together; finished rows are refilled at once (default 32; 128+ on a big GPU)")
+                   help="rows decoded together; finished rows are refilled from the queue (default: 32; 128+ on a big GPU)")
     p.add_argument("--seed", type=int, default=d["seed"].default,
-                   help="run seed; each row samples with a seed derived from (seed, id) (default 0)")
+                   help="run seed; each row samples with a seed derived from (seed, id) (default: 0)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -296,9 +296,9 @@ def add_cli(subparsers, summary: str | None = None) -> None:
                    help="fast engine without CUDA graphs (a fallback if graph capture misbehaves on your setup)")
     p.add_argument("--repetition-threshold", type=float, default=d["repetition_threshold"].default,
                    help="flag a response as repetitive when more than this fraction of its characters lie in a "
-                        "repeated character n-gram (default 0.3)")
+                        "repeated character n-gram (default: 0.3)")
     p.add_argument("--repetition-ngram", type=int, default=d["repetition_ngram"].default,
-                   help="n of the character n-grams of the repetition filter (default 20)")
+                   help="n of the character n-grams of the repetition filter (default: 20)")
     p.add_argument("--overwrite", action="store_true", help="replace an output made with different settings")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 
@@ -18,11 +17,10 @@ def add_cli(subparsers, summary: str | None = None) -> None:
         description="Build the world, its tokenizers and its four models, measure their quality, and print "
                     "the quality table and then the zoo directory (as the last line). A zoo built from the "
                     "same preset and code is reused instantly.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     build.add_argument("--preset", default="tiny", choices=["micro", "tiny", "small"],
                        help="size: micro (seconds, for tests), tiny (minutes on 2 CPU cores, the demo), "
-                            "small (larger, meant for a GPU; uses CUDA when available)")
+                            "small (larger, meant for a GPU; uses CUDA when available) (default: tiny)")
     build.add_argument("--out", default=None,
                        help="write the zoo to this directory instead of the cache "
                             "($DISTILL_CACHE/zoo/<preset>-<hash>, DISTILL_CACHE defaults to ~/.cache/distill)")
