@@ -82,8 +82,7 @@ class Pipeline:
     def __init__(self, recipe: Recipe, recipe_path: Path):
         self.recipe = recipe
         self.recipe_path = recipe_path
-        self.run_dir = Path(recipe.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = Path(recipe.run_dir)  # made by run(): a preflight failure leaves nothing behind
         self.state = StageState(self.run_dir)
         self.notes: list[str] = []
         self.models: dict[str, str] = {}  # row name -> model directory to evaluate
@@ -264,6 +263,7 @@ class Pipeline:
     # -- run ------------------------------------------------------------------------------
 
     def run(self, start_from: str | None = None, only: str | None = None) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         stages = self.plan()
         names = [st.name for st in stages]
         if start_from:

@@ -58,7 +58,7 @@ def test_real_recipe_without_checkpoints_fails_fast_naming_them(tmp_path, capsys
     for ref in ("mistralai/Mistral-7B-v0.3", "mistralai/Mistral-7B-Instruct-v0.3", "Qwen/Qwen2.5-7B"):
         assert ref in err and f"hf download {ref}" in err
     assert "--set source.base=" in err and "the environment variable DISTILL_PROMPTS is not set" in err
-    assert not (tmp_path / "run" / "stages.json").exists()  # nothing ran
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing was left behind
     rc = main(["run", str(MISTRAL_TO_QWEN), "--set", f"run_dir={tmp_path / 'run'}", "--set", "source.base=/nope/base"])
     err = capsys.readouterr().err  # a local path that is not there: no `hf download` advice for it
     assert rc == 2 and "source.base directory /nope/base does not exist" in err and "hf download /nope" not in err
