@@ -84,7 +84,7 @@ def causal_lm_loss(model, inputs: dict, num_items_in_batch=None, chunk_size: int
     inner = model if inner is None else inner
     labels = inputs["labels"]
     kwargs = {k: v for k, v in inputs.items() if k != "labels"}
-    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
+    if "logits_to_keep" in inspect.signature(type(inner).forward).parameters:  # the class's, not a wrapper's
         kwargs["logits_to_keep"] = 1
     captured = []
     handle = inner.model.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
