@@ -49,3 +49,14 @@ def test_autocast_runs_the_vocab_matmuls_in_its_dtype():
     assert hidden.grad.dtype == weight.grad.dtype == torch.float32
     torch.testing.assert_close(hidden.grad, h16.grad.float(), atol=1e-2, rtol=2e-2)
     torch.testing.assert_close(weight.grad, w16.grad.float(), atol=1e-2, rtol=2e-2)
+
+
+def test_the_forward_makes_no_full_logits():
+    # The model's own forward runs (so DDP/DeepSpeed wrappers see it) but asks for one position's logits.
+    torch.manual_seed(2)
+    model = make_model(arch="qwen2", vocab_size=120)
+    shapes = []
+    model.lm_head.register_forward_hook(lambda _m, _a, out: shapes.append(tuple(out.shape)))
+    ids = torch.randint(4, 120, (2, 24))
+    causal_lm_loss(model, {"input_ids": ids, "labels": ids}).backward()
+    assert shapes == [(2, 1, 120)]
