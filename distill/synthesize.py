@@ -262,6 +262,9 @@ def add_cli(subparsers, summary: str | None = None) -> None:
     d = SynthesizeConfig.__dataclass_fields__
     p = subparsers.add_parser(
         "synthesize", help=summary,
+        # --expert/--prompts/--out are required unless --merge, which argparse cannot say itself
+        usage="distill synthesize --expert E [--amateur A] --prompts P --out D [options]\n"
+              "       distill synthesize --merge D",
         description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--expert", help="post-trained (chat) model: local HF directory or HF-cache id")
     p.add_argument("--amateur", help="the expert's pre-trained base model (same tokenizer); not needed for --method direct")
