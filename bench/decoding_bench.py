@@ -245,6 +245,9 @@ def main():
                     help="mixed: mean response length (default 400; 64 for tiny); --new-tokens caps it "
                          "(default 4x the mean)")
     ap.add_argument("--rows", type=int, default=None, help="mixed: prompts per line (default 4 x the batch)")
+    ap.add_argument("--attention-bucket", type=int, default=None,
+                    help="fast engine: attention width step in cache columns (default: distill.fast_decoder's 256); "
+                         "smaller reads less padding per step but captures one CUDA graph per width")
     ap.add_argument("--budget-s", type=float, default=420, help="skip remaining lines after this many seconds")
     ap.add_argument("--json", default="bench/decoding_bench.json", help="where the results go")
     ap.add_argument("--repeat", type=int, default=None, help="best of N runs per line (default 1 on cuda, 3 on cpu)")
@@ -252,6 +255,10 @@ def main():
                     help="torch CPU threads (default 1 on cpu: tiny models are dispatch-bound, and extra threads "
                          "only add contention on a small shared machine)")
     args = ap.parse_args()
+    if args.attention_bucket:
+        import distill.fast_decoder as fast_decoder
+
+        fast_decoder.ATTENTION_BUCKET = args.attention_bucket
     cuda = args.device.startswith("cuda")
     if args.threads or not cuda:
         torch.set_num_threads(args.threads or 1)
