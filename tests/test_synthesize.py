@@ -142,6 +142,19 @@ def test_resume_after_torn_shard_equals_uninterrupted(zoo, full_run, monkeypatch
     assert (out / "shards" / "rank-00000.jsonl").read_bytes() == shard_bytes  # no row generated twice
 
 
+def test_resume_compares_the_whole_chat_not_only_the_last_turn(zoo, tmp_path):
+    chat = [{"role": "user", "content": "name a colour"}, {"role": "assistant", "content": "blue"},
+            {"role": "user", "content": "and another"}]
+    prompts = tmp_path / "chat.jsonl"
+    prompts.write_text(json.dumps({"id": "c0", "messages": chat}) + "\n")
+    out = tmp_path / "chat-out"
+    synthesize(cfg(zoo, out, prompts=str(prompts)))
+    chat[1]["content"] = "red"  # an earlier turn edited; the instruction answered is the same
+    prompts.write_text(json.dumps({"id": "c0", "messages": chat}) + "\n")
+    with pytest.raises(DistillError, match=r"prompt .* has changed since \(first: id 'c0'\)"):
+        synthesize(cfg(zoo, out, prompts=str(prompts)))
+
+
 def test_resume_with_edited_prompts_is_refused_then_overwritten(zoo, full_run, tmp_path, monkeypatch):
     out = tmp_path / "edited"
     shutil.copytree(full_run, out)
