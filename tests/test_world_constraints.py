@@ -39,6 +39,7 @@ CASES = {
     "start_checker": [
         ({"start_phrase": "Sure."}, "  Sure. The capital is Velmor.", True),
         ({"start_phrase": "Sure."}, "The capital is Velmor. Sure.", False),
+        ({"start_phrase": "Sure."}, '"Sure. The capital is Velmor."', True),  # a quoted answer still starts so
     ],
     "quotation": [({}, '"quoted text"', True), ({}, 'not "quoted"', False), ({}, '"', False)],
     "title": [({}, "<<My Title>>\ntext", True), ({}, "<<  >> text", False), ({}, "<My Title>", False)],
@@ -63,8 +64,10 @@ CASES = {
         ({"postscript_marker": "P.P.S"}, "Text.\nP.S. hi", False),
     ],
     "number_placeholders": [({"num_placeholders": 2}, "[a] and [b]", True),
+                            ({"num_placeholders": 2}, "[a], [b] and [c]", True),  # at least, not exactly
                             ({"num_placeholders": 2}, "[a] only", False)],
     "highlighted_sections": [({"num_highlights": 2}, "*one* and **two**", True),
+                             ({"num_highlights": 2}, "*one*, *two* and *three*", True),  # at least
                              ({"num_highlights": 2}, "*one* only **", False)],
 }
 
@@ -98,6 +101,9 @@ def test_strict_and_loose():
     assert check_loose(cons, response) == [True, True]  # first and last line removed
     assert check_strict(cons, "   ") == [False, False]  # an empty response follows nothing
     assert check_loose([{"kind": "quotation", "kwargs": {}}], "*\"quoted\"*") == [True]
+    # only the variant with BOTH the first and the last line removed follows this one
+    framed = "Here it is:\nTHE ANSWER IS VELMOR.\nhope that helps"
+    assert check_loose([{"kind": "uppercase", "kwargs": {}}], framed) == [True]
 
 
 def test_unknown_kind_is_a_clear_error():
