@@ -209,7 +209,7 @@ def _check_values(recipe: Recipe, where: str) -> None:
     """Value ranges, with the stages' own checks, when the recipe loads: not hours later, when
     the stage that reads a bad value finally starts."""
     from distill.decoding import DecodingConfig
-    from distill.train import TrainConfig, _validate
+    from distill.train import TrainConfig, validate
 
     s, t = recipe.synthesis, recipe.train
     try:
@@ -218,7 +218,7 @@ def _check_values(recipe: Recipe, where: str) -> None:
     except DistillError as exc:
         raise DistillError(f"{where}: synthesis: {exc}") from None
     try:
-        _validate(TrainConfig(model="", data="", out="", epochs=t.epochs, max_steps=t.max_steps, lr=t.lr,
+        validate(TrainConfig(model="", data="", out="", epochs=t.epochs, max_steps=t.max_steps, lr=t.lr,
                               batch_size=t.batch_size, grad_accum=t.grad_accum, max_length=t.max_length,
                               truncation=t.truncation))
     except DistillError as exc:

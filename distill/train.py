@@ -72,7 +72,8 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.checkpoints"
 
 
-def _validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig) -> None:
+    """Value checks that need no file: `train` runs them first, recipes when they load."""
     for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_steps", "eval_steps"):
         if getattr(cfg, name) < 1:
             raise DistillError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -103,7 +104,7 @@ def train(cfg: TrainConfig, callbacks=()) -> Path:
     Rerunning an interrupted run resumes from its last checkpoint in `<out>.checkpoints/`.
     `callbacks` are extra `transformers.TrainerCallback`s (tests use them to interrupt).
     """
-    _validate(cfg)
+    validate(cfg)
     out = Path(cfg.out)
     # Cheap checks first, so bad input fails before DeepSpeed spends seconds starting up.
     model_path = resolve_model(cfg.model, "target model")
@@ -285,7 +286,7 @@ _HELP = {
 }
 
 
-def add_cli(subparsers, summary: str | None = None) -> None:
+def add_cli(subparsers, summary: str | None = None):
     p = subparsers.add_parser(
         "train", help=summary,
         description="Supervised fine-tuning of a target model (any architecture) on instruction/response "
@@ -314,6 +315,7 @@ def add_cli(subparsers, summary: str | None = None) -> None:
     p.add_argument("--no-resume", action="store_true", help=_HELP["no_resume"])
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run)
+    return p
 
 
 def _run(args) -> int:
@@ -330,8 +332,7 @@ def main(argv=None) -> int:
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m distill.train")
-    add_cli(parser.add_subparsers(dest="command"))
-    parser._subparsers._group_actions[0].choices["train"].prog = "python -m distill.train"  # no stray `train`
+    add_cli(parser.add_subparsers(dest="command")).prog = "python -m distill.train"  # no stray `train`
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
