@@ -21,7 +21,6 @@ import re
 import time
 from pathlib import Path
 
-
 from theory_common import dataset_rows, pyplot, save_figure, write_table
 
 log = logging.getLogger("theory.t2")
