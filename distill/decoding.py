@@ -334,7 +334,9 @@ class ContrastiveDecoder:
         # `out` has one spare column, so a finished row (n == max_new_tokens) writes its filler
         # token there; columns at or beyond a row's n are never read.
         self.out[rows] = self.out[rows].scatter(1, n[:, None], tok[:, None])
-        hit_stop = torch.isin(tok, self.stops) & live
+        # A broadcast compare, not torch.isin: with more than ~20 stop ids isin sorts and calls
+        # unique, a host sync that invalidates CUDA-graph capture (the step then runs without graphs).
+        hit_stop = (tok[:, None] == self.stops).any(-1) & live
         n = n + live.long()
         self.n[rows] = n
         self.cur[rows] = tok
