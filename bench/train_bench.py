@@ -94,6 +94,36 @@ def _rows(batch, seq, vocab, docs_per_row, device, generator):
     return {"input_ids": ids, "labels": labels, "position_ids": pos.expand(batch, -1)}
 
 
+def _profiled(device, out_file):
+    """A torch.profiler context for the extra steps after the timed ones; on exit, writes the top
+    kernels and whether the step is bound by the GPU or by the host (Python, launches, syncs)."""
+    import contextlib
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    @contextlib.contextmanager
+    def ctx():
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        _sync(device)
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            yield
+            _sync(device)
+        wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        # kernel rows only (CPU ops carry their kernels' time too: summing both counts it twice)
+        gpu_busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6
+        busy = (f"GPU kernels busy {gpu_busy:.3f} s ({100 * gpu_busy / wall:.0f} % of wall: well under 100 % "
+                f"means the host, launches or syncs hold the GPU back)") if device == "cuda" else "no GPU"
+        Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_file).write_text(f"wall {wall:.3f} s for the profiled steps; {busy}\n\n"
+                                  + events.table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n")
+
+    return ctx()
+
+
 def worker_manual(args):
     """plain / fast / fast-packed: a hand loop, so the anchor has no framework overhead."""
     import torch
@@ -132,6 +162,10 @@ def worker_manual(args):
     _sync(device)
     elapsed = time.perf_counter() - t0
     tokens = args.steps * args.batch * args.seq_len
+    if args.profile:
+        with _profiled(device, Path(args.profile) / f"profile-{args.worker}@{args.batch}.txt"):
+            for _ in range(2):
+                step()
     _result(config=args.worker, tokens_per_s=tokens / elapsed, n_params=n_params, loss=float(loss),
             peak_gib=_peak(device), batch=args.batch)
 
@@ -153,18 +187,20 @@ def worker_distill(args):
         _tokenizer(chatml=True).save_pretrained(tmp / "target")
         total_rows = (args.warmup + args.steps) * args.batch * 4 + 8
         _write_rows(tmp / "data.jsonl", total_rows, words=args.seq_len // 4 - 24)
-        timer = _timer_callback(args.warmup, args.device)
+        timer = _timer_callback(args.warmup, args.device, stop_at=args.warmup + args.steps)
+        extra = [_profile_callback(args.warmup + args.steps, args.device,
+                                   Path(args.profile) / f"profile-{args.worker}@{args.batch}.txt")] if args.profile else []
         deepspeed = "none" if args.worker == "trainer" else args.worker.split("-")[0]
         if args.worker == "zero2-bucket":
             deepspeed = _zero2_big_buckets(tmp)
         cfg = TrainConfig(model=str(tmp / "target"), data=str(tmp / "data.jsonl"), out=str(tmp / "out"),
-                          deepspeed=deepspeed, max_steps=args.warmup + args.steps, lr=1e-4,
+                          deepspeed=deepspeed, max_steps=args.warmup + args.steps + (2 if args.profile else 0), lr=1e-4,
                           batch_size=args.batch, max_length=args.seq_len, packing=True, eval_fraction=0.0,
                           logging_steps=1000, save_steps=100000, warmup_ratio=0.0, lr_scheduler="constant",
                           precision="bf16" if args.device == "cuda" else "fp32",
                           fused_loss=args.worker.startswith(("zero2", "trainer")), compile_layers=args.worker == "zero2-compile",
                           gradient_checkpointing=args.grad_ckpt)
-        train(cfg, callbacks=[timer])
+        train(cfg, callbacks=[timer] + extra)
     elapsed, tokens = timer.elapsed(), timer.tokens
     _result(config=args.worker, tokens_per_s=tokens / elapsed, n_params=n_params, peak_gib=timer.peak,
             batch=args.batch)
@@ -184,7 +220,26 @@ def _zero2_big_buckets(tmp: Path) -> str:
     return str(path)
 
 
-def _timer_callback(warmup, device):
+def _profile_callback(start, device, out_file):
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        ctx = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == start and self.ctx is None:
+                self.ctx = _profiled(device, out_file)
+                self.ctx.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.ctx is not None and state.global_step >= start + 2:
+                self.ctx.__exit__(None, None, None)
+                self.ctx = None
+
+    return Profile()
+
+
+def _timer_callback(warmup, device, stop_at=None):
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
@@ -200,10 +255,10 @@ def _timer_callback(warmup, device):
                 self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            if self.t0 is not None:
+            if self.t0 is not None and self.t1 is None:
                 # packed rows: count the real tokens of this step's rows
                 self.tokens += self.tokens_per_step
-                if state.global_step >= state.max_steps:
+                if state.global_step >= (stop_at or state.max_steps) and self.t1 is None:
                     # Stop the clock at the last optimizer step: the Trainer then saves a full
                     # checkpoint (weights + optimizer state), which is I/O, not training speed.
                     _sync(device)
@@ -336,7 +391,8 @@ def run_worker(python, name, args, extra_env=None, timeout=600):
     worker, _, batch = name.partition("@")
     cmd = [python, str(Path(__file__).resolve()), "--worker", worker, "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", batch or str(args.batch),
-           "--seq-len", str(args.seq_len), "--workdir", str(args.workdir)] + (["--grad-ckpt"] if args.grad_ckpt else [])
+           "--seq-len", str(args.seq_len), "--workdir", str(args.workdir)] + (["--grad-ckpt"] if args.grad_ckpt else []) \
+        + (["--profile", str(Path(args.profile).resolve())] if getattr(args, "profile", None) else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                **(extra_env or {}))
     t0 = time.perf_counter()
@@ -372,6 +428,9 @@ def main(argv=None):
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the zero2/zero3 runs")
     p.add_argument("--trl-python", default="/tmp/benchvenv-trl/bin/python", help="python with trl (cpu part)")
     p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="mfu suite: after the timed steps, profile 2 more and write DIR/profile-CONFIG@BATCH.txt "
+                        "(top kernels, and GPU busy time against wall time)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
