@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--config", default="mistral-7b")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only checks that the script runs (--config tiny)")
+    ap.add_argument("--compile-layers", action="store_true",
+                    help="also time the graph step with the per-layer work torch.compile'd (DecodingConfig.compile_layers)")
     args = ap.parse_args()
     dev = args.device
     models = [build_model(args.config, dev, torch.bfloat16 if dev == "cuda" else torch.float32, s) for s in (0, 1)]
@@ -60,14 +62,15 @@ def main():
     def choose(logits):  # the token choice, as the engine captures it after the step
         chosen.copy_(next_token(logits[0], logits[1], cfg, seeds, steps, vocab)[0])
 
-    for graphs, post in ((True, choose), (True, None), (False, None)):
-        pair = FastPair(models, args.batch, args.capacity, cuda_graphs=graphs)
+    variants = [(True, choose, False), (True, None, False)] + ([(True, choose, True)] if args.compile_layers else [])
+    for graphs, post, compiled in variants + [(False, None, False)]:
+        pair = FastPair(models, args.batch, args.capacity, cuda_graphs=graphs, compile_layers=compiled)
         tok = torch.randint(3, vocab, (args.batch,), device=dev)
         active = torch.zeros(args.batch, dtype=torch.bool, device=dev)  # inactive: lengths stay put
         pair.prepare(tok, active, post) if post else pair.prepare()
         pair.prefill(list(range(args.batch)), prompts)
         ms = timed(lambda: pair.decode(tok, active), args.steps)
-        what = "with the token choice inside the graph" if post else "step only"
+        what = ("with the token choice inside the graph" if post else "step only") + (", compiled layers" if compiled else "")
         print(f"two-model decode step, graphs={graphs}, {what}: {ms:.2f} ms", flush=True)
         pair.lengths.fill_(128)
         if post:
@@ -87,7 +90,13 @@ def main():
             next_token(logits[0], logits[1], cfg, seeds, steps, vocab)
         sync()
     sort = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+    events = prof.key_averages()
+    if dev == "cuda":
+        from torch.autograd import DeviceType
+
+        kernels = sum(e.count for e in events if e.device_type == DeviceType.CUDA) / 5
+        print(f"kernels per step (eager step + token choice): {kernels:.0f}", flush=True)
+    print(events.table(sort_by=sort, row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -169,6 +169,9 @@ class DecodingConfig:
     # than a decode step, so it pays to batch refills; on CPU a few rows' prefill costs a
     # fraction of a step (tiny zoo: 5 ms against 13 ms), and waiting only idles slots.
     refill_min: int = 0
+    # fast engine: torch.compile the per-layer work around attention, fusing its small kernels
+    # (experimental: equal outputs by test, speed not yet measured on a GPU; costs a compile)
+    compile_layers: bool = False
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -251,7 +254,8 @@ class ContrastiveDecoder:
                         log.warning("batch %d does not fit a static KV cache of %d tokens per row; using %d",
                                     batch, capacity, fit)
                         batch = fit
-                return FastPair(self.models, batch, capacity, cuda_graphs=self.config.cuda_graphs), batch
+                return FastPair(self.models, batch, capacity, cuda_graphs=self.config.cuda_graphs,
+                                compile_layers=self.config.compile_layers), batch
             log.info("using the eager engine: %s", reasons[0])
         from distill.eager_decoder import EagerPair
 

@@ -85,11 +85,47 @@ def _linear_add(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: to
     return torch.addmm(x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t()).view(x.shape)
 
 
+def _attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads: int, kv: int, d: int, eps: float):
+    """Normed input -> rotated q [.., heads, d] and k [.., kv, d], and v [.., kv, d] (heads on dim -2)."""
+    qkv = F.linear(_rms_norm(x, ln1, eps), w_qkv, b_qkv)
+    qk = qkv[..., :(heads + kv) * d].unflatten(-1, (heads + kv, d))
+    # rotate_half(x) == roll(x, d/2) * [-1]*d/2 + [+1]*d/2 (the sign is folded into sin_signed)
+    qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin_signed)
+    return qk[..., :heads, :], qk[..., heads:, :], qkv[..., (heads + kv) * d:].unflatten(-1, (kv, d))
+
+
+def _attention_out_and_mlp(x, o, w_o, b_o, ln2, w_gate_up, b_gate_up, w_down, b_down, eps: float):
+    """Residual + o_proj(attention output), then residual + SwiGLU MLP."""
+    x = _linear_add(x, o, w_o, b_o)
+    gate, up = F.linear(_rms_norm(x, ln2, eps), w_gate_up, b_gate_up).chunk(2, dim=-1)
+    return _linear_add(x, F.silu(gate) * up, w_down, b_down)
+
+
+_compiled: dict = {}
+
+
+def _layer_functions(compile_layers: bool):
+    """The two per-layer pieces around attention, eager or torch.compile'd.
+
+    Compiled, Inductor fuses the small kernels between the GEMMs (RMSNorm, RoPE, SiLU * up,
+    the residual adds) that a decode step otherwise launches one by one: ~20 per layer, which
+    CUDA graphs make cheap to launch but not free. One compiled graph serves every layer of
+    every model of the same shapes (weights are inputs, not constants).
+    """
+    if not compile_layers:
+        return _attention_in, _attention_out_and_mlp
+    if not _compiled:
+        _compiled["in"] = torch.compile(_attention_in, fullgraph=True, dynamic=False)
+        _compiled["out"] = torch.compile(_attention_out_and_mlp, fullgraph=True, dynamic=False)
+    return _compiled["in"], _compiled["out"]
+
+
 class FastLM:
     """One Llama-family model as plain tensors plus a static KV cache."""
 
-    def __init__(self, hf_model):
+    def __init__(self, hf_model, compile_layers: bool = False):
         cfg, base = hf_model.config, hf_model.model
+        self.attention_in, self.attention_out_and_mlp = _layer_functions(compile_layers)
         self.eps = cfg.rms_norm_eps
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
@@ -129,19 +165,11 @@ class FastLM:
         sin = (emb.sin() * self.rope_scale).to(self.embed.dtype) * self.rot_sign.to(self.embed.dtype)
         return cos, sin
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, dims=-1), sin_signed)
+    def _qkv(self, x: torch.Tensor, p: dict, cos, sin, fn=_attention_in):
+        return fn(x, p["ln1"], *p["qkv"], cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
 
-    def _qkv(self, x: torch.Tensor, p: dict, cos, sin):
-        """Normed input -> rotated q [.., heads, d] and k [.., kv, d], and v [.., kv, d] (heads on dim -2)."""
-        heads, kv, d = self.heads, self.kv_heads, self.head_dim
-        qkv = F.linear(_rms_norm(x, p["ln1"], self.eps), *p["qkv"])
-        qk = self._rope(qkv[..., :(heads + kv) * d].unflatten(-1, (heads + kv, d)), cos, sin)
-        return qk[..., :heads, :], qk[..., heads:, :], qkv[..., (heads + kv) * d:].unflatten(-1, (kv, d))
-
-    def _mlp(self, x: torch.Tensor, p: dict) -> torch.Tensor:
-        gate, up = F.linear(_rms_norm(x, p["ln2"], self.eps), *p["gate_up"]).chunk(2, dim=-1)
-        return _linear_add(x, F.silu(gate) * up, *p["down"])
+    def _out_mlp(self, x: torch.Tensor, o: torch.Tensor, p: dict, fn=_attention_out_and_mlp) -> torch.Tensor:
+        return fn(x, o, *p["o"], p["ln2"], *p["gate_up"], *p["down"], self.eps)
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
                columns: torch.Tensor) -> torch.Tensor:
@@ -163,14 +191,13 @@ class FastLM:
         bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
         bias = bias[:, None, None, :]
         for p, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
-            q, k, v = self._qkv(x, p, cos, sin)
+            q, k, v = self._qkv(x, p, cos, sin, self.attention_in)
             kc[rows, :, lengths] = k
             vc[rows, :, lengths] = v
             # Query heads h*G..h*G+G-1 share kv head h: fold them into the query axis.
             o = F.scaled_dot_product_attention(q.reshape(batch, kv, heads // kv, d), kc[:, :, :width],
                                                vc[:, :, :width], attn_mask=bias)
-            x = _linear_add(x, o.reshape(batch, heads * d), *p["o"])
-            x = self._mlp(x, p)
+            x = self._out_mlp(x, o.reshape(batch, heads * d), p, self.attention_out_and_mlp)
         return F.linear(_rms_norm(x, self.norm, self.eps), self.lm_head)
 
     def prefill(self, slots: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -196,8 +223,7 @@ class FastLM:
                 rep = heads // kv
                 o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                                                    attn_mask=causal)
-            x = _linear_add(x, o.transpose(1, 2).reshape(k_rows, width, heads * d), *p["o"])
-            x = self._mlp(x, p)
+            x = self._out_mlp(x, o.transpose(1, 2).reshape(k_rows, width, heads * d), p)
         last = x[torch.arange(k_rows, device=ids.device), lengths - 1]
         return F.linear(_rms_norm(last, self.norm, self.eps), self.lm_head)
 
@@ -212,8 +238,9 @@ class FastPair:
     max_new_tokens.
     """
 
-    def __init__(self, models, batch: int, capacity: int, cuda_graphs: bool = True, bucket: int | None = None):
-        self.lms = [FastLM(m) for m in models]
+    def __init__(self, models, batch: int, capacity: int, cuda_graphs: bool = True, bucket: int | None = None,
+                 compile_layers: bool = False):
+        self.lms = [FastLM(m, compile_layers) for m in models]
         self.device = self.lms[0].embed.device
         self.capacity = -(-capacity // 64) * 64  # aligned widths suit the fused attention kernels
         self.bucket = bucket or ATTENTION_BUCKET

@@ -336,6 +336,23 @@ def test_cuda_graph_step_matches_plain_kernels_on_gpu(setup, caplog, n_stops):
     assert graphs == run(e, a, len(tok), prompts, **(kw | {"engine": "eager"}))
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])  # qwen2: the q/k/v bias path
+def test_compiled_layer_functions_give_the_plain_fast_engine_scores(setup, arch):
+    tok, *_ = setup
+    models = [make_model(arch=arch, seed=s) for s in (0, 1)]
+    prompts = [tok(t).input_ids for t in TEXTS[:3]]
+    kw = dict(temperature=0.0, max_new_tokens=6, batch_size=2, engine="fast")
+    plain, plain_scores = run_with_scores(*models, len(tok), prompts, **kw)
+    compiled, compiled_scores = run_with_scores(*models, len(tok), prompts, compile_layers=True, **kw)
+    assert compiled == plain
+    assert_same_scores(compiled_scores, plain_scores)
+    from distill import fast_decoder  # and the flag did reach the layers (else the above proves nothing)
+
+    pair = fast_decoder.FastPair(models, 2, 32, compile_layers=True)
+    assert pair.lms[0].attention_in is not fast_decoder._attention_in
+    assert fast_decoder.FastPair(models, 2, 32).lms[0].attention_in is fast_decoder._attention_in
+
+
 def test_fast_attention_width_buckets(setup, monkeypatch):
     import distill.fast_decoder as fast
 
