@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 4 and 5 need, in priority order, in ONE device call (< 10 min;
+# The GPU measurements issues 4 and 5 still need, in priority order, in ONE device call (< 10 min;
 # each part has its own time budget and writes its results as it goes).
 #
 #   wheels first, in the project venv (the GPU image has no deepspeed/datasets/evaluate):
@@ -8,12 +8,14 @@
 #   then, through the device tool with carry [".whl"]:
 #     bash bench/gpu_session.sh            # results under $OUT (or bench/gpu-results)
 #
-# 1. decoding (issue 4): ours (direct, CoDIT) at batch 1, 32, 128 and growing until the budget,
-#    beside HF generate direct and with the contrastive LogitsProcessor at 32 and 128;
-# 2. training (issue 5): the plain anchor, the fused loss at batch 8, Trainer + ZeRO-2, ZeRO-3,
-#    and the Trainer without DeepSpeed (the budget skips the last ones first);
-# 3. the synthesis workload with refills (refill_min 1 vs batch/16: the GPU default's A/B);
-# 4. the CUDA-only test (CUDA graphs vs plain kernels vs the eager engine).
+# Last run: 2026-11-26 on an H200 (bench/results/2026-11-26-h200/, read in BENCHMARKS.md). What is
+# still open after it:
+# 1. decoding (issue 4): where the step's ~10 ms of non-bandwidth time goes (profile: graph with
+#    and without the token choice, with compiled layers, kernels per step, top kernels);
+# 2. decoding: CoDIT vs the LogitsProcessor way at batch 128, then ours with --compile-layers;
+# 3. training (issue 5): profiles of one Trainer step without DeepSpeed and with ZeRO-2 (GPU busy
+#    against wall time, top kernels), and ZeRO-2 with the regional compile;
+# 4. the synthesis workload with refills, 512 rows (throughput until the queue runs dry).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-results}
@@ -27,17 +29,21 @@ stamp() { echo "== $(date +%T) $*" | tee -a "$OUT/gpu.txt"; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, deepspeed, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'datasets', datasets.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 
-stamp decoding fixed
-timeout 185 python3 bench/decoding_bench.py --device cuda --batches 1,32,128,max --hf-batches 32,128 \
-    --budget-s 160 --json "$OUT/decoding_fixed.json" 2>&1 | tee "$OUT/decoding_fixed.txt" | grep -E "^\||^#|fast engine"
+stamp profile decoding
+timeout 130 python3 bench/profile_decoding.py --batch 128 --compile-layers 2>&1 | tee "$OUT/profile_decoding.txt" \
+    | grep -E "ms$|kernels per step"
+stamp decoding b128
+timeout 90 python3 bench/decoding_bench.py --device cuda --batches 128 --hf-batches 128 --budget-s 75 \
+    --json "$OUT/decoding_fixed.json" 2>&1 | tee "$OUT/decoding_fixed.txt" | grep -E "^\||fast engine"
+timeout 70 python3 bench/decoding_bench.py --device cuda --batches 128 --skip-hf --compile-layers --budget-s 55 \
+    --json "$OUT/decoding_compiled.json" 2>&1 | tee "$OUT/decoding_compiled.txt" | grep -E "^\||fast engine"
 stamp train
-timeout 250 python3 bench/train_bench.py --device cuda --configs plain,fast@8,zero2,zero3,trainer --steps 20 \
-    --budget-s 240 --json "$OUT/train_gpu.json" 2>&1 | tee "$OUT/train.txt" | grep -E "^\||^  [a-z0-9@-]+: "
+timeout 230 python3 bench/train_bench.py --device cuda --configs trainer,zero2,zero2-compile --steps 20 \
+    --budget-s 220 --profile "$OUT/train_profiles" --json "$OUT/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
+    | grep -E "^\||^  [a-z0-9@-]+: "
 stamp mixed
-timeout 80 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 256 \
-    --mean-length 200 --skip-hf --budget-s 60 --json "$OUT/decoding_mixed.json" 2>&1 \
+timeout 60 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 512 \
+    --mean-length 200 --skip-hf --budget-s 40 --json "$OUT/decoding_mixed.json" 2>&1 \
     | tee "$OUT/decoding_mixed.txt" | grep -E "^\||mixed"
-stamp gpu test
-timeout 40 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decoding.py 2>&1 | tail -3 | tee "$OUT/pytest_gpu.txt"
 stamp done
 echo "results in $OUT"
