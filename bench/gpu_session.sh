@@ -20,7 +20,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-results}
 export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
+W=/tmp/gpu-session  # JSON and per-config profiles; tarred into $OUT at the end (the tool returns <= 8 files)
+mkdir -p "$OUT" "$W"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
     export PYTHONPATH=/tmp/site:$PWD
@@ -34,16 +35,17 @@ timeout 130 python3 bench/profile_decoding.py --batch 128 --compile-layers 2>&1 
     | grep -E "ms$|kernels per step"
 stamp decoding b128
 timeout 90 python3 bench/decoding_bench.py --device cuda --batches 128 --hf-batches 128 --budget-s 75 \
-    --json "$OUT/decoding_fixed.json" 2>&1 | tee "$OUT/decoding_fixed.txt" | grep -E "^\||fast engine"
+    --json "$W/decoding_fixed.json" 2>&1 | tee "$OUT/decoding.txt" | grep -E "^\||fast engine"
 timeout 70 python3 bench/decoding_bench.py --device cuda --batches 128 --skip-hf --compile-layers --budget-s 55 \
-    --json "$OUT/decoding_compiled.json" 2>&1 | tee "$OUT/decoding_compiled.txt" | grep -E "^\||fast engine"
+    --json "$W/decoding_compiled.json" 2>&1 | tee -a "$OUT/decoding.txt" | grep -E "^\||fast engine"
 stamp train
 timeout 230 python3 bench/train_bench.py --device cuda --configs trainer,zero2,zero2-compile --steps 20 \
-    --budget-s 220 --profile "$OUT/train_profiles" --json "$OUT/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
+    --budget-s 220 --profile "$W/train_profiles" --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
     | grep -E "^\||^  [a-z0-9@-]+: "
+cat "$W"/train_profiles/*.txt > "$OUT/train_profiles.txt" 2>/dev/null
 stamp mixed
 timeout 60 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 512 \
-    --mean-length 200 --skip-hf --budget-s 40 --json "$OUT/decoding_mixed.json" 2>&1 \
+    --mean-length 200 --skip-hf --budget-s 40 --json "$W/decoding_mixed.json" 2>&1 \
     | tee "$OUT/decoding_mixed.txt" | grep -E "^\||mixed"
 stamp done
-echo "results in $OUT"
+tar czf "$OUT/json_and_profiles.tgz" -C "$W" . && echo "results in $OUT"
