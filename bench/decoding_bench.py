@@ -144,7 +144,8 @@ def run_ours(expert, amateur, batch, args, engine, beta):
     ids = prompts(batch, args.prompt_len, args.vocab, 1).tolist()
     cfg = DecodingConfig(alpha=0.01, beta=beta, temperature=1.0, max_new_tokens=args.new_tokens,
                          batch_size=batch, engine=engine, cuda_graphs=not args.no_cuda_graphs,
-                         check_every=args.check_every, compile_layers=args.compile_layers)
+                         check_every=args.check_every, compile_layers=args.compile_layers,
+                         decode_attention=args.decode_attention)
     dec = ContrastiveDecoder(expert, amateur if beta else None, args.vocab, [], cfg)
     sync(args.device)
     start = time.perf_counter()
@@ -193,7 +194,8 @@ def run_ours_mixed(expert, amateur, batch, args, engine, refill_min):
     ids = prompts(args.rows, args.prompt_len, args.vocab, 1).tolist()
     cfg = DecodingConfig(alpha=0.01, beta=1.0, temperature=1.0, max_new_tokens=args.new_tokens, batch_size=batch,
                          engine=engine, cuda_graphs=not args.no_cuda_graphs, check_every=args.check_every,
-                         refill_min=refill_min, compile_layers=args.compile_layers)
+                         refill_min=refill_min, compile_layers=args.compile_layers,
+                         decode_attention=args.decode_attention)
     dec = ContrastiveDecoder(expert, amateur, args.vocab, stop_ids(args), cfg)
     sync(args.device)
     start = time.perf_counter()
@@ -249,6 +251,8 @@ def main():
     ap.add_argument("--check-every", type=int, default=8, help="steps between host checks for finished rows")
     ap.add_argument("--compile-layers", action="store_true",
                     help="our engine with DecodingConfig.compile_layers (torch.compile of the per-layer work)")
+    ap.add_argument("--decode-attention", choices=["sdpa", "flex"], default="sdpa",
+                    help="our fast engine's decode attention (DecodingConfig.decode_attention)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="fast engine without CUDA graphs")
     ap.add_argument("--skip-hf", action="store_true", help="only our engine")
     ap.add_argument("--workload", choices=["fixed", "mixed"], default="fixed",

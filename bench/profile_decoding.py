@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--config", default="mistral-7b")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only checks that the script runs (--config tiny)")
+    ap.add_argument("--flex", action="store_true",
+                    help="also time the graph step with FlexAttention decode (DecodingConfig.decode_attention='flex')")
     ap.add_argument("--compile-layers", action="store_true",
                     help="also time the graph step with the per-layer work torch.compile'd (DecodingConfig.compile_layers)")
     args = ap.parse_args()
@@ -62,15 +64,19 @@ def main():
     def choose(logits):  # the token choice, as the engine captures it after the step
         chosen.copy_(next_token(logits[0], logits[1], cfg, seeds, steps, vocab)[0])
 
-    variants = [(True, choose, False), (True, None, False)] + ([(True, choose, True)] if args.compile_layers else [])
-    for graphs, post, compiled in variants + [(False, None, False)]:
-        pair = FastPair(models, args.batch, args.capacity, cuda_graphs=graphs, compile_layers=compiled)
+    variants = [(True, choose, False, "sdpa"), (True, None, False, "sdpa")]
+    variants += [(True, choose, True, "sdpa")] if args.compile_layers else []
+    variants += [(True, choose, False, "flex")] if args.flex else []
+    for graphs, post, compiled, attention in variants + [(False, None, False, "sdpa")]:
+        pair = FastPair(models, args.batch, args.capacity, cuda_graphs=graphs, compile_layers=compiled,
+                        decode_attention=attention)
         tok = torch.randint(3, vocab, (args.batch,), device=dev)
         active = torch.zeros(args.batch, dtype=torch.bool, device=dev)  # inactive: lengths stay put
         pair.prepare(tok, active, post) if post else pair.prepare()
         pair.prefill(list(range(args.batch)), prompts)
         ms = timed(lambda: pair.decode(tok, active), args.steps)
-        what = ("with the token choice inside the graph" if post else "step only") + (", compiled layers" if compiled else "")
+        what = ("with the token choice inside the graph" if post else "step only") + (", compiled layers" if compiled else "") \
+            + (", flex attention" if attention == "flex" else "")
         print(f"two-model decode step, graphs={graphs}, {what}: {ms:.2f} ms", flush=True)
         pair.lengths.fill_(128)
         if post:

@@ -172,6 +172,10 @@ class DecodingConfig:
     # fast engine: torch.compile the per-layer work around attention, fusing its small kernels
     # (experimental: equal outputs by test, speed not yet measured on a GPU; costs a compile)
     compile_layers: bool = False
+    # fast engine: "sdpa" reads every row's cache up to the longest live row (bucketed); "flex"
+    # (FlexAttention, compiled) reads only each row's own blocks, for long, uneven responses
+    # (experimental: equal outputs by test, speed not yet measured on a GPU; costs a compile)
+    decode_attention: str = "sdpa"
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -183,6 +187,8 @@ class DecodingConfig:
                 raise DistillError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.refill_min < 0:
             raise DistillError(f"refill_min must be >= 0, got {self.refill_min}")
+        if self.decode_attention not in ("sdpa", "flex"):
+            raise DistillError(f"decode_attention must be sdpa or flex, got {self.decode_attention!r}")
         if self.engine not in ("auto", "eager", "fast"):
             raise DistillError(f"engine must be auto, eager or fast, got {self.engine!r}")
 
@@ -255,7 +261,8 @@ class ContrastiveDecoder:
                                     batch, capacity, fit)
                         batch = fit
                 return FastPair(self.models, batch, capacity, cuda_graphs=self.config.cuda_graphs,
-                                compile_layers=self.config.compile_layers), batch
+                                compile_layers=self.config.compile_layers,
+                                decode_attention=self.config.decode_attention), batch
             log.info("using the eager engine: %s", reasons[0])
         from distill.eager_decoder import EagerPair
 

@@ -172,31 +172,35 @@ class FastLM:
         return fn(x, o, *p["o"], p["ln2"], *p["gate_up"], *p["down"], self.eps)
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
-               columns: torch.Tensor) -> torch.Tensor:
+               columns: torch.Tensor, flex=None) -> torch.Tensor:
         """One token per row: write K/V at column lengths[b], attend to columns <= lengths[b].
 
         `columns` is arange(width): attention reads only the first width columns of the cache,
-        so every row must have lengths[b] < width.
+        so every row must have lengths[b] < width. With `flex` (a FlexDecodeAttention over this
+        model's cache) each row reads only its own live blocks instead, and `columns` is unused.
         """
         batch, heads, kv, d = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         width = columns.shape[0]
         x = F.embedding(tokens, self.embed)  # [B, hidden]
         cos, sin = self._cos_sin(lengths)
         cos, sin = cos[:, None, :], sin[:, None, :]
-        visible = columns[None, :] <= lengths[:, None]
-        if self.window is not None:
-            visible &= columns[None, :] > lengths[:, None] - self.window
-        # An additive mask made once per step (a bool one would be converted in every layer),
-        # [B, 1, 1, width], broadcast over kv heads and query groups. Column 0 is always visible.
-        bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
-        bias = bias[:, None, None, :]
+        if flex is None:
+            visible = columns[None, :] <= lengths[:, None]
+            if self.window is not None:
+                visible &= columns[None, :] > lengths[:, None] - self.window
+            # An additive mask made once per step (a bool one would be converted in every layer),
+            # [B, 1, 1, width], broadcast over kv heads and query groups. Column 0 is always visible.
+            bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
+            bias = bias[:, None, None, :]
         for p, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             q, k, v = self._qkv(x, p, cos, sin, self.attention_in)
             kc[rows, :, lengths] = k
             vc[rows, :, lengths] = v
-            # Query heads h*G..h*G+G-1 share kv head h: fold them into the query axis.
-            o = F.scaled_dot_product_attention(q.reshape(batch, kv, heads // kv, d), kc[:, :, :width],
-                                               vc[:, :, :width], attn_mask=bias)
+            if flex is not None:
+                o = flex.attend(q, kc, vc)
+            else:  # query heads h*G..h*G+G-1 share kv head h: fold them into the query axis
+                o = F.scaled_dot_product_attention(q.reshape(batch, kv, heads // kv, d), kc[:, :, :width],
+                                                   vc[:, :, :width], attn_mask=bias)
             x = self._out_mlp(x, o.reshape(batch, heads * d), p, self.attention_out_and_mlp)
         return F.linear(_rms_norm(x, self.norm, self.eps), self.lm_head)
 
@@ -239,10 +243,13 @@ class FastPair:
     """
 
     def __init__(self, models, batch: int, capacity: int, cuda_graphs: bool = True, bucket: int | None = None,
-                 compile_layers: bool = False):
+                 compile_layers: bool = False, decode_attention: str = "sdpa"):
+        if decode_attention not in ("sdpa", "flex"):
+            raise ValueError(f"decode_attention must be sdpa or flex, got {decode_attention!r}")
         self.lms = [FastLM(m, compile_layers) for m in models]
         self.device = self.lms[0].embed.device
-        self.capacity = -(-capacity // 64) * 64  # aligned widths suit the fused attention kernels
+        align = 128 if decode_attention == "flex" else 64  # flex: whole blocks; sdpa: aligned widths suit its kernels
+        self.capacity = -(-capacity // align) * align
         self.bucket = bucket or ATTENTION_BUCKET
         for lm in self.lms:
             lm.allocate(batch, self.capacity)
@@ -256,6 +263,12 @@ class FastPair:
         self.pool = None
         self.active = None
         self.post_step = None  # the engine's token choice, run right after the step (inside the graph)
+        self.flex = None
+        if decode_attention == "flex":  # one block mask per model (sliding windows may differ)
+            from distill.flex_decode import FlexDecodeAttention
+
+            self.flex = [FlexDecodeAttention(self.lengths, self.capacity, lm.window) for lm in self.lms]
+            self.bucket = self.capacity  # one width, one graph: the mask, not the width, bounds the reads
 
     def prepare(self, tokens: torch.Tensor | None = None, active: torch.Tensor | None = None,
                 post_step=None) -> bool:
@@ -291,7 +304,10 @@ class FastPair:
 
     @torch.no_grad()
     def _step(self, width: int) -> list[torch.Tensor]:
-        logits = [lm.decode(self.tokens, self.lengths, self.rows, self.columns[:width]) for lm in self.lms]
+        for f in self.flex or ():
+            f.update()
+        logits = [lm.decode(self.tokens, self.lengths, self.rows, self.columns[:width], f)
+                  for lm, f in zip(self.lms, self.flex or [None] * len(self.lms))]
         if self.post_step is not None:
             self.lengths += self.active.long()  # finished rows stay put, overwriting one junk column
             self.post_step(logits)

@@ -353,6 +353,34 @@ def test_compiled_layer_functions_give_the_plain_fast_engine_scores(setup, arch)
     assert fast_decoder.FastPair(models, 2, 32).lms[0].attention_in is fast_decoder._attention_in
 
 
+def test_flex_decode_attention_gives_the_sdpa_scores(setup):
+    # Rows of very different lengths (prompts of 1 to 11 tokens, 150 new ones, refills) cross
+    # the 128-column block edge at different steps: a block count one short, or a mask_mod
+    # that shows a column too many, changes the scores.
+    tok, expert, amateur, prompts = setup
+    kw = dict(temperature=0.0, max_new_tokens=150, batch_size=3, check_every=5, engine="fast")
+    ref, ref_scores = run_with_scores(expert, amateur, len(tok), prompts, **kw)
+    got, scores = run_with_scores(expert, amateur, len(tok), prompts, decode_attention="flex", **kw)
+    assert got == ref
+    assert_same_scores(scores, ref_scores)
+    assert max(len(t) + len(p) for (t, _), p in zip(ref.values(), prompts)) > 128
+
+
+def test_flex_decode_attention_honours_a_sliding_window(setup):
+    tok, *_ = setup
+    models = []
+    for seed in (0, 1):
+        m = make_model(seed=seed)
+        m.config.sliding_window = 20  # shorter than the rows, so the window masks columns
+        models.append(m)
+    prompts = [tok(t).input_ids for t in TEXTS[:3]]
+    kw = dict(temperature=0.0, max_new_tokens=40, batch_size=2, engine="fast")
+    ref, ref_scores = run_with_scores(*models, len(tok), prompts, **(kw | {"engine": "eager"}))
+    got, scores = run_with_scores(*models, len(tok), prompts, decode_attention="flex", **kw)
+    assert got == ref
+    assert_same_scores(scores, ref_scores)
+
+
 def test_fast_attention_width_buckets(setup, monkeypatch):
     import distill.fast_decoder as fast
 
