@@ -140,12 +140,12 @@ def run_hf(expert, amateur, batch, args):
     return batch * args.new_tokens / seconds, seconds, 0.0
 
 
-def run_ours(expert, amateur, batch, args, engine, beta):
+def run_ours(expert, amateur, batch, args, engine, beta, attention="sdpa"):
     ids = prompts(batch, args.prompt_len, args.vocab, 1).tolist()
     cfg = DecodingConfig(alpha=0.01, beta=beta, temperature=1.0, max_new_tokens=args.new_tokens,
                          batch_size=batch, engine=engine, cuda_graphs=not args.no_cuda_graphs,
                          check_every=args.check_every, compile_layers=args.compile_layers,
-                         decode_attention=args.decode_attention)
+                         decode_attention=attention)
     dec = ContrastiveDecoder(expert, amateur if beta else None, args.vocab, [], cfg)
     sync(args.device)
     start = time.perf_counter()
@@ -187,7 +187,7 @@ def run_hf_mixed(expert, amateur, batch, args):
     return generated / seconds, seconds, 0.0
 
 
-def run_ours_mixed(expert, amateur, batch, args, engine, refill_min):
+def run_ours_mixed(expert, amateur, batch, args, engine, refill_min, attention="sdpa"):
     """Continuous batching over --rows prompts. Besides the whole run, the throughput until the
     queue runs dry: after that the batch drains (the last long rows run almost alone), a
     one-off cost per dataset that dominates a short benchmark but not a 50k-prompt synthesis."""
@@ -195,7 +195,7 @@ def run_ours_mixed(expert, amateur, batch, args, engine, refill_min):
     cfg = DecodingConfig(alpha=0.01, beta=1.0, temperature=1.0, max_new_tokens=args.new_tokens, batch_size=batch,
                          engine=engine, cuda_graphs=not args.no_cuda_graphs, check_every=args.check_every,
                          refill_min=refill_min, compile_layers=args.compile_layers,
-                         decode_attention=args.decode_attention)
+                         decode_attention=attention)
     dec = ContrastiveDecoder(expert, amateur, args.vocab, stop_ids(args), cfg)
     sync(args.device)
     start = time.perf_counter()
@@ -251,8 +251,11 @@ def main():
     ap.add_argument("--check-every", type=int, default=8, help="steps between host checks for finished rows")
     ap.add_argument("--compile-layers", action="store_true",
                     help="our engine with DecodingConfig.compile_layers (torch.compile of the per-layer work)")
-    ap.add_argument("--decode-attention", choices=["sdpa", "flex"], default="sdpa",
-                    help="our fast engine's decode attention (DecodingConfig.decode_attention)")
+    ap.add_argument("--decode-attention", default="sdpa",
+                    help="our fast engine's decode attention(s), comma list of sdpa, flex "
+                         "(DecodingConfig.decode_attention; default sdpa)")
+    ap.add_argument("--refill-mins", default="1,auto",
+                    help="mixed workload: refill policies to compare, comma list of numbers and auto (batch / 16)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="fast engine without CUDA graphs")
     ap.add_argument("--skip-hf", action="store_true", help="only our engine")
     ap.add_argument("--workload", choices=["fixed", "mixed"], default="fixed",
@@ -340,6 +343,11 @@ def main():
                         pad_token_id=0)
     run_ours(expert, amateur, 2, argparse.Namespace(**{**vars(args), "new_tokens": 4}), args.engines[0], 1.0)
 
+    attentions = args.decode_attention.split(",")
+
+    def label(engine, attention):
+        return engine + (", flex" if attention == "flex" else "") + (", compiled layers" if args.compile_layers else "")
+
     if args.workload == "mixed":
         print(f"mixed workload: {len(stop_ids(args))} stop ids, mean length about {args.mean_length}, "
               f"cap {args.new_tokens}\n", flush=True)
@@ -348,9 +356,11 @@ def main():
             args.rows = rows or 4 * b
             if not args.skip_hf:
                 line("hf-contrast (LogitsProcessor), batches", b, lambda: run_hf_mixed(expert, amateur, b, args))
-            for refill in sorted({1, max(1, b // 16)}):
-                line(f"ours-codit ({args.engines[0]}), refill_min {refill}", b,
-                     lambda: run_ours_mixed(expert, amateur, b, args, args.engines[0], refill))
+            refills = sorted({max(1, b // 16) if r == "auto" else int(r) for r in args.refill_mins.split(",")})
+            for attention in attentions:
+                for refill in refills:
+                    line(f"ours-codit ({label(args.engines[0], attention)}), refill_min {refill}", b,
+                         lambda: run_ours_mixed(expert, amateur, b, args, args.engines[0], refill, attention))
             args.rows = rows
         print(f"\ntotal {time.perf_counter() - began:.0f} s; results in {args.json}", flush=True)
         return
@@ -360,9 +370,12 @@ def main():
             line("hf-contrast (LogitsProcessor)", b, lambda: run_hf(expert, amateur, b, args))
     fixed = [int(x) for x in args.batches.split(",") if x != "max"]
     for engine in args.engines:
-        for b in fixed:
-            line(f"ours-direct ({engine})", b, lambda: run_ours(expert, amateur, b, args, engine, 0.0))
-            line(f"ours-codit ({engine})", b, lambda: run_ours(expert, amateur, b, args, engine, 1.0))
+        for attention in attentions if engine == "fast" else ["sdpa"]:
+            for b in fixed:
+                line(f"ours-direct ({label(engine, attention)})", b,
+                     lambda: run_ours(expert, amateur, b, args, engine, 0.0, attention))
+                line(f"ours-codit ({label(engine, attention)})", b,
+                     lambda: run_ours(expert, amateur, b, args, engine, 1.0, attention))
     if "max" in args.batches:  # the largest CoDIT batch that fits: grow by 64 rows until memory runs out
         b, engine = max(fixed), args.engines[0]
         while b < 4096:

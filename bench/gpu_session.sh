@@ -12,10 +12,12 @@
 # still open after it:
 # 1. decoding (issue 4): where the step's ~10 ms of non-bandwidth time goes (profile: graph with
 #    and without the token choice, with compiled layers, kernels per step, top kernels);
-# 2. decoding: CoDIT vs the LogitsProcessor way at batch 128, then ours with --compile-layers;
-# 3. training (issue 5): profiles of one Trainer step without DeepSpeed and with ZeRO-2 (GPU busy
-#    against wall time, top kernels), and ZeRO-2 with the regional compile;
-# 4. the synthesis workload with refills, 512 rows (throughput until the queue runs dry).
+# 2. decoding: CoDIT vs the LogitsProcessor way at batch 128, ours with SDPA and with FlexAttention
+#    decode, then ours with --compile-layers (the two opt-in levers, off by default until measured);
+# 3. the synthesis workload (512 rows, responses up to 800 tokens): SDPA against FlexAttention
+#    decode, where reading only live cache blocks should matter most;
+# 4. training (issue 5): profiles of one Trainer step without DeepSpeed and with ZeRO-2 (GPU busy
+#    against wall time, top kernels), and ZeRO-2 with the regional compile.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-results}
@@ -31,21 +33,21 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | t
 python3 -c "import torch, transformers, deepspeed, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'datasets', datasets.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 
 stamp profile decoding
-timeout 130 python3 bench/profile_decoding.py --batch 128 --compile-layers 2>&1 | tee "$OUT/profile_decoding.txt" \
+timeout 90 python3 bench/profile_decoding.py --batch 128 --compile-layers 2>&1 | tee "$OUT/profile_decoding.txt" \
     | grep -E "ms$|kernels per step"
 stamp decoding b128
-timeout 90 python3 bench/decoding_bench.py --device cuda --batches 128 --hf-batches 128 --budget-s 75 \
-    --json "$W/decoding_fixed.json" 2>&1 | tee "$OUT/decoding.txt" | grep -E "^\||fast engine"
-timeout 70 python3 bench/decoding_bench.py --device cuda --batches 128 --skip-hf --compile-layers --budget-s 55 \
+timeout 100 python3 bench/decoding_bench.py --device cuda --batches 128 --hf-batches 128 --decode-attention sdpa,flex \
+    --budget-s 85 --json "$W/decoding_fixed.json" 2>&1 | tee "$OUT/decoding.txt" | grep -E "^\||fast engine"
+timeout 60 python3 bench/decoding_bench.py --device cuda --batches 128 --skip-hf --compile-layers --budget-s 45 \
     --json "$W/decoding_compiled.json" 2>&1 | tee -a "$OUT/decoding.txt" | grep -E "^\||fast engine"
+stamp mixed
+timeout 90 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 512 \
+    --mean-length 200 --skip-hf --decode-attention sdpa,flex --refill-mins auto --budget-s 70 \
+    --json "$W/decoding_mixed.json" 2>&1 | tee "$OUT/decoding_mixed.txt" | grep -E "^\||mixed"
 stamp train
-timeout 230 python3 bench/train_bench.py --device cuda --configs trainer,zero2,zero2-compile --steps 20 \
-    --budget-s 220 --profile "$W/train_profiles" --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
+timeout 220 python3 bench/train_bench.py --device cuda --configs trainer,zero2,zero2-compile --steps 20 \
+    --budget-s 210 --profile "$W/train_profiles" --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
     | grep -E "^\||^  [a-z0-9@-]+: "
 cat "$W"/train_profiles/*.txt > "$OUT/train_profiles.txt" 2>/dev/null
-stamp mixed
-timeout 60 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 512 \
-    --mean-length 200 --skip-hf --budget-s 40 --json "$W/decoding_mixed.json" 2>&1 \
-    | tee "$OUT/decoding_mixed.txt" | grep -E "^\||mixed"
 stamp done
 tar czf "$OUT/json_and_profiles.tgz" -C "$W" . && echo "results in $OUT"
