@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -112,11 +114,16 @@ def train(cfg: TrainConfig, callbacks=()) -> Path:
         raise DistillError(f"target model {model_path} has no *.safetensors weights; distill never unpickles")
     ds_config = load_deepspeed_config(cfg.deepspeed)
     stats = td.DataStats()
-    chats = td.read_chats(cfg.data, cfg.keep_repetitive, stats)
-    check_output_dir(out, cfg.overwrite)
+    # Each process (rank) keeps its data's Arrow cache in a folder of its own beside the output:
+    # ranks loading one file into the shared HF cache at once raced on its cache files.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f".{out.name}.data-", dir=out.parent)
     try:
+        chats = td.read_chats(cfg.data, cfg.keep_repetitive, stats, cache_dir=scratch)
+        check_output_dir(out, cfg.overwrite)
         return _run_trainer(cfg, out, model_path, ds_config, chats, stats, callbacks)
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)
         # A ZeRO-3 run registers a process-wide config that makes every later from_pretrained in
         # this process partition its weights; the next stage (evaluate, in-process) must not inherit it.
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config

@@ -69,29 +69,36 @@ class DataStats:
 # ----------------------------------------------------------------------------- reading
 
 
-def load_rows(data: str | Path):
-    """Open a dataset directory (card with YAML header, or `save_to_disk`) or a .jsonl file."""
+def load_rows(data: str | Path, cache_dir: str | Path | None = None):
+    """Open a dataset directory (card with YAML header, or `save_to_disk`) or a .jsonl file.
+
+    With `cache_dir` (a directory of this process's own), the Arrow files of the loaded rows and
+    of every later map/filter live there, not in the shared HF cache or the user's dataset folder:
+    ranks that read the same data at once would otherwise write the same cache files and race.
+    """
     import datasets
 
+    cache = {"cache_dir": str(cache_dir)} if cache_dir else {}
     path = Path(data).expanduser()
     if not path.exists():
         raise DistillError(f"training data {path} does not exist; pass a dataset directory written by "
                            "`distill synthesize` or a .jsonl file with instruction+response rows")
     try:
         if path.is_dir() and (path / "state.json").exists():
-            ds = datasets.load_from_disk(str(path))
+            # in memory when private: transforms would write their cache files into the user's folder
+            ds = datasets.load_from_disk(str(path), keep_in_memory=bool(cache_dir))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds["train"]
         elif path.is_dir():
             # force_redownload: the datasets cache keys a local directory by its name, so another
             # run's `data/codit` would otherwise come back stale.
             ds = datasets.load_dataset(str(path), split="train", download_mode="force_redownload",
-                                      verification_mode="no_checks")
+                                      verification_mode="no_checks", **cache)
         elif path.suffix in (".jsonl", ".json"):
             if path.stat().st_size == 0:
                 raise DistillError(f"training data {path} is empty; it needs at least one row")
             ds = datasets.load_dataset("json", data_files=str(path), split="train", download_mode="force_redownload",
-                                      verification_mode="no_checks")
+                                      verification_mode="no_checks", **cache)
         else:
             raise DistillError(f"training data {path} is neither a dataset directory nor a .jsonl file")
     except DistillError:
@@ -138,9 +145,9 @@ def _bars_only_for_large(rows: int, threshold: int = 10_000):
         datasets.enable_progress_bars()
 
 
-def read_chats(data, keep_repetitive: bool, stats: DataStats):
+def read_chats(data, keep_repetitive: bool, stats: DataStats, cache_dir: str | Path | None = None):
     """Rows -> a `datasets.Dataset` with one column, `messages`; filtered and counted."""
-    ds = load_rows(data)
+    ds = load_rows(data, cache_dir)
     with _bars_only_for_large(len(ds)):
         return _read_chats(ds, data, keep_repetitive, stats)
 

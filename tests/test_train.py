@@ -118,6 +118,19 @@ class MatmulDtypes(TrainerCallback):
         model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: self.dtypes.add(o.dtype))
 
 
+def test_data_cache_is_private_to_the_run_and_removed(world, tmp_path, monkeypatch):
+    # Two ranks once built the same Arrow cache files in the shared HF datasets cache at once, and
+    # one failed on the other's half-moved file. Each run now caches in a folder of its own.
+    import datasets
+
+    shared = tmp_path / "hf-datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", shared)
+    out = tmp_path / "model"
+    train(_config(world, out, deepspeed="none", max_steps=1, eval_fraction=0.1))
+    assert not shared.exists() or not any(shared.rglob("*.arrow"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf-datasets-cache") == ["model"]  # no leftovers
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["hf-loss", "fused-loss"])
 def test_bf16_without_deepspeed_trains_under_autocast(world, fused):
     # The plain Trainer keeps fp32 master weights and relies on accelerate's autocast, which wraps
