@@ -17,7 +17,7 @@
 # 3. the synthesis workload (512 rows, responses up to 800 tokens): SDPA against FlexAttention
 #    decode, where reading only live cache blocks should matter most;
 # 4. training (issue 5): profiles of one Trainer step without DeepSpeed and with ZeRO-2 (GPU busy
-#    against wall time, top kernels), and ZeRO-2 with the regional compile.
+#    against wall time, top kernels), and ZeRO-2 with the regional compile at batch 8.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-results}
@@ -45,7 +45,7 @@ timeout 90 python3 bench/decoding_bench.py --device cuda --workload mixed --batc
     --mean-length 200 --skip-hf --decode-attention sdpa,flex --refill-mins auto --budget-s 70 \
     --json "$W/decoding_mixed.json" 2>&1 | tee "$OUT/decoding_mixed.txt" | grep -E "^\||mixed"
 stamp train
-timeout 220 python3 bench/train_bench.py --device cuda --configs trainer,zero2,zero2-compile --steps 20 \
+timeout 220 python3 bench/train_bench.py --device cuda --configs trainer,zero2,zero2-compile@8 --steps 20 \
     --budget-s 210 --profile "$W/train_profiles" --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
     | grep -E "^\||^  [a-z0-9@-]+: "
 cat "$W"/train_profiles/*.txt > "$OUT/train_profiles.txt" 2>/dev/null
