@@ -252,7 +252,8 @@ class ContrastiveDecoder:
                 raise DistillError(f"the fast engine cannot run this model: {reasons[0]}; use engine=eager")
             if not reasons:
                 if self.device.type == "cuda":
-                    fit = FastPair.rows_that_fit(self.models, capacity)
+                    columns = FastPair.aligned_capacity(capacity, self.config.decode_attention)
+                    fit = FastPair.rows_that_fit(self.models, columns)
                     if fit < 1:
                         raise DistillError(f"no room in GPU memory for a KV cache of {capacity} tokens per row; "
                                            f"lower max_new_tokens or use a larger GPU")

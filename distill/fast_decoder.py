@@ -115,8 +115,10 @@ def _layer_functions(compile_layers: bool):
     if not compile_layers:
         return _attention_in, _attention_out_and_mlp
     if not _compiled:
-        _compiled["in"] = torch.compile(_attention_in, fullgraph=True, dynamic=False)
-        _compiled["out"] = torch.compile(_attention_out_and_mlp, fullgraph=True, dynamic=False)
+        from distill.compiled import CompiledOrEager
+
+        _compiled["in"] = CompiledOrEager(_attention_in, "the decode layers' attention input")
+        _compiled["out"] = CompiledOrEager(_attention_out_and_mlp, "the decode layers' output and MLP")
     return _compiled["in"], _compiled["out"]
 
 
@@ -248,8 +250,7 @@ class FastPair:
             raise ValueError(f"decode_attention must be sdpa or flex, got {decode_attention!r}")
         self.lms = [FastLM(m, compile_layers) for m in models]
         self.device = self.lms[0].embed.device
-        align = 128 if decode_attention == "flex" else 64  # flex: whole blocks; sdpa: aligned widths suit its kernels
-        self.capacity = -(-capacity // align) * align
+        self.capacity = self.aligned_capacity(capacity, decode_attention)
         self.bucket = bucket or ATTENTION_BUCKET
         for lm in self.lms:
             lm.allocate(batch, self.capacity)
@@ -288,6 +289,12 @@ class FastPair:
                 if not self._try_capture(width):
                     break
         return post_step is not None
+
+    @staticmethod
+    def aligned_capacity(capacity: int, decode_attention: str = "sdpa") -> int:
+        """Cache columns per row: flex needs whole 128-column blocks; sdpa's kernels like 64-aligned widths."""
+        align = 128 if decode_attention == "flex" else 64
+        return -(-capacity // align) * align
 
     @staticmethod
     def rows_that_fit(models, capacity: int, reserve_fraction: float = 0.1) -> int:

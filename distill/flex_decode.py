@@ -25,8 +25,10 @@ _compiled: dict = {}
 def _flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    if "fn" not in _compiled:  # FlexAttention runs fused only when compiled
-        _compiled["fn"] = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    from distill.compiled import CompiledOrEager
+
+    if "fn" not in _compiled:  # FlexAttention runs fused only when compiled (eagerly: correct, dense, slow)
+        _compiled["fn"] = CompiledOrEager(flex_attention, "FlexAttention decode")
     return _compiled["fn"]
 
 

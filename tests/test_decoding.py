@@ -320,18 +320,20 @@ def test_yarn_rope_attention_scaling_fast_matches_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_stops", [1, 40])
-def test_cuda_graph_step_matches_plain_kernels_on_gpu(setup, caplog, n_stops):
+@pytest.mark.parametrize("n_stops, attention, compiled", [(1, "sdpa", False), (40, "sdpa", False),
+                                                          (1, "flex", False), (1, "sdpa", True)])
+def test_cuda_graph_step_matches_plain_kernels_on_gpu(setup, caplog, n_stops, attention, compiled):
     import copy
 
     tok, expert, amateur, prompts = setup
     e, a = copy.deepcopy(expert).cuda(), copy.deepcopy(amateur).cuda()  # float32: no bf16 rounding noise
-    # 40 stop ids: torch.isin switches to a sorting path there that cannot be captured
+    # 40 stop ids: torch.isin switches to a sorting path there that cannot be captured. flex builds
+    # its block mask inside the graph; compiled layers run Inductor kernels inside it.
     kw = dict(temperature=0.0, max_new_tokens=12, batch_size=4, engine="fast", check_every=4,
-              stop_ids=list(range(2, 2 + n_stops)))
-    with caplog.at_level("WARNING", logger="distill.fast_decoder"):
+              stop_ids=list(range(2, 2 + n_stops)), decode_attention=attention, compile_layers=compiled)
+    with caplog.at_level("WARNING"):
         graphs = run(e, a, len(tok), prompts, cuda_graphs=True, **kw)
-    assert "capture failed" not in caplog.text
+    assert "capture failed" not in caplog.text and "torch.compile of" not in caplog.text
     assert graphs == run(e, a, len(tok), prompts, cuda_graphs=False, **kw)
     assert graphs == run(e, a, len(tok), prompts, **(kw | {"engine": "eager"}))
 
@@ -350,6 +352,7 @@ def test_compiled_layer_functions_give_the_plain_fast_engine_scores(setup, arch)
 
     pair = fast_decoder.FastPair(models, 2, 32, compile_layers=True)
     assert pair.lms[0].attention_in is not fast_decoder._attention_in
+    assert not fast_decoder._compiled["in"].failed and not fast_decoder._compiled["out"].failed  # no silent fallback
     assert fast_decoder.FastPair(models, 2, 32).lms[0].attention_in is fast_decoder._attention_in
 
 
@@ -363,7 +366,21 @@ def test_flex_decode_attention_gives_the_sdpa_scores(setup):
     got, scores = run_with_scores(expert, amateur, len(tok), prompts, decode_attention="flex", **kw)
     assert got == ref
     assert_same_scores(scores, ref_scores)
-    assert max(len(t) + len(p) for (t, _), p in zip(ref.values(), prompts)) > 128
+    assert max(len(ref[str(i)][0]) + len(p) for i, p in enumerate(prompts)) > 128
+
+
+def test_a_failed_compile_falls_back_to_the_eager_function(caplog):
+    from distill.compiled import CompiledOrEager
+
+    def double(x):
+        torch._dynamo.graph_break()  # fullgraph=True cannot compile this
+        return x * 2
+
+    fn = CompiledOrEager(double, "a test function")
+    with caplog.at_level("WARNING", logger="distill.compiled"):
+        assert torch.equal(fn(torch.ones(3)), torch.full((3,), 2.0))
+    assert fn.failed and "torch.compile of a test function failed" in caplog.text
+    assert torch.equal(fn(torch.ones(2)), torch.full((2,), 2.0))  # and stays eager, without raising
 
 
 def test_flex_decode_attention_honours_a_sliding_window(setup):
@@ -374,7 +391,7 @@ def test_flex_decode_attention_honours_a_sliding_window(setup):
         m.config.sliding_window = 20  # shorter than the rows, so the window masks columns
         models.append(m)
     prompts = [tok(t).input_ids for t in TEXTS[:3]]
-    kw = dict(temperature=0.0, max_new_tokens=40, batch_size=2, engine="fast")
+    kw = dict(temperature=0.0, max_new_tokens=150, batch_size=2, engine="fast")  # rows past one 128-column block
     ref, ref_scores = run_with_scores(*models, len(tok), prompts, **(kw | {"engine": "eager"}))
     got, scores = run_with_scores(*models, len(tok), prompts, decode_attention="flex", **kw)
     assert got == ref
