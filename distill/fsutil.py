@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +28,38 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     if not os.access(parent, os.W_OK):
         raise DistillError(f"cannot write to {parent}: check its permissions or choose another --out")
     return out
+
+
+@contextlib.contextmanager
+def scratch_dir(beside: Path, tag: str) -> Iterator[Path]:
+    """A folder of this process's own next to `beside` (same disk as the output), removed on exit.
+
+    Named after host and pid: a process killed before its cleanup (a launcher's SIGTERM to the
+    other ranks skips `finally`) leaves one behind, and the next run on that host removes the
+    leftovers whose pid is gone, never another host's or a live process's.
+    """
+    beside = Path(beside)
+    host = socket.gethostname().replace(".", "_")
+    prefix = f".{beside.name}.{tag}-{host}-"
+    for old in beside.parent.glob(prefix + "*"):
+        pid = old.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=beside.parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 @contextlib.contextmanager

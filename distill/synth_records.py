@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from distill import DistillError
@@ -57,20 +56,20 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[dict
 def _load_dataset_dir(path: Path) -> list[dict]:
     import datasets
 
-    # A throw-away cache: the rows are read into memory at once, and ranks of a multi-GPU run that
-    # load the same directory must not build the same files in the shared HF cache together.
-    with tempfile.TemporaryDirectory(prefix="distill-prompts-") as cache:
-        try:
-            if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-                ds = datasets.load_from_disk(str(path))
-            else:
-                ds = datasets.load_dataset(str(path), cache_dir=cache, verification_mode="no_checks")
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        except Exception as exc:  # noqa: BLE001 - any loader failure is a bad-input error for the user
-            raise DistillError(f"prompts {path} is not a loadable datasets directory ({exc}); "
-                               f"pass a .jsonl file or a directory saved with Dataset.save_to_disk") from exc
+    try:
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            # Streamed, so nothing is cached: the rows are read into memory at once anyway, and the
+            # ranks of a multi-GPU run would otherwise build the same files in the shared HF cache
+            # together (which also keys a local directory by its name: stale rows from another run).
+            ds = datasets.load_dataset(str(path), streaming=True)
+        if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
         return [dict(r) for r in ds]
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad-input error for the user
+        raise DistillError(f"prompts {path} is not a loadable datasets directory ({exc}); "
+                           f"pass a .jsonl file or a directory saved with Dataset.save_to_disk") from exc
 
 
 def _messages_of(row: dict, path: Path, index: int) -> dict:

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from distill import DistillError
 from distill import train_data as td
-from distill.fsutil import check_output_dir
+from distill.fsutil import check_output_dir, scratch_dir
 from distill.models import resolve_model, stop_token_ids
 from distill.progress import trainer_progress_callback
 from distill.train_fused import compile_layers, fused_loss_trainer
@@ -114,16 +112,14 @@ def train(cfg: TrainConfig, callbacks=()) -> Path:
         raise DistillError(f"target model {model_path} has no *.safetensors weights; distill never unpickles")
     ds_config = load_deepspeed_config(cfg.deepspeed)
     stats = td.DataStats()
+    check_output_dir(out, cfg.overwrite)
     # Each process (rank) keeps its data's Arrow cache in a folder of its own beside the output:
     # ranks loading one file into the shared HF cache at once raced on its cache files.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=f".{out.name}.data-", dir=out.parent)
     try:
-        chats = td.read_chats(cfg.data, cfg.keep_repetitive, stats, cache_dir=scratch)
-        check_output_dir(out, cfg.overwrite)
-        return _run_trainer(cfg, out, model_path, ds_config, chats, stats, callbacks)
+        with scratch_dir(out, "data") as scratch:
+            chats = td.read_chats(cfg.data, cfg.keep_repetitive, stats, cache_dir=scratch)
+            return _run_trainer(cfg, out, model_path, ds_config, chats, stats, callbacks)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
         # A ZeRO-3 run registers a process-wide config that makes every later from_pretrained in
         # this process partition its weights; the next stage (evaluate, in-process) must not inherit it.
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -199,8 +195,8 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
 
-    with args.main_process_first(desc="tokenising"):
-        train_ds, eval_ds = _prepare_data(chats, tokenizer, cfg, stats)
+    # No main_process_first: each rank's data cache is its own, so ranks tokenise in parallel.
+    train_ds, eval_ds = _prepare_data(chats, tokenizer, cfg, stats)
     if eval_ds is not None:
         args.eval_strategy = transformers.IntervalStrategy.STEPS
     log.info("data: %s", td.dump_stats(stats))

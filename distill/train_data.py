@@ -85,8 +85,10 @@ def load_rows(data: str | Path, cache_dir: str | Path | None = None):
                            "`distill synthesize` or a .jsonl file with instruction+response rows")
     try:
         if path.is_dir() and (path / "state.json").exists():
-            # in memory when private: transforms would write their cache files into the user's folder
-            ds = datasets.load_from_disk(str(path), keep_in_memory=bool(cache_dir))
+            ds = datasets.load_from_disk(str(path))
+            if cache_dir:  # a copy in the private folder: transforms write their cache files beside their input
+                ds.save_to_disk(str(Path(cache_dir) / "rows"))
+                ds = datasets.load_from_disk(str(Path(cache_dir) / "rows"))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds["train"]
         elif path.is_dir():

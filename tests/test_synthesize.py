@@ -275,3 +275,23 @@ def test_prompts_from_a_datasets_directory(tmp_path):
     assert [p["id"] for p in prompts] == ["0", "1"] and prompts[0]["messages"] == [{"role": "user", "content": "say hi"}]
     # a finished conversation: its last answer is the one to regenerate, the earlier turns are context
     assert prompts[1]["instruction"] == "c" and [m["content"] for m in prompts[1]["messages"]] == ["a", "b", "c"]
+
+
+def test_prompts_from_card_directories_are_fresh_and_leave_the_hf_cache_alone(tmp_path, monkeypatch):
+    # Two directories of one name (each run's data/codit): datasets' cache keys a local directory
+    # by its name, and ranks loading one at once once built the same cache files together.
+    import datasets
+
+    from distill.synth_records import load_prompts
+
+    shared = tmp_path / "hf-datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", shared)
+    card = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/p.jsonl\n---\n"
+    for parent, n in (("run-a", 2), ("run-b", 5)):
+        d = tmp_path / parent / "codit"
+        (d / "data").mkdir(parents=True)
+        (d / "README.md").write_text(card)
+        (d / "data" / "p.jsonl").write_text("".join(json.dumps({"instruction": f"q{i}"}) + "\n" for i in range(n)))
+    assert [p["instruction"] for p in load_prompts(tmp_path / "run-a" / "codit")] == ["q0", "q1"]
+    assert len(load_prompts(tmp_path / "run-b" / "codit")) == 5
+    assert not shared.exists() or not any(shared.rglob("*.arrow"))

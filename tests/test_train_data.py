@@ -244,3 +244,44 @@ def test_two_dataset_directories_with_the_same_name_never_share_a_cache(tmp_path
     assert len(td.load_rows(tmp_path / "run-b" / "data" / "codit")) == 7
     (tmp_path / "run-a" / "data" / "codit" / "data" / "train.jsonl").write_text('{"instruction": "q", "response": "a"}\n')
     assert len(td.load_rows(tmp_path / "run-a" / "data" / "codit")) == 1
+
+
+def test_a_saved_dataset_is_read_without_writing_into_its_folder(tmp_path):
+    # Transforms write their cache files beside their input: a `save_to_disk` folder is copied
+    # into the run's private folder first, so two ranks never write into the user's folder together.
+    import datasets
+
+    from distill.fsutil import scratch_dir
+
+    rows = [{"instruction": f"q{i}", "response": f"a{i}", "repetitive": i == 3} for i in range(5)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    before = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    with scratch_dir(tmp_path / "out", "data") as scratch:
+        chats = td.read_chats(tmp_path / "saved", keep_repetitive=False, stats=td.DataStats(), cache_dir=scratch)
+        assert len(chats) == 4
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]  # the private folder is gone
+
+
+def test_scratch_dir_removes_only_this_hosts_leftovers_of_dead_processes(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from distill.fsutil import scratch_dir
+
+    host = socket.gethostname().replace(".", "_")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid whose process has exited
+    leftovers = {name: tmp_path / name for name in (
+        f".out.data-{host}-{dead}-abc",          # this host, process gone: removed
+        f".out.data-{host}-{os.getpid()}-def",   # this host, process alive: kept
+        f".out.data-otherhost-{dead}-ghi",       # another host (shared filesystem): kept
+    )}
+    for path in leftovers.values():
+        path.mkdir()
+    with scratch_dir(tmp_path / "out", "data") as scratch:
+        assert scratch.exists() and scratch.name.startswith(f".out.data-{host}-{os.getpid()}-")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(list(leftovers)[1:])
