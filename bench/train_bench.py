@@ -116,7 +116,8 @@ def _profiled(device, out_file):
         # kernel rows only (CPU ops carry their kernels' time too: summing both counts it twice)
         gpu_busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6
         busy = (f"GPU kernels busy {gpu_busy:.3f} s ({100 * gpu_busy / wall:.0f} % of wall: well under 100 % "
-                f"means the host, launches or syncs hold the GPU back)") if device == "cuda" else "no GPU"
+                f"means the host, launches or syncs hold the GPU back; kernels on overlapping streams, "
+                f"as ZeRO's communication, are summed, so it can pass 100 %)") if device == "cuda" else "no GPU"
         Path(out_file).parent.mkdir(parents=True, exist_ok=True)
         Path(out_file).write_text(f"wall {wall:.3f} s for the profiled steps; {busy}\n\n"
                                   + events.table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n")
