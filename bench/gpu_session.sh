@@ -17,7 +17,9 @@
 # 3. the synthesis workload (512 rows, responses up to 800 tokens): SDPA against FlexAttention
 #    decode, where reading only live cache blocks should matter most;
 # 4. training (issue 5): profiles of one Trainer step without DeepSpeed and with ZeRO-2 (GPU busy
-#    against wall time, top kernels), and ZeRO-2 with the regional compile at batch 8.
+#    against wall time, top kernels), and ZeRO-2 with the regional compile at batch 8;
+# 5. the GPU tests: CUDA graphs against plain kernels and the eager engine, also with 40 stop ids,
+#    FlexAttention decode and compiled layers inside the graph.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-results}
@@ -33,7 +35,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | t
 python3 -c "import torch, transformers, deepspeed, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'datasets', datasets.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 
 stamp profile decoding
-timeout 90 python3 bench/profile_decoding.py --batch 128 --compile-layers 2>&1 | tee "$OUT/profile_decoding.txt" \
+timeout 80 python3 bench/profile_decoding.py --batch 128 --compile-layers 2>&1 | tee "$OUT/profile_decoding.txt" \
     | grep -E "ms$|kernels per step"
 stamp decoding b128
 timeout 100 python3 bench/decoding_bench.py --device cuda --batches 128 --hf-batches 128 --decode-attention sdpa,flex \
@@ -41,13 +43,15 @@ timeout 100 python3 bench/decoding_bench.py --device cuda --batches 128 --hf-bat
 timeout 60 python3 bench/decoding_bench.py --device cuda --batches 128 --skip-hf --compile-layers --budget-s 45 \
     --json "$W/decoding_compiled.json" 2>&1 | tee -a "$OUT/decoding.txt" | grep -E "^\||fast engine"
 stamp mixed
-timeout 90 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 512 \
-    --mean-length 200 --skip-hf --decode-attention sdpa,flex --refill-mins auto --budget-s 70 \
+timeout 80 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 512 \
+    --mean-length 200 --skip-hf --decode-attention sdpa,flex --refill-mins auto --budget-s 60 \
     --json "$W/decoding_mixed.json" 2>&1 | tee "$OUT/decoding_mixed.txt" | grep -E "^\||mixed"
 stamp train
-timeout 220 python3 bench/train_bench.py --device cuda --configs trainer,zero2,zero2-compile@8 --steps 20 \
-    --budget-s 210 --profile "$W/train_profiles" --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
+timeout 190 python3 bench/train_bench.py --device cuda --configs trainer,zero2,zero2-compile@8 --steps 20 \
+    --budget-s 180 --profile "$W/train_profiles" --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
     | grep -E "^\||^  [a-z0-9@-]+: "
 cat "$W"/train_profiles/*.txt > "$OUT/train_profiles.txt" 2>/dev/null
+stamp gpu tests
+timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decoding.py 2>&1 | tail -5 | tee -a "$OUT/gpu.txt"
 stamp done
 tar czf "$OUT/json_and_profiles.tgz" -C "$W" . && echo "results in $OUT"
