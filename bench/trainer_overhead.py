@@ -1,0 +1,84 @@
+"""Host-side cost per optimizer step of the Trainer and of DeepSpeed, on a model too small to compute.
+
+    python bench/trainer_overhead.py --layers 8                     # none, zero2, zero2 with a 5e8 bucket
+    python bench/trainer_overhead.py --configs none,zero2 --layers 2
+
+A Qwen2 target with hidden size 32 does almost no arithmetic, so what a step costs is Python,
+dispatch and framework bookkeeping: the bare loop (forward, backward, AdamW), `distill train`
+without DeepSpeed (the Trainer), and with ZeRO-2 (DeepSpeed's gradient hooks and bucket
+reductions, once per parameter or bucket). On a GPU that host work overlaps the kernels unless
+something syncs; `bench/train_bench.py --profile` shows whether it does there. fp32, one thread,
+one process; steps 20-60 of 60 are timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="none,zero2,zero2-bucket",
+                   help="comma list of none, zero2, zero2-bucket (zero2 with a 5e8-element reduce bucket), "
+                        "zero3, or a DeepSpeed JSON path (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers (12 parameter tensors each)")
+    args = p.parse_args(argv)
+
+    import torch
+    from tiny import make_model, make_tokenizer
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from distill.train import TrainConfig, load_deepspeed_config, train
+
+    torch.set_num_threads(1)
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.at = {}
+
+        def on_step_end(self, args, state, control, **kw):
+            self.at[state.global_step] = time.perf_counter()
+
+    work = Path(tempfile.mkdtemp(prefix="trainer_overhead-"))
+    tok = make_tokenizer(chat_template=None)
+    make_model(work / "target", arch="qwen2", vocab_size=len(tok), tokenizer=tok, hidden=32, layers=args.layers)
+    rows = [{"instruction": f"say {i}", "response": "ok " * 8} for i in range(2000)]
+    (work / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    n_params = len(list(AutoModelForCausalLM.from_pretrained(work / "target").parameters()))
+    print(f"Qwen2, hidden 32, {args.layers} layers, {n_params} parameter tensors; ms per step (steps 20-60)\n")
+    print("| setup | ms per step |\n|---|---:|")
+    for name in args.configs.split(","):
+        ds = name
+        if name == "zero2-bucket":
+            cfg = load_deepspeed_config("zero2")
+            cfg["zero_optimization"]["reduce_bucket_size"] = 500_000_000
+            ds = str(work / "zero2-bucket.json")
+            Path(ds).write_text(json.dumps(cfg))
+        times = StepTimes()
+        out = work / f"out-{name.replace('/', '_')}"
+        train(TrainConfig(model=str(work / "target"), data=str(work / "data.jsonl"), out=str(out), deepspeed=ds,
+                          max_steps=60, batch_size=2, max_length=64, eval_fraction=0.0, save_steps=10_000,
+                          logging_steps=1_000, precision="fp32"), callbacks=[times])
+        print(f"| distill train, deepspeed {name} | {(times.at[60] - times.at[20]) / 40 * 1e3:.1f} |", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(work / "target")
+    opt = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(0, 100, (2, 40))
+    for i in range(60):
+        if i == 20:
+            t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    print(f"| bare loop (forward, backward, AdamW) | {(time.perf_counter() - t0) / 40 * 1e3:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
