@@ -22,6 +22,7 @@ reference's greedy tokens. `cuda_graphs=False` is the fallback if capture misbeh
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -101,9 +102,6 @@ def _attention_out_and_mlp(x, o, w_o, b_o, ln2, w_gate_up, b_gate_up, w_down, b_
     return _linear_add(x, F.silu(gate) * up, w_down, b_down)
 
 
-_compiled: dict = {}
-
-
 def _layer_functions(compile_layers: bool):
     """The two per-layer pieces around attention, eager or torch.compile'd.
 
@@ -112,14 +110,15 @@ def _layer_functions(compile_layers: bool):
     CUDA graphs make cheap to launch but not free. One compiled graph serves every layer of
     every model of the same shapes (weights are inputs, not constants).
     """
-    if not compile_layers:
-        return _attention_in, _attention_out_and_mlp
-    if not _compiled:
-        from distill.compiled import CompiledOrEager
+    return _compiled_layer_functions() if compile_layers else (_attention_in, _attention_out_and_mlp)
 
-        _compiled["in"] = CompiledOrEager(_attention_in, "the decode layers' attention input")
-        _compiled["out"] = CompiledOrEager(_attention_out_and_mlp, "the decode layers' output and MLP")
-    return _compiled["in"], _compiled["out"]
+
+@functools.cache
+def _compiled_layer_functions():
+    from distill.compiled import CompiledOrEager
+
+    return (CompiledOrEager(_attention_in, "the decode layers' attention input"),
+            CompiledOrEager(_attention_out_and_mlp, "the decode layers' output and MLP"))
 
 
 class FastLM:

@@ -14,22 +14,22 @@ graph serves every length (no per-width graphs). Opt-in through DecodingConfig.d
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 
 BLOCK = 128  # cache columns per block: FlexAttention's default block size
-_compiled: dict = {}
 
 
+@functools.cache
 def _flex_attention():
+    """FlexAttention runs fused only when compiled (eagerly it is correct, dense and slow)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from distill.compiled import CompiledOrEager
 
-    if "fn" not in _compiled:  # FlexAttention runs fused only when compiled (eagerly: correct, dense, slow)
-        _compiled["fn"] = CompiledOrEager(flex_attention, "FlexAttention decode")
-    return _compiled["fn"]
+    return CompiledOrEager(flex_attention, "FlexAttention decode")
 
 
 class FlexDecodeAttention:
