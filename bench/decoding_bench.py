@@ -249,10 +249,12 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 256; 32 for tiny)")
     ap.add_argument("--batches", default=None, help="our engine's batch sizes (default 1,32,128,max)")
     ap.add_argument("--hf-batches", default="32,128", help="batch sizes for Hugging Face generate")
+    ap.add_argument("--hf-methods", default="direct,contrast", help="Hugging Face lines: direct,contrast")
     ap.add_argument("--engines", default=None, help="our engines: fast,eager (default fast on cuda, both on cpu)")
     ap.add_argument("--check-every", type=int, default=8, help="steps between host checks for finished rows")
-    ap.add_argument("--compile-layers", action="store_true",
-                    help="our engine with DecodingConfig.compile_layers (torch.compile of the per-layer work)")
+    ap.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=None,
+                    help="our fast engine with or without DecodingConfig.compile_layers (torch.compile of the "
+                         "per-layer work; default: the engine's own default, on for cuda)")
     ap.add_argument("--decode-attention", default="sdpa",
                     help="our fast engine's decode attention(s), comma list of sdpa, flex "
                          "(DecodingConfig.decode_attention; default sdpa)")
@@ -348,7 +350,8 @@ def main():
     attentions = args.decode_attention.split(",")
 
     def label(engine, attention):
-        return engine + (", flex" if attention == "flex" else "") + (", compiled layers" if args.compile_layers else "")
+        compiled = args.compile_layers if args.compile_layers is not None else cuda
+        return engine + (", flex" if attention == "flex" else "") + (", compiled layers" if compiled and engine == "fast" else "")
 
     if args.workload == "mixed":
         print(f"mixed workload: {len(stop_ids(args))} stop ids, mean length about {args.mean_length}, "
@@ -368,8 +371,10 @@ def main():
         return
     if not args.skip_hf:
         for b in [int(x) for x in args.hf_batches.split(",")]:
-            line("hf-direct", b, lambda: run_hf(expert, None, b, args))
-            line("hf-contrast (LogitsProcessor)", b, lambda: run_hf(expert, amateur, b, args))
+            if "direct" in args.hf_methods.split(","):
+                line("hf-direct", b, lambda: run_hf(expert, None, b, args))
+            if "contrast" in args.hf_methods.split(","):
+                line("hf-contrast (LogitsProcessor)", b, lambda: run_hf(expert, amateur, b, args))
     fixed = [int(x) for x in args.batches.split(",") if x != "max"]
     for engine in args.engines:
         for attention in attentions if engine == "fast" else ["sdpa"]:

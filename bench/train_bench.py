@@ -10,8 +10,9 @@ GPU (one H100; under 8 minutes):
     fast-packed  `fast` on packed rows (4 documents per row, position ids restart, so
                  transformers builds a block-diagonal mask for SDPA)
     zero2        `distill.train.train`: Trainer + DeepSpeed ZeRO-2, packing, --fused-loss
-    zero2-compile  zero2 plus --compile-layers
-    zero2-bucket   zero2 with DeepSpeed's 5e8-element reduce bucket instead of HF's "auto" (hidden²)
+    zero2-compile  zero2 plus --compile-layers (any `distill train` configuration takes -compile)
+    zero2-bucket   zero2 with DeepSpeed's 5e8-element reduce bucket instead of HF's "auto" (hidden²);
+                   the suffixes combine: zero2-compile-bucket
     trainer      `distill.train.train` without DeepSpeed (`--deepspeed none`), packing, --fused-loss
     zero3        `distill.train.train`: Trainer + DeepSpeed ZeRO-3, packing (HF loss)
   NAME@B runs a configuration at batch B: `--configs plain,fast,fast@8` puts the chunked loss's
@@ -191,15 +192,16 @@ def worker_distill(args):
         timer = _timer_callback(args.warmup, args.device, stop_at=args.warmup + args.steps)
         extra = [_profile_callback(args.warmup + args.steps, args.device,
                                    Path(args.profile) / f"profile-{args.worker}@{args.batch}.txt")] if args.profile else []
-        deepspeed = "none" if args.worker == "trainer" else args.worker.split("-")[0]
-        if args.worker == "zero2-bucket":
+        base, *levers = args.worker.split("-")
+        deepspeed = "none" if base == "trainer" else base
+        if "bucket" in levers:
             deepspeed = _zero2_big_buckets(tmp)
         cfg = TrainConfig(model=str(tmp / "target"), data=str(tmp / "data.jsonl"), out=str(tmp / "out"),
                           deepspeed=deepspeed, max_steps=args.warmup + args.steps + (2 if args.profile else 0), lr=1e-4,
                           batch_size=args.batch, max_length=args.seq_len, packing=True, eval_fraction=0.0,
                           logging_steps=1000, save_steps=100000, warmup_ratio=0.0, lr_scheduler="constant",
                           precision="bf16" if args.device == "cuda" else "fp32",
-                          fused_loss=args.worker.startswith(("zero2", "trainer")), compile_layers=args.worker == "zero2-compile",
+                          fused_loss=base in ("zero2", "trainer"), compile_layers="compile" in levers,
                           gradient_checkpointing=args.grad_ckpt)
         train(cfg, callbacks=[timer] + extra)
     elapsed, tokens = timer.elapsed(), timer.tokens
@@ -447,7 +449,10 @@ def main(argv=None):
             return worker_cpu_trl(args)
         if args.worker.startswith("cpu:"):
             return worker_cpu_distill(args)
-        if args.worker in ("zero2", "zero2-compile", "zero2-bucket", "zero3", "trainer"):
+        base, *levers = args.worker.split("-")
+        if base in ("zero2", "zero3", "trainer"):
+            if set(levers) - {"compile", "bucket"} or ("bucket" in levers and base != "zero2"):
+                raise SystemExit(f"unknown configuration {args.worker}: the suffixes are -compile and -bucket (zero2)")
             return worker_distill(args)
         return worker_manual(args)
 

@@ -13,6 +13,7 @@ finds every prompt answered writes the final dataset (or run `distill synthesize
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -52,6 +53,8 @@ class SynthesizeConfig:
     dtype: str = "auto"  # auto = distill.models.default_dtype: bfloat16 on cuda, float32 on cpu
     engine: str = "auto"  # auto | eager | fast (see distill.decoding.DecodingConfig)
     cuda_graphs: bool = True  # fast engine: replay the decode step as CUDA graphs (False = a fallback)
+    compile_layers: bool | None = None  # fast engine: torch.compile the layers (None: on a GPU only)
+    decode_attention: str = "sdpa"  # fast engine: sdpa | flex (reads only each row's live cache blocks)
     repetition_ngram: int = 20
     repetition_threshold: float = 0.3  # flag a response if more of its characters repeat
     overwrite: bool = False  # discard an existing output made with other settings
@@ -75,7 +78,8 @@ class SynthesizeConfig:
         from distill.decoding import DecodingConfig
 
         DecodingConfig(alpha=self.alpha, beta=self.beta, temperature=self.temperature, top_p=self.top_p,
-                       max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, engine=self.engine).validate()
+                       max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, engine=self.engine,
+                       decode_attention=self.decode_attention).validate()
 
     def settings(self) -> dict:
         return {k: getattr(self, k) for k in RESUME_KEYS} | {"limit": self.limit}
@@ -217,7 +221,8 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
             expert, amateur, vocab, stops,
             DecodingConfig(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, top_p=cfg.top_p,
                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, engine=cfg.engine,
-                           cuda_graphs=cfg.cuda_graphs),
+                           cuda_graphs=cfg.cuda_graphs, compile_layers=cfg.compile_layers,
+                           decode_attention=cfg.decode_attention),
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         provenance = {"method": cfg.method, "expert": cfg.expert, "amateur": cfg.amateur, "alpha": cfg.alpha,
                       "beta": cfg.beta, "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -297,6 +302,11 @@ def add_cli(subparsers, summary: str | None = None) -> None:
                         "eager Hugging Face engine")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="fast engine without CUDA graphs (a fallback if graph capture misbehaves on your setup)")
+    p.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast engine: torch.compile the per-layer work around attention (default: on a GPU only)")
+    p.add_argument("--decode-attention", choices=["sdpa", "flex"], default=d["decode_attention"].default,
+                   help="fast engine: sdpa, or flex (FlexAttention: each row reads only its own live cache blocks; "
+                        "pays with long, uneven responses) (default: %(default)s)")
     p.add_argument("--repetition-threshold", type=float, default=d["repetition_threshold"].default,
                    help="flag a response as repetitive when more than this fraction of its characters lie in a "
                         "repeated character n-gram (default: 0.3)")
