@@ -255,9 +255,9 @@ def main():
     ap.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=None,
                     help="our fast engine with or without DecodingConfig.compile_layers (torch.compile of the "
                          "per-layer work; default: the engine's own default, on for cuda)")
-    ap.add_argument("--decode-attention", default="sdpa",
-                    help="our fast engine's decode attention(s), comma list of sdpa, flex "
-                         "(DecodingConfig.decode_attention; default sdpa)")
+    ap.add_argument("--decode-attention", default="auto",
+                    help="our fast engine's decode attention(s), comma list of auto, sdpa, flex "
+                         "(DecodingConfig.decode_attention; default auto: flex on cuda, sdpa on cpu)")
     ap.add_argument("--refill-mins", default="1,auto",
                     help="mixed workload: refill policies to compare, comma list of numbers and auto (batch / 16)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="fast engine without CUDA graphs")
@@ -347,7 +347,7 @@ def main():
                         pad_token_id=0)
     run_ours(expert, amateur, 2, argparse.Namespace(**{**vars(args), "new_tokens": 4}), args.engines[0], 1.0)
 
-    attentions = args.decode_attention.split(",")
+    attentions = [("flex" if cuda else "sdpa") if a == "auto" else a for a in args.decode_attention.split(",")]
 
     def label(engine, attention):
         compiled = args.compile_layers if args.compile_layers is not None else cuda

@@ -11,8 +11,8 @@ GPU (one H100; under 8 minutes):
                  transformers builds a block-diagonal mask for SDPA)
     zero2        `distill.train.train`: Trainer + DeepSpeed ZeRO-2, packing, --fused-loss
     zero2-compile  zero2 plus --compile-layers (any `distill train` configuration takes -compile)
-    zero2-bucket   zero2 with DeepSpeed's 5e8-element reduce bucket instead of HF's "auto" (hidden²);
-                   the suffixes combine: zero2-compile-bucket
+    zero2-autobucket  zero2 with HF's "auto" reduce bucket (hidden² elements) instead of the shipped
+                   5e8 (DeepSpeed's own default); the suffixes combine: zero2-compile-autobucket
     trainer      `distill.train.train` without DeepSpeed (`--deepspeed none`), packing, --fused-loss
     zero3        `distill.train.train`: Trainer + DeepSpeed ZeRO-3, packing (HF loss)
   NAME@B runs a configuration at batch B: `--configs plain,fast,fast@8` puts the chunked loss's
@@ -194,8 +194,8 @@ def worker_distill(args):
                                    Path(args.profile) / f"profile-{args.worker}@{args.batch}.txt")] if args.profile else []
         base, *levers = args.worker.split("-")
         deepspeed = "none" if base == "trainer" else base
-        if "bucket" in levers:
-            deepspeed = _zero2_big_buckets(tmp)
+        if "autobucket" in levers:
+            deepspeed = _zero2_auto_bucket(tmp)
         cfg = TrainConfig(model=str(tmp / "target"), data=str(tmp / "data.jsonl"), out=str(tmp / "out"),
                           deepspeed=deepspeed, max_steps=args.warmup + args.steps + (2 if args.profile else 0), lr=1e-4,
                           batch_size=args.batch, max_length=args.seq_len, packing=True, eval_fraction=0.0,
@@ -209,16 +209,16 @@ def worker_distill(args):
             batch=args.batch)
 
 
-def _zero2_big_buckets(tmp: Path) -> str:
-    """The shipped ZeRO-2 config with DeepSpeed's own 5e8-element reduce bucket instead of HF's
-    "auto" (hidden_size²: 2.4M elements for the 1.5B target, so ~650 bucket reductions per step,
-    each a collective call and a copy even on one GPU). On CPU (25M parameters, 73 reductions per
-    step, ~4 % of the step in a profile) the two measured alike; this config asks the GPU."""
+def _zero2_auto_bucket(tmp: Path) -> str:
+    """The shipped ZeRO-2 config with HF's "auto" reduce bucket (hidden_size²: 2.4M elements for
+    the 1.5B target, so ~650 bucket reductions per step, each a collective call and a copy even
+    on one GPU) instead of the shipped 5e8 elements: what distill shipped until the H100 showed
+    the cost (BENCHMARKS.md)."""
     from distill.train import load_deepspeed_config
 
     cfg = load_deepspeed_config("zero2")
-    cfg["zero_optimization"]["reduce_bucket_size"] = 500_000_000
-    path = tmp / "zero2_big_buckets.json"
+    cfg["zero_optimization"]["reduce_bucket_size"] = "auto"
+    path = tmp / "zero2_auto_bucket.json"
     path.write_text(json.dumps(cfg))
     return str(path)
 
@@ -419,7 +419,7 @@ def main(argv=None):
                    help="mfu: the 1.5B throughput table (default on cuda; on cpu a small shape, to check the "
                         "script); trl: the CPU comparison with TRL's SFTTrainer (default on cpu)")
     p.add_argument("--configs", default=None,
-                   help="comma list; mfu: plain,zero2,zero3,fast,zero2-compile,zero2-bucket,fast-packed,trainer; trl: "
+                   help="comma list; mfu: plain,zero2,zero3,fast,zero2-compile,zero2-autobucket,fast-packed,trainer; trl: "
                         "none,zero2,trl. NAME@B runs NAME at batch B (e.g. fast@8 beside plain at --batch)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile, allocator)")
@@ -451,8 +451,8 @@ def main(argv=None):
             return worker_cpu_distill(args)
         base, *levers = args.worker.split("-")
         if base in ("zero2", "zero3", "trainer"):
-            if set(levers) - {"compile", "bucket"} or ("bucket" in levers and base != "zero2"):
-                raise SystemExit(f"unknown configuration {args.worker}: the suffixes are -compile and -bucket (zero2)")
+            if set(levers) - {"compile", "autobucket"} or ("autobucket" in levers and base != "zero2"):
+                raise SystemExit(f"unknown configuration {args.worker}: the suffixes are -compile and -autobucket (zero2)")
             return worker_distill(args)
         return worker_manual(args)
 

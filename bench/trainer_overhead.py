@@ -1,6 +1,6 @@
 """Host-side cost per optimizer step of the Trainer and of DeepSpeed, on a model too small to compute.
 
-    python bench/trainer_overhead.py --layers 8                     # none, zero2, zero2 with a 5e8 bucket
+    python bench/trainer_overhead.py --layers 8          # none, zero2, zero2 with HF's "auto" bucket
     python bench/trainer_overhead.py --configs none,zero2 --layers 2
 
 A Qwen2 target with hidden size 32 does almost no arithmetic, so what a step costs is Python,
@@ -26,8 +26,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="none,zero2,zero2-bucket",
-                   help="comma list of none, zero2, zero2-bucket (zero2 with a 5e8-element reduce bucket), "
+    p.add_argument("--configs", default="none,zero2,zero2-autobucket",
+                   help="comma list of none, zero2 (shipped: a 5e8-element reduce bucket), zero2-autobucket "
+                        "(HF's \"auto\" bucket, hidden_size² elements), "
                         "zero3, or a DeepSpeed JSON path (default: %(default)s)")
     p.add_argument("--layers", type=int, default=8, help="decoder layers (12 parameter tensors each)")
     args = p.parse_args(argv)
@@ -57,10 +58,10 @@ def main(argv=None):
     print("| setup | ms per step |\n|---|---:|")
     for name in args.configs.split(","):
         ds = name
-        if name == "zero2-bucket":
+        if name == "zero2-autobucket":
             cfg = load_deepspeed_config("zero2")
-            cfg["zero_optimization"]["reduce_bucket_size"] = 500_000_000
-            ds = str(work / "zero2-bucket.json")
+            cfg["zero_optimization"]["reduce_bucket_size"] = "auto"
+            ds = str(work / "zero2-autobucket.json")
             Path(ds).write_text(json.dumps(cfg))
         times = StepTimes()
         out = work / f"out-{name.replace('/', '_')}"

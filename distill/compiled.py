@@ -1,4 +1,4 @@
-"""torch.compile for the decode engine's opt-in levers, with the eager function as the fallback.
+"""torch.compile for the decode engine's speed levers, with the eager function as the fallback.
 
 A compile can fail where the eager code runs: no C++ compiler, an Inductor limitation on some
 platform, or dynamo's recompile limit (8 shapes per function; each new batch size or cache

@@ -174,9 +174,10 @@ class DecodingConfig:
     # of ~10 s; on CPU the tiny models' compiled kernels do not pay. A failed compile runs eagerly.
     compile_layers: bool | None = None
     # fast engine: "sdpa" reads every row's cache up to the longest live row (bucketed); "flex"
-    # (FlexAttention, compiled) reads only each row's own blocks, for long, uneven responses
-    # (+5 % on an H100 at batch 128 with 256 new tokens; costs a compile)
-    decode_attention: str = "sdpa"
+    # (FlexAttention, compiled) reads only each row's own blocks, which pays most with long,
+    # uneven responses (+6 % on an H100 at batch 128 even with 256 new tokens each; costs a
+    # compile). "auto": flex on a GPU, falling back to sdpa if its compile fails; sdpa on CPU.
+    decode_attention: str = "auto"
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -188,8 +189,8 @@ class DecodingConfig:
                 raise DistillError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.refill_min < 0:
             raise DistillError(f"refill_min must be >= 0, got {self.refill_min}")
-        if self.decode_attention not in ("sdpa", "flex"):
-            raise DistillError(f"decode_attention must be sdpa or flex, got {self.decode_attention!r}")
+        if self.decode_attention not in ("auto", "sdpa", "flex"):
+            raise DistillError(f"decode_attention must be auto, sdpa or flex, got {self.decode_attention!r}")
         if self.engine not in ("auto", "eager", "fast"):
             raise DistillError(f"engine must be auto, eager or fast, got {self.engine!r}")
 
@@ -252,8 +253,12 @@ class ContrastiveDecoder:
             if engine == "fast" and reasons:
                 raise DistillError(f"the fast engine cannot run this model: {reasons[0]}; use engine=eager")
             if not reasons:
-                if self.device.type == "cuda":
-                    columns = FastPair.aligned_capacity(capacity, self.config.decode_attention)
+                gpu = self.device.type == "cuda"
+                attention = self.config.decode_attention
+                attention = ("flex" if gpu else "sdpa") if attention == "auto" else attention
+                compiled = gpu if self.config.compile_layers is None else self.config.compile_layers
+                if gpu:
+                    columns = FastPair.aligned_capacity(capacity, attention)
                     fit = FastPair.rows_that_fit(self.models, columns)
                     if fit < 1:
                         raise DistillError(f"no room in GPU memory for a KV cache of {capacity} tokens per row; "
@@ -263,9 +268,8 @@ class ContrastiveDecoder:
                                     batch, capacity, fit)
                         batch = fit
                 return FastPair(self.models, batch, capacity, cuda_graphs=self.config.cuda_graphs,
-                                compile_layers=self.device.type == "cuda" if self.config.compile_layers is None
-                                else self.config.compile_layers,
-                                decode_attention=self.config.decode_attention), batch
+                                compile_layers=compiled, decode_attention=attention,
+                                flex_fallback=self.config.decode_attention == "auto"), batch
             log.info("using the eager engine: %s", reasons[0])
         from distill.eager_decoder import EagerPair
 

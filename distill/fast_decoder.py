@@ -244,7 +244,7 @@ class FastPair:
     """
 
     def __init__(self, models, batch: int, capacity: int, cuda_graphs: bool = True, bucket: int | None = None,
-                 compile_layers: bool = False, decode_attention: str = "sdpa"):
+                 compile_layers: bool = False, decode_attention: str = "sdpa", flex_fallback: bool = False):
         if decode_attention not in ("sdpa", "flex"):
             raise ValueError(f"decode_attention must be sdpa or flex, got {decode_attention!r}")
         self.lms = [FastLM(m, compile_layers) for m in models]
@@ -269,6 +269,9 @@ class FastPair:
 
             self.flex = [FlexDecodeAttention(self.lengths, self.capacity, lm.window) for lm in self.lms]
             self.bucket = self.capacity  # one width, one graph: the mask, not the width, bounds the reads
+        # Eager FlexAttention is correct but dense and slow: where its compile fails (a head_dim
+        # under 16 on a GPU, no Triton), an "auto" choice of flex falls back to SDPA instead.
+        self.flex_fallback = flex_fallback
 
     def prepare(self, tokens: torch.Tensor | None = None, active: torch.Tensor | None = None,
                 post_step=None) -> bool:
@@ -283,6 +286,13 @@ class FastPair:
             raise ValueError("post_step needs the engine's tokens and active tensors")
         self.tokens = self.tokens if tokens is None else tokens
         self.active, self.post_step = active, post_step
+        if self.flex is not None and self.flex_fallback:
+            self._step(self.capacity)  # compiles FlexAttention now (no row is live: changes nothing)
+            from distill.flex_decode import flex_compile_failed
+
+            if flex_compile_failed():
+                log.warning("FlexAttention decode did not compile; using SDPA decode attention instead")
+                self.flex, self.bucket = None, ATTENTION_BUCKET
         if self.use_graphs:
             for width in sorted({min(w, self.capacity) for w in range(self.bucket, self.capacity + self.bucket, self.bucket)}):
                 if not self._try_capture(width):

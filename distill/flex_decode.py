@@ -9,7 +9,8 @@ past each row's length instead: the block mask lists, per row, the blocks 0..len
 a mask_mod masks the columns past the length (and outside a sliding window) inside the last one.
 
 Everything here is device tensors, built once per step inside the engine's CUDA graph, so one
-graph serves every length (no per-width graphs). Opt-in through DecodingConfig.decode_attention.
+graph serves every length (no per-width graphs). DecodingConfig.decode_attention picks it: by
+default on a GPU, with SDPA as the fallback where it does not compile.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def _flex_attention():
     from distill.compiled import CompiledOrEager
 
     return CompiledOrEager(flex_attention, "FlexAttention decode")
+
+
+def flex_compile_failed() -> bool:
+    """True once FlexAttention's compile has failed in this process (it then runs eagerly)."""
+    return _flex_attention().failed
 
 
 class FlexDecodeAttention:

@@ -54,7 +54,7 @@ class SynthesizeConfig:
     engine: str = "auto"  # auto | eager | fast (see distill.decoding.DecodingConfig)
     cuda_graphs: bool = True  # fast engine: replay the decode step as CUDA graphs (False = a fallback)
     compile_layers: bool | None = None  # fast engine: torch.compile the layers (None: on a GPU only)
-    decode_attention: str = "sdpa"  # fast engine: sdpa | flex (reads only each row's live cache blocks)
+    decode_attention: str = "auto"  # fast engine: auto (flex on a GPU) | sdpa | flex (see DecodingConfig)
     repetition_ngram: int = 20
     repetition_threshold: float = 0.3  # flag a response if more of its characters repeat
     overwrite: bool = False  # discard an existing output made with other settings
@@ -304,9 +304,10 @@ def add_cli(subparsers, summary: str | None = None) -> None:
                    help="fast engine without CUDA graphs (a fallback if graph capture misbehaves on your setup)")
     p.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="fast engine: torch.compile the per-layer work around attention (default: on a GPU only)")
-    p.add_argument("--decode-attention", choices=["sdpa", "flex"], default=d["decode_attention"].default,
-                   help="fast engine: sdpa, or flex (FlexAttention: each row reads only its own live cache blocks; "
-                        "pays with long, uneven responses) (default: %(default)s)")
+    p.add_argument("--decode-attention", choices=["auto", "sdpa", "flex"], default=d["decode_attention"].default,
+                   help="fast engine: flex (FlexAttention: each row reads only its own live cache blocks) or sdpa "
+                        "(every row reads up to the longest row); auto = flex on a GPU, with sdpa where flex does "
+                        "not compile (default: %(default)s)")
     p.add_argument("--repetition-threshold", type=float, default=d["repetition_threshold"].default,
                    help="flag a response as repetitive when more than this fraction of its characters lie in a "
                         "repeated character n-gram (default: 0.3)")

@@ -2,7 +2,9 @@
 
 The Hugging Face Trainer does the training and DeepSpeed (ZeRO-2/3, through
 `TrainingArguments(deepspeed=...)`) is the engine; the shipped DeepSpeed configs use "auto"
-everywhere so the Trainer arguments below are the one source of truth. Data handling
+for everything the Trainer arguments below also set, so those are the one source of truth. The
+exception is ZeRO-2's reduce bucket: 5e8 elements, DeepSpeed's own default, not HF's "auto"
+(hidden_size², hundreds of small reductions per step: 46 % slower on an H100, BENCHMARKS.md). Data handling
 (chat template, assistant-only labels, packing) lives in `distill.train_data`.
 
 Runs as one process (no launcher needed), under `deepspeed --num_gpus N`, or multi-node with

@@ -320,8 +320,8 @@ def test_yarn_rope_attention_scaling_fast_matches_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_stops, attention, compiled", [(1, "sdpa", False), (40, "sdpa", False),
-                                                          (1, "flex", False), (1, "sdpa", True)])
+@pytest.mark.parametrize("n_stops, attention, compiled", [(1, "sdpa", False), (40, "sdpa", False), (1, "flex", False),
+                                                          (1, "sdpa", True), (1, "auto", None)])  # auto: the default
 def test_cuda_graph_step_matches_plain_kernels_on_gpu(setup, caplog, n_stops, attention, compiled):
     tok, _, _, prompts = setup
     # float32: no bf16 rounding noise. head_dim 16: FlexAttention's GPU kernels need >= 16 (the
@@ -462,3 +462,44 @@ def test_sliding_window_with_left_padding_and_refills_matches_a_no_cache_referen
         got = run(model, None, vocab, prompts, alpha=0.0, beta=0.0, temperature=0.0, max_new_tokens=new,
                   batch_size=batch, engine=engine, check_every=3)
         assert {k: tokens for k, (tokens, _) in got.items()} == expected, (engine, batch)
+
+
+def test_defaults_on_cpu_are_sdpa_and_plain_layers(setup):
+    # "auto" picks FlexAttention and compiled layers on a GPU only: the tiny models on CPU run faster without
+    from distill import fast_decoder
+
+    tok, expert, amateur, _ = setup
+    dec = ContrastiveDecoder(expert, amateur, len(tok), [2], DecodingConfig(engine="fast"), pad_token_id=3)
+    pair, _ = dec._backend(2, 40)
+    assert pair.flex is None and pair.lms[0].attention_in is fast_decoder._attention_in
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_flex_that_does_not_compile_falls_back_to_sdpa_only_when_chosen_by_auto(setup, monkeypatch, caplog, fallback):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from distill import fast_decoder, flex_decode
+    from distill.compiled import CompiledOrEager
+
+    def flex_with_graph_break(*args, **kwargs):
+        torch._dynamo.graph_break()  # fullgraph=True cannot compile this: as Triton without a GPU kernel for it
+        return flex_attention(*args, **kwargs)
+
+    broken = CompiledOrEager(flex_with_graph_break, "a flex that does not compile")
+    monkeypatch.setattr(flex_decode, "_flex_attention", lambda: broken)
+    tok, expert, amateur, prompts = setup
+    pair = fast_decoder.FastPair([expert, amateur], 2, 40, decode_attention="flex", flex_fallback=fallback)
+    with caplog.at_level("WARNING"):
+        pair.prepare()
+    sdpa = fast_decoder.FastPair([expert, amateur], 2, 40)
+    for p in (pair, sdpa):
+        p.prefill([0, 1], prompts[:2])
+    tokens, active = torch.tensor([5, 6]), torch.tensor([True, True])
+    for got, ref in zip(pair.decode(tokens, active), sdpa.decode(tokens, active)):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert broken.failed
+    if fallback:  # found out in prepare(), before any row was live
+        assert pair.flex is None and pair.bucket == fast_decoder.ATTENTION_BUCKET
+        assert "using SDPA decode attention instead" in caplog.text
+    else:  # asked for flex by name: it stays (eager flex, correct and slow), as the compile warning says
+        assert pair.flex is not None and "using SDPA" not in caplog.text
