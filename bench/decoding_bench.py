@@ -155,7 +155,16 @@ def run_ours(expert, amateur, batch, args, engine, beta, attention="sdpa"):
     assert all(len(r.tokens) == args.new_tokens for r in results)
     if dec.batch < batch:
         raise MemoryError(f"the engine capped the batch at {dec.batch} rows (GPU memory)")
+    check_levers_compiled()
     return batch * args.new_tokens / seconds, seconds, dec.setup_seconds
+
+
+def check_levers_compiled():
+    """A line whose compiled levers fell back to eager kernels would measure something else: fail it."""
+    from distill import fast_decoder, flex_decode
+
+    if flex_decode.flex_compile_failed() or any(f.failed for f in fast_decoder._compiled_layer_functions()):
+        raise RuntimeError("a torch.compile lever fell back to eager (see the warning above)")
 
 
 def stop_ids(args) -> list[int]:
@@ -211,6 +220,7 @@ def run_ours_mixed(expert, amateur, batch, args, engine, refill_min, attention="
     seconds = time.perf_counter() - start - dec.setup_seconds
     if dec.batch < batch:
         raise MemoryError(f"the engine capped the batch at {dec.batch} rows (GPU memory)")
+    check_levers_compiled()
     extra = {"until_dry_tokens_per_s": round(dry[0] / dry[1], 1), "until_dry_share_of_time": round(dry[1] / seconds, 3)} if dry else {}
     return finished / seconds, seconds, dec.setup_seconds, extra
 
@@ -279,6 +289,9 @@ def main():
                     help="torch CPU threads (default 1 on cpu: tiny models are dispatch-bound, and extra threads "
                          "only add contention on a small shared machine)")
     args = ap.parse_args()
+    # Every batch size and every engine (FlexAttention's mask closes over its engine's lengths)
+    # is a new compiled shape; the product runs a few per process, this script dozens.
+    torch._dynamo.config.recompile_limit = 256
     if args.attention_bucket:
         import distill.fast_decoder as fast_decoder
 

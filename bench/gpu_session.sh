@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 4 and 5 still need, in ONE device call (about 6 min; each part has
+# The GPU measurements issues 4 and 5 still need, in ONE device call (about 8.5 min; each part has
 # its own time budget and writes its results as it goes).
 #
 #   wheels first, in the project venv (the GPU image has no deepspeed/datasets/evaluate):
@@ -9,12 +9,15 @@
 #     bash bench/gpu_session.sh            # results under $OUT (or bench/gpu-results)
 #
 # Earlier runs: bench/results/2026-11-26-h200/ and bench/results/2026-11-26-h100/ (BENCHMARKS.md).
+# What is still open after them, in this order:
 # 1. the GPU tests (CUDA graphs against plain kernels and the eager engine; 40 stop ids,
-#    FlexAttention decode and compiled layers inside the graph);
-# 2. decoding (issue 4): CoDIT against the LogitsProcessor way at batch 128, ours with the
-#    default compiled layers, SDPA and FlexAttention decode;
-# 3. training (issue 5): ZeRO-2 with the regional compile at batch 8, with HF's "auto" reduce
-#    bucket and with a 5e8 one.
+#    FlexAttention decode, compiled layers, and the "auto" defaults inside the graph);
+# 2. decoding (issue 4): the synthesis workload (512 rows, lengths up to 800) with SDPA against
+#    FlexAttention decode, where reading only live cache blocks should pay most;
+# 3. decoding: the full table with the GPU defaults (compiled layers + FlexAttention): HF at 32 and
+#    128, ours at 1, 32, 128 and the largest batch that fits (CoDIT b128 was 5,932 on an H100);
+# 4. training (issue 5): a profile of ZeRO-2 with compiled layers at batch 8 (30.7 % MFU on an
+#    H100, against 45.9 % for the hand loop with the same levers): where the gap goes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-results}
@@ -30,14 +33,19 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | t
 python3 -c "import torch, transformers, deepspeed, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'datasets', datasets.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 
 stamp gpu tests
-timeout 70 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decoding.py --tb=short 2>&1 \
+timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decoding.py --tb=short 2>&1 \
     | tee "$OUT/gpu_tests.txt" | tail -4
-stamp decoding b128
-timeout 110 python3 bench/decoding_bench.py --device cuda --batches 128 --hf-batches 128 --hf-methods contrast \
-    --decode-attention sdpa,flex --budget-s 100 --json "$W/decoding.json" 2>&1 | tee "$OUT/decoding.txt" \
-    | grep -E "^\||fast engine|compile"
+stamp mixed
+timeout 120 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 512 \
+    --mean-length 200 --skip-hf --decode-attention sdpa,flex --refill-mins auto --budget-s 110 \
+    --json "$W/decoding_mixed.json" 2>&1 | tee "$OUT/decoding_mixed.txt" | grep -E "^\||mixed"
+stamp decoding
+timeout 170 python3 bench/decoding_bench.py --device cuda --budget-s 160 --json "$W/decoding.json" 2>&1 \
+    | tee "$OUT/decoding.txt" | grep -E "^\||fast engine|compile"
 stamp train
-timeout 200 python3 bench/train_bench.py --device cuda --configs zero2-compile@8,zero2-compile-bucket@8 --steps 15 \
-    --budget-s 190 --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" | grep -E "^\||^  [a-z0-9@-]+: "
+timeout 130 python3 bench/train_bench.py --device cuda --configs zero2-compile@8 --steps 15 --budget-s 120 \
+    --profile "$W/train_profiles" --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
+    | grep -E "^\||^  [a-z0-9@-]+: "
+cat "$W"/train_profiles/*.txt > "$OUT/train_profiles.txt" 2>/dev/null
 stamp done
 tar czf "$OUT/json.tgz" -C "$W" . && echo "results in $OUT"

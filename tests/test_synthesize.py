@@ -295,3 +295,23 @@ def test_prompts_from_card_directories_are_fresh_and_leave_the_hf_cache_alone(tm
     assert [p["instruction"] for p in load_prompts(tmp_path / "run-a" / "codit")] == ["q0", "q1"]
     assert len(load_prompts(tmp_path / "run-b" / "codit")) == 5
     assert not shared.exists() or not any(shared.rglob("*.arrow"))
+
+
+def test_engine_levers_reach_the_decoder_from_the_cli(zoo, monkeypatch):
+    import distill.decoding as decoding
+
+    seen = []
+    real = decoding.ContrastiveDecoder
+
+    def spy(*args, **kwargs):
+        seen.append(args[4])  # the DecodingConfig
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "ContrastiveDecoder", spy)  # synthesize imports it when it runs
+    common = ["synthesize", "--expert", str(zoo / "post"), "--prompts", str(zoo / "prompts.jsonl"), "--method",
+              "direct", "--max-new-tokens", "3", "--limit", "1", "--no-progress"]
+    assert main(common + ["--out", str(zoo / "levers-default")]) == 0
+    assert main(common + ["--out", str(zoo / "levers-set"), "--compile-layers", "--decode-attention", "sdpa"]) == 0
+    assert [(c.compile_layers, c.decode_attention) for c in seen] == [(None, "auto"), (True, "sdpa")]
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(common + ["--out", str(zoo / "levers-bad"), "--decode-attention", "dense"])
