@@ -289,8 +289,8 @@ def main():
                     help="torch CPU threads (default 1 on cpu: tiny models are dispatch-bound, and extra threads "
                          "only add contention on a small shared machine)")
     args = ap.parse_args()
-    # Every batch size and every engine (FlexAttention's mask closes over its engine's lengths)
-    # is a new compiled shape; the product runs a few per process, this script dozens.
+    # Every batch size is a new compiled shape (a new engine of a known size is not: checked on
+    # CPU); the product runs one or two per process, this script a dozen with the largest-batch search.
     torch._dynamo.config.recompile_limit = 256
     if args.attention_bucket:
         import distill.fast_decoder as fast_decoder
