@@ -15,7 +15,8 @@
 # 2. decoding (issue 4): the synthesis workload (512 rows, lengths up to 800) with SDPA against
 #    FlexAttention decode, where reading only live cache blocks should pay most;
 # 3. decoding: the full table with the GPU defaults (compiled layers + FlexAttention): HF at 32 and
-#    128, ours at 1, 32, 128 and the largest batch that fits (CoDIT b128 was 5,932 on an H100);
+#    128, ours at 1, 32, 128 and the largest batch that fits (CoDIT b128 was 5,932 on an H100,
+#    before the K/V cache write moved into the compiled layer function);
 # 4. training (issue 5): a profile of ZeRO-2 with compiled layers at batch 8 (30.7 % MFU on an
 #    H100, against 45.9 % for the hand loop with the same levers): where the gap goes.
 set -uo pipefail

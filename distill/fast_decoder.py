@@ -95,6 +95,17 @@ def _attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads: int, kv: int, d:
     return qk[..., :heads, :], qk[..., heads:, :], qkv[..., (heads + kv) * d:].unflatten(-1, (kv, d))
 
 
+def _decode_attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads: int, kv: int, d: int, eps: float,
+                         k_cache, v_cache, rows, lengths):
+    """_attention_in for one token per row, writing k and v into the cache at column lengths[b];
+    returns q. Compiled, the cache write is part of the RoPE kernel (Inductor scatters in place)
+    instead of two index_put kernels per layer."""
+    q, k, v = _attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads, kv, d, eps)
+    k_cache[rows, :, lengths] = k
+    v_cache[rows, :, lengths] = v
+    return q
+
+
 def _attention_out_and_mlp(x, o, w_o, b_o, ln2, w_gate_up, b_gate_up, w_down, b_down, eps: float):
     """Residual + o_proj(attention output), then residual + SwiGLU MLP."""
     x = _linear_add(x, o, w_o, b_o)
@@ -105,19 +116,19 @@ def _attention_out_and_mlp(x, o, w_o, b_o, ln2, w_gate_up, b_gate_up, w_down, b_
 def _layer_functions(compile_layers: bool):
     """The two per-layer pieces around attention, eager or torch.compile'd.
 
-    Compiled, Inductor fuses the small kernels between the GEMMs (RMSNorm, RoPE, SiLU * up,
-    the residual adds) that a decode step otherwise launches one by one: ~20 per layer, which
+    Compiled, Inductor fuses the small kernels between the GEMMs (RMSNorm, RoPE, the K/V cache
+    write, SiLU * up, the residual adds) that a decode step otherwise launches one by one: ~20 per layer, which
     CUDA graphs make cheap to launch but not free. One compiled graph serves every layer of
     every model of the same shapes (weights are inputs, not constants).
     """
-    return _compiled_layer_functions() if compile_layers else (_attention_in, _attention_out_and_mlp)
+    return _compiled_layer_functions() if compile_layers else (_decode_attention_in, _attention_out_and_mlp)
 
 
 @functools.cache
 def _compiled_layer_functions():
     from distill.compiled import CompiledOrEager
 
-    return (CompiledOrEager(_attention_in, "the decode layers' attention input"),
+    return (CompiledOrEager(_decode_attention_in, "the decode layers' attention input"),
             CompiledOrEager(_attention_out_and_mlp, "the decode layers' output and MLP"))
 
 
@@ -126,7 +137,7 @@ class FastLM:
 
     def __init__(self, hf_model, compile_layers: bool = False):
         cfg, base = hf_model.config, hf_model.model
-        self.attention_in, self.attention_out_and_mlp = _layer_functions(compile_layers)
+        self.decode_attention_in, self.attention_out_and_mlp = _layer_functions(compile_layers)
         self.eps = cfg.rms_norm_eps
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
@@ -166,8 +177,8 @@ class FastLM:
         sin = (emb.sin() * self.rope_scale).to(self.embed.dtype) * self.rot_sign.to(self.embed.dtype)
         return cos, sin
 
-    def _qkv(self, x: torch.Tensor, p: dict, cos, sin, fn=_attention_in):
-        return fn(x, p["ln1"], *p["qkv"], cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
+    def _qkv(self, x: torch.Tensor, p: dict, cos, sin):
+        return _attention_in(x, p["ln1"], *p["qkv"], cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
 
     def _out_mlp(self, x: torch.Tensor, o: torch.Tensor, p: dict, fn=_attention_out_and_mlp) -> torch.Tensor:
         return fn(x, o, *p["o"], p["ln2"], *p["gate_up"], *p["down"], self.eps)
@@ -194,9 +205,7 @@ class FastLM:
             bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
             bias = bias[:, None, None, :]
         for p, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
-            q, k, v = self._qkv(x, p, cos, sin, self.attention_in)
-            kc[rows, :, lengths] = k
-            vc[rows, :, lengths] = v
+            q = self.decode_attention_in(x, p["ln1"], *p["qkv"], cos, sin, heads, kv, d, self.eps, kc, vc, rows, lengths)
             if flex is not None:
                 o = flex.attend(q, kc, vc)
             else:  # query heads h*G..h*G+G-1 share kv head h: fold them into the query axis

@@ -351,9 +351,9 @@ def test_compiled_layer_functions_give_the_plain_fast_engine_scores(setup, arch)
     from distill import fast_decoder  # and the flag did reach the layers (else the above proves nothing)
 
     pair = fast_decoder.FastPair(models, 2, 32, compile_layers=True)
-    assert pair.lms[0].attention_in is not fast_decoder._attention_in
+    assert pair.lms[0].decode_attention_in is not fast_decoder._decode_attention_in
     assert not any(f.failed for f in fast_decoder._compiled_layer_functions())  # no silent fallback
-    assert fast_decoder.FastPair(models, 2, 32).lms[0].attention_in is fast_decoder._attention_in
+    assert fast_decoder.FastPair(models, 2, 32).lms[0].decode_attention_in is fast_decoder._decode_attention_in
 
 
 def test_flex_decode_attention_gives_the_sdpa_scores(setup):
@@ -471,7 +471,7 @@ def test_defaults_on_cpu_are_sdpa_and_plain_layers(setup):
     tok, expert, amateur, _ = setup
     dec = ContrastiveDecoder(expert, amateur, len(tok), [2], DecodingConfig(engine="fast"), pad_token_id=3)
     pair, _ = dec._backend(2, 40)
-    assert pair.flex is None and pair.lms[0].attention_in is fast_decoder._attention_in
+    assert pair.flex is None and pair.lms[0].decode_attention_in is fast_decoder._decode_attention_in
 
 
 @pytest.mark.parametrize("fallback", [True, False])
