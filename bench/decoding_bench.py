@@ -161,9 +161,9 @@ def run_ours(expert, amateur, batch, args, engine, beta, attention="sdpa"):
 
 def check_levers_compiled():
     """A line whose compiled levers fell back to eager kernels would measure something else: fail it."""
-    from distill import fast_decoder, flex_decode
+    from distill import decode_layers, flex_decode
 
-    if flex_decode.flex_compile_failed() or any(f.failed for f in fast_decoder._compiled_layer_functions()):
+    if flex_decode.flex_compile_failed() or any(f.failed for f in decode_layers.compiled_layer_functions()):
         raise RuntimeError("a torch.compile lever fell back to eager (see the warning above)")
 
 

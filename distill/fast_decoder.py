@@ -22,11 +22,13 @@ reference's greedy tokens. `cuda_graphs=False` is the fallback if capture misbeh
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 import torch.nn.functional as F
+
+from distill.decode_layers import (attention_in, attention_out_and_mlp, fuse_linears, layer_functions,
+                                   rms_norm)
 
 log = logging.getLogger(__name__)
 
@@ -50,94 +52,12 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As Hugging Face does it: normalise in float32, scale in the model's dtype.
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
-def _fused(owner, name: str, linears) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One [sum(out), in] weight for several nn.Linear that read the same input (q/k/v, gate/up).
-
-    One GEMM instead of three or two. The Linear modules are re-pointed at views of the fused
-    tensor, so no weight is held twice and the Hugging Face model keeps working unchanged.
-    """
-    cached = getattr(owner, name, None)
-    if cached is not None and cached[0].data_ptr() == linears[0].weight.data_ptr():
-        return cached
-    with torch.no_grad():
-        weight = torch.cat([lin.weight for lin in linears])
-        has_bias = all(lin.bias is not None for lin in linears)
-        bias = torch.cat([lin.bias for lin in linears]) if has_bias else None
-        offset = 0
-        for lin in linears:
-            rows = lin.weight.shape[0]
-            lin.weight.data = weight[offset:offset + rows]
-            if has_bias:
-                lin.bias.data = bias[offset:offset + rows]
-            offset += rows
-    object.__setattr__(owner, name, (weight, bias))  # a plain attribute, not a registered parameter
-    return weight, bias
-
-
-def _linear_add(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x + h @ weight.T as one GEMM with the residual in its epilogue."""
-    if bias is not None:
-        return x + F.linear(h, weight, bias)
-    return torch.addmm(x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t()).view(x.shape)
-
-
-def _attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads: int, kv: int, d: int, eps: float):
-    """Normed input -> rotated q [.., heads, d] and k [.., kv, d], and v [.., kv, d] (heads on dim -2)."""
-    qkv = F.linear(_rms_norm(x, ln1, eps), w_qkv, b_qkv)
-    qk = qkv[..., :(heads + kv) * d].unflatten(-1, (heads + kv, d))
-    # rotate_half(x) == roll(x, d/2) * [-1]*d/2 + [+1]*d/2 (the sign is folded into sin_signed)
-    qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin_signed)
-    return qk[..., :heads, :], qk[..., heads:, :], qkv[..., (heads + kv) * d:].unflatten(-1, (kv, d))
-
-
-def _decode_attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads: int, kv: int, d: int, eps: float,
-                         k_cache, v_cache, rows, lengths):
-    """_attention_in for one token per row, writing k and v into the cache at column lengths[b];
-    returns q. Compiled, the cache write is part of the RoPE kernel (Inductor scatters in place)
-    instead of two index_put kernels per layer."""
-    q, k, v = _attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads, kv, d, eps)
-    k_cache[rows, :, lengths] = k
-    v_cache[rows, :, lengths] = v
-    return q
-
-
-def _attention_out_and_mlp(x, o, w_o, b_o, ln2, w_gate_up, b_gate_up, w_down, b_down, eps: float):
-    """Residual + o_proj(attention output), then residual + SwiGLU MLP."""
-    x = _linear_add(x, o, w_o, b_o)
-    gate, up = F.linear(_rms_norm(x, ln2, eps), w_gate_up, b_gate_up).chunk(2, dim=-1)
-    return _linear_add(x, F.silu(gate) * up, w_down, b_down)
-
-
-def _layer_functions(compile_layers: bool):
-    """The two per-layer pieces around attention, eager or torch.compile'd.
-
-    Compiled, Inductor fuses the small kernels between the GEMMs (RMSNorm, RoPE, the K/V cache
-    write, SiLU * up, the residual adds) that a decode step otherwise launches one by one: ~20 per layer, which
-    CUDA graphs make cheap to launch but not free. One compiled graph serves every layer of
-    every model of the same shapes (weights are inputs, not constants).
-    """
-    return _compiled_layer_functions() if compile_layers else (_decode_attention_in, _attention_out_and_mlp)
-
-
-@functools.cache
-def _compiled_layer_functions():
-    from distill.compiled import CompiledOrEager
-
-    return (CompiledOrEager(_decode_attention_in, "the decode layers' attention input"),
-            CompiledOrEager(_attention_out_and_mlp, "the decode layers' output and MLP"))
-
-
 class FastLM:
     """One Llama-family model as plain tensors plus a static KV cache."""
 
     def __init__(self, hf_model, compile_layers: bool = False):
         cfg, base = hf_model.config, hf_model.model
-        self.decode_attention_in, self.attention_out_and_mlp = _layer_functions(compile_layers)
+        self.decode_attention_in, self.attention_out_and_mlp = layer_functions(compile_layers)
         self.eps = cfg.rms_norm_eps
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
@@ -155,9 +75,9 @@ class FastLM:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append({
                 "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
-                "qkv": _fused(att, "_distill_qkv", [att.q_proj, att.k_proj, att.v_proj]),
+                "qkv": fuse_linears(att, "_distill_qkv", [att.q_proj, att.k_proj, att.v_proj]),
                 "o": (att.o_proj.weight, att.o_proj.bias),
-                "gate_up": _fused(mlp, "_distill_gate_up", [mlp.gate_proj, mlp.up_proj]),
+                "gate_up": fuse_linears(mlp, "_distill_gate_up", [mlp.gate_proj, mlp.up_proj]),
                 "down": (mlp.down_proj.weight, mlp.down_proj.bias),
             })
         self.norm = base.norm.weight
@@ -178,9 +98,9 @@ class FastLM:
         return cos, sin
 
     def _qkv(self, x: torch.Tensor, p: dict, cos, sin):
-        return _attention_in(x, p["ln1"], *p["qkv"], cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
+        return attention_in(x, p["ln1"], *p["qkv"], cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
 
-    def _out_mlp(self, x: torch.Tensor, o: torch.Tensor, p: dict, fn=_attention_out_and_mlp) -> torch.Tensor:
+    def _out_mlp(self, x: torch.Tensor, o: torch.Tensor, p: dict, fn=attention_out_and_mlp) -> torch.Tensor:
         return fn(x, o, *p["o"], p["ln2"], *p["gate_up"], *p["down"], self.eps)
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
@@ -212,7 +132,7 @@ class FastLM:
                 o = F.scaled_dot_product_attention(q.reshape(batch, kv, heads // kv, d), kc[:, :, :width],
                                                    vc[:, :, :width], attn_mask=bias)
             x = self._out_mlp(x, o.reshape(batch, heads * d), p, self.attention_out_and_mlp)
-        return F.linear(_rms_norm(x, self.norm, self.eps), self.lm_head)
+        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head)
 
     def prefill(self, slots: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded prompts [k, T] into cache rows `slots`; returns the last real token's logits.
@@ -239,7 +159,7 @@ class FastLM:
                                                    attn_mask=causal)
             x = self._out_mlp(x, o.transpose(1, 2).reshape(k_rows, width, heads * d), p)
         last = x[torch.arange(k_rows, device=ids.device), lengths - 1]
-        return F.linear(_rms_norm(last, self.norm, self.eps), self.lm_head)
+        return F.linear(rms_norm(last, self.norm, self.eps), self.lm_head)
 
 
 class FastPair:

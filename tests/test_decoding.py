@@ -348,12 +348,12 @@ def test_compiled_layer_functions_give_the_plain_fast_engine_scores(setup, arch)
     compiled, compiled_scores = run_with_scores(*models, len(tok), prompts, compile_layers=True, **kw)
     assert compiled == plain
     assert_same_scores(compiled_scores, plain_scores)
-    from distill import fast_decoder  # and the flag did reach the layers (else the above proves nothing)
+    from distill import decode_layers, fast_decoder  # and the flag did reach the layers (else the above proves nothing)
 
     pair = fast_decoder.FastPair(models, 2, 32, compile_layers=True)
-    assert pair.lms[0].decode_attention_in is not fast_decoder._decode_attention_in
-    assert not any(f.failed for f in fast_decoder._compiled_layer_functions())  # no silent fallback
-    assert fast_decoder.FastPair(models, 2, 32).lms[0].decode_attention_in is fast_decoder._decode_attention_in
+    assert pair.lms[0].decode_attention_in is not decode_layers.decode_attention_in
+    assert not any(f.failed for f in decode_layers.compiled_layer_functions())  # no silent fallback
+    assert fast_decoder.FastPair(models, 2, 32).lms[0].decode_attention_in is decode_layers.decode_attention_in
 
 
 def test_flex_decode_attention_gives_the_sdpa_scores(setup):
@@ -466,12 +466,12 @@ def test_sliding_window_with_left_padding_and_refills_matches_a_no_cache_referen
 
 def test_defaults_on_cpu_are_sdpa_and_plain_layers(setup):
     # "auto" picks FlexAttention and compiled layers on a GPU only: the tiny models on CPU run faster without
-    from distill import fast_decoder
+    from distill import decode_layers
 
     tok, expert, amateur, _ = setup
     dec = ContrastiveDecoder(expert, amateur, len(tok), [2], DecodingConfig(engine="fast"), pad_token_id=3)
     pair, _ = dec._backend(2, 40)
-    assert pair.flex is None and pair.lms[0].decode_attention_in is fast_decoder._decode_attention_in
+    assert pair.flex is None and pair.lms[0].decode_attention_in is decode_layers.decode_attention_in
 
 
 @pytest.mark.parametrize("fallback", [True, False])
