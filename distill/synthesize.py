@@ -270,7 +270,7 @@ def add_cli(subparsers, summary: str | None = None) -> None:
         # --expert/--prompts/--out are required unless --merge, which argparse cannot say itself
         usage="distill synthesize --expert E [--amateur A] --prompts P --out D [options]\n"
               "       distill synthesize --merge D",
-        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--expert", help="post-trained (chat) model: local HF directory or HF-cache id")
     p.add_argument("--amateur", help="the expert's pre-trained base model (same tokenizer); not needed for --method direct")
     p.add_argument("--prompts", help="prompts: .jsonl or a datasets directory; rows need 'instruction' or chat "
