@@ -27,7 +27,8 @@ from distill.progress import trainer_progress_callback
 from distill.train_fused import compile_layers, fused_loss_trainer
 from distill.train_outputs import prepare_checkpoints, save_final
 from distill.train_runtime import (checkpointing_kwarg, ensure_distributed_env, is_zero3,
-                                   load_deepspeed_config, use_bf16)
+                                   load_deepspeed_config, release_deepspeed_shm_callback,
+                                   use_bf16)
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,7 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
                       callbacks=list(callbacks))
     trainer.remove_callback(ProgressCallback)  # its bar redraws every step, even into a log file
     trainer.add_callback(trainer_progress_callback())
+    trainer.add_callback(release_deepspeed_shm_callback())
     last = get_last_checkpoint(str(ckpt)) if cfg.resume and ckpt.is_dir() else None
     if last:
         log.info("resuming from %s", last)

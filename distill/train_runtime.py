@@ -50,6 +50,31 @@ def ensure_distributed_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def release_deepspeed_shm_callback():
+    """A TrainerCallback that unlinks this rank's shared-memory segment of DeepSpeed's CPU backend.
+
+    With all ranks on one host, DeepSpeed's CPU communication maps a 67 MB POSIX shared-memory
+    segment per rank (/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>) when the
+    engine is made, and never unlinks it: each CPU run of N ranks left N of them in RAM until
+    reboot. At train begin the engine exists and a barrier means every rank has mapped its peers'
+    segments, so the names are no longer needed; the mappings live until the processes exit, so
+    unlinking here also covers a crash or kill -9 later on."""
+    from transformers import TrainerCallback
+
+    class ReleaseDeepSpeedShm(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+                return
+            name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                    f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+            dist.barrier()  # every rank, segment or not (GPU backends, several hosts), or a peer would hang
+            (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+    return ReleaseDeepSpeedShm()
+
+
 def use_bf16(precision: str) -> bool:
     import torch
 

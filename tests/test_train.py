@@ -250,6 +250,9 @@ def test_two_ranks_through_the_deepspeed_launcher(world, stage):
         env.pop(key, None)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU allreduce maps a 67 MB /dev/shm segment per rank and never unlinks it
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
+    assert not leaked, f"shared-memory segments left in RAM: {leaked}"
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 8
     train_loss, _ = _losses(out)
