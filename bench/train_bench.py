@@ -9,10 +9,15 @@ GPU (one H100; under 8 minutes):
                  torch.compile of the decoder layers
     fast-packed  `fast` on packed rows (4 documents per row, position ids restart, so
                  transformers builds a block-diagonal mask for SDPA)
+    fast-packed-flex  the same with attn_implementation="flex_attention": the packed documents'
+                 block mask as a FlexAttention BlockMask, so blocks across documents are skipped
+                 instead of masked (no backward on CPU: a GPU-only lever)
     zero2        `distill.train.train`: Trainer + DeepSpeed ZeRO-2, packing, --fused-loss
     zero2-compile  zero2 plus --compile-layers (any `distill train` configuration takes -compile)
     zero2-autobucket  zero2 with HF's "auto" reduce bucket (hidden² elements) instead of the shipped
-                   5e8 (DeepSpeed's own default); the suffixes combine: zero2-compile-autobucket
+                   5e8 (DeepSpeed's own default)
+    zero2-flex   zero2 with `--attn-implementation flex_attention` (see fast-packed-flex); the
+                 suffixes combine: zero2-compile-flex, zero2-compile-autobucket
     trainer      `distill.train.train` without DeepSpeed (`--deepspeed none`), packing, --fused-loss
     zero3        `distill.train.train`: Trainer + DeepSpeed ZeRO-3, packing (HF loss)
   NAME@B runs a configuration at batch B: `--configs plain,fast,fast@8` puts the chunked loss's
@@ -127,21 +132,22 @@ def _profiled(device, out_file):
 
 
 def worker_manual(args):
-    """plain / fast / fast-packed: a hand loop, so the anchor has no framework overhead."""
+    """plain / fast / fast-packed[-flex]: a hand loop, so the anchor has no framework overhead."""
     import torch
 
     from distill.train_fused import causal_lm_loss
 
     device = args.device
-    fast = args.worker != "plain"
-    model = _qwen(args.seq_len, device)
+    base, *levers = args.worker.split("-")
+    fast = base == "fast"
+    model = _qwen(args.seq_len, device, attn="flex_attention" if "flex" in levers else "sdpa")
     n_params = sum(p.numel() for p in model.parameters())
     if fast and device == "cuda":
         for layer in model.model.layers:
             layer.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     gen = torch.Generator(device=device).manual_seed(0)
-    docs = 4 if args.worker == "fast-packed" else 1
+    docs = 4 if "packed" in levers else 1
 
     def step():
         batch = _rows(args.batch, args.seq_len, model.config.vocab_size, docs, device, gen)
@@ -202,6 +208,7 @@ def worker_distill(args):
                           logging_steps=1000, save_steps=100000, warmup_ratio=0.0, lr_scheduler="constant",
                           precision="bf16" if args.device == "cuda" else "fp32",
                           fused_loss=base in ("zero2", "trainer"), compile_layers="compile" in levers,
+                          attn_implementation="flex_attention" if "flex" in levers else "sdpa",
                           gradient_checkpointing=args.grad_ckpt)
         train(cfg, callbacks=[timer] + extra)
     elapsed, tokens = timer.elapsed(), timer.tokens
@@ -419,7 +426,8 @@ def main(argv=None):
                    help="mfu: the 1.5B throughput table (default on cuda; on cpu a small shape, to check the "
                         "script); trl: the CPU comparison with TRL's SFTTrainer (default on cpu)")
     p.add_argument("--configs", default=None,
-                   help="comma list; mfu: plain,zero2,zero3,fast,zero2-compile,zero2-autobucket,fast-packed,trainer; trl: "
+                   help="comma list; mfu: plain,zero2,zero3,fast,zero2-compile,zero2-autobucket,fast-packed,trainer "
+                        "(suffix -flex: FlexAttention for packed rows); trl: "
                         "none,zero2,trl. NAME@B runs NAME at batch B (e.g. fast@8 beside plain at --batch)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile, allocator)")
@@ -451,9 +459,12 @@ def main(argv=None):
             return worker_cpu_distill(args)
         base, *levers = args.worker.split("-")
         if base in ("zero2", "zero3", "trainer"):
-            if set(levers) - {"compile", "autobucket"} or ("autobucket" in levers and base != "zero2"):
-                raise SystemExit(f"unknown configuration {args.worker}: the suffixes are -compile and -autobucket (zero2)")
+            if set(levers) - {"compile", "autobucket", "flex"} or ("autobucket" in levers and base != "zero2"):
+                raise SystemExit(f"unknown configuration {args.worker}: the suffixes are -compile, -flex and "
+                                 "-autobucket (zero2)")
             return worker_distill(args)
+        if base not in ("plain", "fast") or set(levers) - {"packed", "flex"} or (base == "plain" and levers):
+            raise SystemExit(f"unknown configuration {args.worker}: plain, fast, fast-packed, fast-packed-flex")
         return worker_manual(args)
 
     with tempfile.TemporaryDirectory(prefix="train_bench-") as work:

@@ -96,6 +96,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.lr_scheduler not in schedulers:
         raise DistillError(f"unknown lr_scheduler {cfg.lr_scheduler!r}; one of {', '.join(schedulers)}")
     use_bf16(cfg.precision)  # raises on an unknown precision
+    import torch
+
+    if cfg.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        # otherwise the first backward fails deep inside torch, after the model has loaded
+        raise DistillError("attn_implementation flex_attention trains on a GPU only (FlexAttention has no "
+                           "backward on CPU); use sdpa")
 
 
 # ----------------------------------------------------------------------------- training
@@ -283,7 +289,8 @@ _HELP = {
                   "large vocabularies; ZeRO-2 or no DeepSpeed)",
     "compile_layers": "torch.compile each decoder layer once (faster steps on GPU after a compile of "
                       "about a minute; ZeRO-2 or no DeepSpeed)",
-    "attn_implementation": "attention kernel: sdpa, eager or flash_attention_2 (default: %(default)s)",
+    "attn_implementation": "attention kernel: sdpa, eager, flash_attention_2, or flex_attention (GPU only; "
+                           "with --packing it skips the blocks between packed examples) (default: %(default)s)",
     "seed": "random seed for init of new embeddings, data order and the eval split (default: %(default)s)",
     "keep_repetitive": "keep rows flagged `repetitive: true` (dropped by default)",
     "no_resume": "start over even if <out>.checkpoints/ holds an interrupted run (discarding it)",

@@ -209,6 +209,15 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path, target, setting,
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.checkpoints").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal")
+def test_flex_attention_on_cpu_is_refused_before_the_model_loads(tmp_path, target):
+    data = _rows_file(tmp_path / "d.jsonl", [{"instruction": "a", "response": "b"}])
+    with pytest.raises(DistillError, match="GPU only .*use sdpa"):
+        train(TrainConfig(model=str(target), data=str(data), out=str(tmp_path / "m"),
+                          attn_implementation="flex_attention"))
+    assert not (tmp_path / "m").exists()
+
+
 def test_shipped_deepspeed_configs_leave_numbers_to_the_trainer():
     for name in ("zero2", "zero3", "zero3_offload"):
         cfg = load_deepspeed_config(name)

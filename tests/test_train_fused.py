@@ -60,3 +60,31 @@ def test_the_forward_makes_no_full_logits():
     ids = torch.randint(4, 120, (2, 24))
     causal_lm_loss(model, {"input_ids": ids, "labels": ids}).backward()
     assert shapes == [(2, 1, 120)]
+
+
+@pytest.mark.gpu
+def test_packed_rows_train_alike_with_flex_attention_and_sdpa_on_gpu():
+    # The `-flex` lever of bench/train_bench.py: transformers turns restarting position ids into a
+    # FlexAttention BlockMask instead of SDPA's dense block-diagonal mask. Loss and every gradient
+    # must agree (fp32, so the two kernels' rounding is all that differs). No CPU twin: FlexAttention
+    # has no backward on CPU.
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512)
+    torch.manual_seed(3)
+    ids = torch.randint(4, 120, (2, 160), device="cuda")
+    positions = torch.stack([torch.cat([torch.arange(70), torch.arange(90)]),
+                             torch.cat([torch.arange(40), torch.arange(100), torch.arange(20)])]).cuda()
+    labels = ids.clone()
+    labels[positions == 0] = -100  # nothing predicts a document's first token
+    results = {}
+    for attn in ("sdpa", "flex_attention"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).cuda().train()
+        loss = causal_lm_loss(model, {"input_ids": ids, "labels": labels, "position_ids": positions})
+        loss.backward()
+        results[attn] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(results["flex_attention"][0], results["sdpa"][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results["sdpa"][1].items():
+        torch.testing.assert_close(results["flex_attention"][1][name], grad, atol=1e-4, rtol=1e-3, msg=name)
