@@ -221,9 +221,13 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
     trainer_cls = fused_loss_trainer() if fused else Trainer
     if cfg.compile_layers:
         compile_layers(model, zero3=is_zero3(ds_config))
+    # Compiled layers and packed rows: every batch max_length wide, one shape. Packed widths vary
+    # by a few tokens, and each new one made dynamo compile again, then fall back to dynamic-shape
+    # kernels; packed rows are nearly full, so the extra padding costs little.
+    width = cfg.max_length if cfg.packing and cfg.compile_layers else 8
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=td.SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                      callbacks=list(callbacks))
+                          data_collator=td.SFTCollator(tokenizer.pad_token_id, pad_to_multiple_of=width),
+                          processing_class=tokenizer, callbacks=list(callbacks))
     trainer.remove_callback(ProgressCallback)  # its bar redraws every step, even into a log file
     trainer.add_callback(trainer_progress_callback())
     trainer.add_callback(release_deepspeed_shm_callback())
@@ -288,7 +292,8 @@ _HELP = {
     "fused_loss": "compute the loss chunk by chunk without the full [tokens x vocab] logits (saves GBs with "
                   "large vocabularies; ZeRO-2 or no DeepSpeed)",
     "compile_layers": "torch.compile each decoder layer once (faster steps on GPU after a compile of "
-                      "about a minute; ZeRO-2 or no DeepSpeed)",
+                      "about a minute; ZeRO-2 or no DeepSpeed; with --packing every batch is padded to "
+                      "--max-length, so the layers compile for one shape only)",
     "attn_implementation": "attention kernel: sdpa, eager, flash_attention_2, or flex_attention (GPU only; "
                            "with --packing it skips the blocks between packed examples) (default: %(default)s)",
     "seed": "random seed for init of new embeddings, data order and the eval split (default: %(default)s)",

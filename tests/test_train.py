@@ -272,3 +272,17 @@ def test_auto_precision_takes_native_bf16_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert use_bf16("auto") and default_dtype("cuda") == torch.bfloat16
     assert default_dtype("cpu") == torch.float32
+
+
+def test_compiled_layers_on_packed_rows_compile_once(world):
+    # Packed rows differ in width by a few tokens; each new width used to make dynamo compile the
+    # layers again (then as dynamic shapes). With --compile-layers, packed batches are all
+    # max_length wide: one compile for the whole run.
+    torch._dynamo.reset()  # layers compiled by an earlier test would make the first compile a "re"compile
+    out = world / "model-compiled-packed"
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        train(_config(world, out, deepspeed="zero2", packing=True, compile_layers=True, fused_loss=True,
+                      max_steps=6, batch_size=1, eval_fraction=0.0, logging_steps=1))
+    train_loss, _ = _losses(out)
+    assert train_loss[-1] < train_loss[0]
+
