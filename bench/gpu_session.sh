@@ -2,7 +2,7 @@
 # The GPU measurements issues 4 and 5 still need, in TWO device calls (each part has its own time
 # budget and writes its results as it goes):
 #   bash bench/gpu_session.sh decoding    # about 6 min: parts 1-3 below
-#   bash bench/gpu_session.sh training    # about 5 min: part 4
+#   bash bench/gpu_session.sh training    # about 6 min: part 4
 #
 #   wheels first, in the project venv (the GPU image has no deepspeed/datasets/evaluate):
 #     .venv/bin/pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8 hjson pydantic \
@@ -21,9 +21,10 @@
 #    128, ours at 1, 32, 128 and the largest batch that fits (CoDIT b128 was 5,932 on an H100,
 #    before the K/V cache write moved into the compiled layer function);
 # 4. training (issue 5), batch 8, each with a profile of two steps: ZeRO-2 with compiled layers
-#    (30.7 % MFU on an H100), the same with FlexAttention for the packed rows, and the hand loop on
-#    packed rows with SDPA and with FlexAttention, so that the gap to the hand loop (45.9 %) splits
-#    into DeepSpeed + Trainer against attention over packed rows.
+#    (30.7 % MFU on an H100), the same with FlexAttention for the packed rows, the same with
+#    overlap_comm off (with it on, ZeRO-2 synchronises the device around each bucket reduction),
+#    and the hand loop on packed rows with SDPA and with FlexAttention, so that the gap to the hand
+#    loop (45.9 %) splits into DeepSpeed + Trainer against attention over packed rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-results}
@@ -53,7 +54,7 @@ timeout 170 python3 bench/decoding_bench.py --device cuda --budget-s 160 --json 
 elif [ "$PART" = training ]; then
 stamp train
 timeout 330 python3 bench/train_bench.py --device cuda --steps 15 --budget-s 320 \
-    --configs zero2-compile@8,zero2-compile-flex@8,fast-packed@8,fast-packed-flex@8,fast@8 \
+    --configs zero2-compile@8,zero2-compile-flex@8,zero2-compile-nooverlap@8,fast-packed@8,fast-packed-flex@8 \
     --profile "$W/train_profiles" --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
     | grep -E "^\||^  [a-z0-9@-]+: "
 cat "$W"/train_profiles/*.txt > "$OUT/train_profiles.txt" 2>/dev/null

@@ -16,6 +16,8 @@ GPU (one H100; under 8 minutes):
     zero2-compile  zero2 plus --compile-layers (any `distill train` configuration takes -compile)
     zero2-autobucket  zero2 with HF's "auto" reduce bucket (hidden² elements) instead of the shipped
                    5e8 (DeepSpeed's own default)
+    zero2-nooverlap  zero2 with overlap_comm off: on one GPU there is no communication to overlap,
+                 and with it on, ZeRO-2 synchronises the device around every bucket reduction
     zero2-flex   zero2 with `--attn-implementation flex_attention` (see fast-packed-flex); the
                  suffixes combine: zero2-compile-flex, zero2-compile-autobucket
     trainer      `distill.train.train` without DeepSpeed (`--deepspeed none`), packing, --fused-loss
@@ -200,8 +202,8 @@ def worker_distill(args):
                                    Path(args.profile) / f"profile-{args.worker}@{args.batch}.txt")] if args.profile else []
         base, *levers = args.worker.split("-")
         deepspeed = "none" if base == "trainer" else base
-        if "autobucket" in levers:
-            deepspeed = _zero2_auto_bucket(tmp)
+        if {"autobucket", "nooverlap"} & set(levers):
+            deepspeed = _zero2_variant(tmp, levers)
         cfg = TrainConfig(model=str(tmp / "target"), data=str(tmp / "data.jsonl"), out=str(tmp / "out"),
                           deepspeed=deepspeed, max_steps=args.warmup + args.steps + (2 if args.profile else 0), lr=1e-4,
                           batch_size=args.batch, max_length=args.seq_len, packing=True, eval_fraction=0.0,
@@ -216,16 +218,21 @@ def worker_distill(args):
             batch=args.batch)
 
 
-def _zero2_auto_bucket(tmp: Path) -> str:
-    """The shipped ZeRO-2 config with HF's "auto" reduce bucket (hidden_size²: 2.4M elements for
-    the 1.5B target, so ~650 bucket reductions per step, each a collective call and a copy even
-    on one GPU) instead of the shipped 5e8 elements: what distill shipped until the H100 showed
-    the cost (BENCHMARKS.md)."""
+def _zero2_variant(tmp: Path, levers) -> str:
+    """The shipped ZeRO-2 config with
+    - autobucket: HF's "auto" reduce bucket (hidden_size²: 2.4M elements for the 1.5B target, so
+      ~650 bucket reductions per step, each a collective call and a copy even on one GPU) instead
+      of the shipped 5e8 elements: what distill shipped until the H100 showed the cost
+      (BENCHMARKS.md);
+    - nooverlap: overlap_comm off (the shipped config has it on, for several GPUs)."""
     from distill.train import load_deepspeed_config
 
     cfg = load_deepspeed_config("zero2")
-    cfg["zero_optimization"]["reduce_bucket_size"] = "auto"
-    path = tmp / "zero2_auto_bucket.json"
+    if "autobucket" in levers:
+        cfg["zero_optimization"]["reduce_bucket_size"] = "auto"
+    if "nooverlap" in levers:
+        cfg["zero_optimization"]["overlap_comm"] = False
+    path = tmp / "zero2_variant.json"
     path.write_text(json.dumps(cfg))
     return str(path)
 
@@ -459,9 +466,10 @@ def main(argv=None):
             return worker_cpu_distill(args)
         base, *levers = args.worker.split("-")
         if base in ("zero2", "zero3", "trainer"):
-            if set(levers) - {"compile", "autobucket", "flex"} or ("autobucket" in levers and base != "zero2"):
-                raise SystemExit(f"unknown configuration {args.worker}: the suffixes are -compile, -flex and "
-                                 "-autobucket (zero2)")
+            zero2_only = {"autobucket", "nooverlap"}
+            if set(levers) - {"compile", "flex"} - zero2_only or (zero2_only & set(levers) and base != "zero2"):
+                raise SystemExit(f"unknown configuration {args.worker}: the suffixes are -compile, -flex, and "
+                                 "for zero2 -autobucket and -nooverlap")
             return worker_distill(args)
         if base not in ("plain", "fast") or set(levers) - {"packed", "flex"} or (base == "plain" and levers):
             raise SystemExit(f"unknown configuration {args.worker}: plain, fast, fast-packed, fast-packed-flex")
