@@ -55,7 +55,7 @@ def _pad_id(tokenizer) -> int:
 def generate_greedy(model, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: int, batch_size: int,
                     desc: str = "generating") -> list[dict]:
     """Greedy continuations: [{"text", "tokens", "finish_reason": "stop" | "length"}] in input order."""
-    stops = stop_token_ids(tokenizer)
+    stops = stop_token_ids(tokenizer, model)
     pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))

@@ -72,13 +72,16 @@ def load_tokenizer(ref, trust_remote_code: bool = False, what: str = "tokenizer"
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: eos and, for ChatML, <|im_end|>."""
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end an assistant turn: eos, for ChatML <|im_end|>, and the eos ids of the
+    model's generation config (Qwen's instruct models list <|im_end|> and <|endoftext|> there)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.append(im_end)
-    return ids
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += gen_eos if isinstance(gen_eos, list) else [gen_eos]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))  # in order, without repeats
 
 
 def default_dtype(device: str):

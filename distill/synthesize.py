@@ -141,7 +141,7 @@ def _load(cfg: SynthesizeConfig, local_rank: int, tokenizer, vocab: int):
     import torch
 
     from distill.decoding import check_embedding_rows
-    from distill.models import default_dtype, load_causal_lm
+    from distill.models import default_dtype, load_causal_lm, stop_token_ids
 
     device = cfg.device
     if device == "auto":
@@ -155,10 +155,7 @@ def _load(cfg: SynthesizeConfig, local_rank: int, tokenizer, vocab: int):
     if cfg.amateur:
         amateur = load_causal_lm(cfg.amateur, dtype, device, cfg.trust_remote_code, what="amateur")
         check_embedding_rows(amateur, vocab, f"amateur {cfg.amateur}")
-    stops = {tokenizer.eos_token_id}
-    gen_eos = getattr(expert.generation_config, "eos_token_id", None)
-    stops |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return expert, amateur, sorted(s for s in stops if s is not None)
+    return expert, amateur, stop_token_ids(tokenizer, expert)  # the stops evaluation uses too
 
 
 def _discard_rows(out: Path) -> None:

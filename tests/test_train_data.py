@@ -32,7 +32,12 @@ def test_chatml_added_to_base_tokenizer_and_mask_is_exact_token_by_token():
     tail = _ids(tok, "\n")
     assert ids == prompt + answer + tail
     assert labels == [-100] * len(prompt) + answer + [-100] * len(tail)
-    assert stop_token_ids(tok) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert stop_token_ids(tok) == [tok.eos_token_id, im_end]
+    # synthesis and evaluation stop alike: the model's generation config adds its own eos ids
+    model = make_model(arch="qwen2", vocab_size=len(tok))
+    model.generation_config.eos_token_id = [im_end, 7, tok.eos_token_id]
+    assert stop_token_ids(tok, model) == [tok.eos_token_id, im_end, 7]
 
 
 def test_template_without_generation_tags_masks_every_assistant_turn_by_prefix():
