@@ -1,0 +1,367 @@
+"""The workers of bench/train_bench.py: each configuration runs in its own process, as
+`python bench/train_bench.py --worker NAME ...`, and prints one `RESULT {json}` line.
+
+GPU (the mfu suite): the hand loop (plain, fast, fast-packed[-flex]) and `distill.train.train`
+(zero2, zero3, trainer, with -compile, -flex, -autobucket, -nooverlap). CPU (the trl suite):
+`distill train` and TRL's SFTTrainer on the same small target and rows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+H100_BF16_FLOPS = 989e12
+QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, intermediate_size=8960, tie_word_embeddings=True,
+                  max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
+CPU_TARGET = dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=384, tie_word_embeddings=True,
+                  max_position_embeddings=512)
+WORDS = ("the quick brown fox jumps over the lazy dog answer in json with a list of three bullet points "
+         "write the response in lowercase letters and end with the word done capital made up country city "
+         "river please repeat request word for then give your").split()
+
+
+def flops_per_token(n_params: int, layers: int, hidden: int, seq: int) -> float:
+    return 6 * n_params + 12 * layers * hidden * seq
+
+
+def _result(**kw):
+    print("RESULT " + json.dumps(kw), flush=True)
+
+
+# ----------------------------------------------------------------------------- GPU workers
+
+
+def _model_shape(device):
+    """The 1.5B shape on GPU; on CPU a small one, only to check the script runs."""
+    return QWEN25_15B if device == "cuda" else dict(QWEN25_15B, hidden_size=128, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=256)
+
+
+def _qwen(seq, device, attn="sdpa", shape=None):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**(shape or _model_shape(device)))
+    with torch.device(device):  # random init on the GPU itself: seconds, not a minute on the CPU
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
+    model.config.use_cache = False
+    return model
+
+
+def _rows(batch, seq, vocab, docs_per_row, device, generator):
+    import torch
+
+    ids = torch.randint(0, vocab, (batch, seq), device=device, generator=generator)
+    if docs_per_row <= 1:
+        return {"input_ids": ids, "labels": ids}
+    doc = seq // docs_per_row
+    pos = torch.arange(seq, device=device) % doc
+    labels = ids.clone()
+    labels[:, ::doc] = -100  # nothing predicts a new document's first token
+    return {"input_ids": ids, "labels": labels, "position_ids": pos.expand(batch, -1)}
+
+
+def _profiled(device, out_file):
+    """A torch.profiler context for the extra steps after the timed ones; on exit, writes the top
+    kernels and whether the step is bound by the GPU or by the host (Python, launches, syncs)."""
+    import contextlib
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    @contextlib.contextmanager
+    def ctx():
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        _sync(device)
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            yield
+            _sync(device)
+        wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        # kernel rows only (CPU ops carry their kernels' time too: summing both counts it twice)
+        gpu_busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6
+        busy = (f"GPU kernels busy {gpu_busy:.3f} s ({100 * gpu_busy / wall:.0f} % of wall: well under 100 % "
+                f"means the host, launches or syncs hold the GPU back; kernels on overlapping streams, "
+                f"as ZeRO's communication, are summed, so it can pass 100 %)") if device == "cuda" else "no GPU"
+        Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_file).write_text(f"wall {wall:.3f} s for the profiled steps; {busy}\n\n"
+                                  + events.table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n")
+
+    return ctx()
+
+
+def worker_manual(args):
+    """plain / fast / fast-packed[-flex]: a hand loop, so the anchor has no framework overhead."""
+    import torch
+
+    from distill.train_fused import causal_lm_loss
+
+    device = args.device
+    base, *levers = args.worker.split("-")
+    fast = base == "fast"
+    model = _qwen(args.seq_len, device, attn="flex_attention" if "flex" in levers else "sdpa")
+    n_params = sum(p.numel() for p in model.parameters())
+    if fast and device == "cuda":
+        for layer in model.model.layers:
+            layer.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    docs = 4 if "packed" in levers else 1
+
+    def step():
+        batch = _rows(args.batch, args.seq_len, model.config.vocab_size, docs, device, gen)
+        if fast:
+            loss = causal_lm_loss(model, batch)  # the chunk size `distill train` uses
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    tokens = args.steps * args.batch * args.seq_len
+    if args.profile:
+        with _profiled(device, Path(args.profile) / f"profile-{args.worker}@{args.batch}.txt"):
+            for _ in range(2):
+                step()
+    _result(config=args.worker, tokens_per_s=tokens / elapsed, n_params=n_params, loss=float(loss),
+            peak_gib=_peak(device), batch=args.batch)
+
+
+def worker_distill(args):
+    """zero2 / zero3 on GPU: the real `distill.train.train` on a synthetic dataset."""
+    import torch
+
+    from distill.train import TrainConfig, train
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        model = _qwen(args.seq_len, args.device)  # saved, then loaded by train() like any target
+        n_params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(tmp / "target")
+        del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        _tokenizer(chatml=True).save_pretrained(tmp / "target")
+        total_rows = (args.warmup + args.steps) * args.batch * 4 + 8
+        _write_rows(tmp / "data.jsonl", total_rows, words=args.seq_len // 4 - 24)
+        timer = _timer_callback(args.warmup, args.device, stop_at=args.warmup + args.steps)
+        extra = [_profile_callback(args.warmup + args.steps, args.device,
+                                   Path(args.profile) / f"profile-{args.worker}@{args.batch}.txt")] if args.profile else []
+        base, *levers = args.worker.split("-")
+        deepspeed = "none" if base == "trainer" else base
+        if {"autobucket", "nooverlap"} & set(levers):
+            deepspeed = _zero2_variant(tmp, levers)
+        cfg = TrainConfig(model=str(tmp / "target"), data=str(tmp / "data.jsonl"), out=str(tmp / "out"),
+                          deepspeed=deepspeed, max_steps=args.warmup + args.steps + (2 if args.profile else 0), lr=1e-4,
+                          batch_size=args.batch, max_length=args.seq_len, packing=True, eval_fraction=0.0,
+                          logging_steps=1000, save_steps=100000, warmup_ratio=0.0, lr_scheduler="constant",
+                          precision="bf16" if args.device == "cuda" else "fp32",
+                          fused_loss=base in ("zero2", "trainer"), compile_layers="compile" in levers,
+                          attn_implementation="flex_attention" if "flex" in levers else "sdpa",
+                          gradient_checkpointing=args.grad_ckpt)
+        train(cfg, callbacks=[timer] + extra)
+    elapsed, tokens = timer.elapsed(), timer.tokens
+    _result(config=args.worker, tokens_per_s=tokens / elapsed, n_params=n_params, peak_gib=timer.peak,
+            batch=args.batch)
+
+
+def _zero2_variant(tmp: Path, levers) -> str:
+    """The shipped ZeRO-2 config with
+    - autobucket: HF's "auto" reduce bucket (hidden_size²: 2.4M elements for the 1.5B target, so
+      ~650 bucket reductions per step, each a collective call and a copy even on one GPU) instead
+      of the shipped 5e8 elements: what distill shipped until the H100 showed the cost
+      (BENCHMARKS.md);
+    - nooverlap: overlap_comm off (the shipped config has it on, for several GPUs)."""
+    from distill.train import load_deepspeed_config
+
+    cfg = load_deepspeed_config("zero2")
+    if "autobucket" in levers:
+        cfg["zero_optimization"]["reduce_bucket_size"] = "auto"
+    if "nooverlap" in levers:
+        cfg["zero_optimization"]["overlap_comm"] = False
+    path = tmp / "zero2_variant.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def _profile_callback(start, device, out_file):
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        ctx = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == start and self.ctx is None:
+                self.ctx = _profiled(device, out_file)
+                self.ctx.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.ctx is not None and state.global_step >= start + 2:
+                self.ctx.__exit__(None, None, None)
+                self.ctx = None
+
+    return Profile()
+
+
+def _timer_callback(warmup, device, stop_at=None):
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.t0 = self.t1 = None
+            self.tokens = 0
+            self.peak = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == warmup:
+                _sync(device)
+                _reset_peak(device)
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.t0 is not None and self.t1 is None:
+                # packed rows: count the real tokens of this step's rows
+                self.tokens += self.tokens_per_step
+                if state.global_step >= (stop_at or state.max_steps) and self.t1 is None:
+                    # Stop the clock at the last optimizer step: the Trainer then saves a full
+                    # checkpoint (weights + optimizer state), which is I/O, not training speed.
+                    _sync(device)
+                    self.t1 = time.perf_counter()
+                    self.peak = _peak(device)
+
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+            ds = train_dataloader.dataset if train_dataloader is not None else None
+            rows = [len(x) for x in ds["input_ids"]] if ds is not None else [0]
+            self.tokens_per_step = sum(rows) / len(rows) * args.per_device_train_batch_size * \
+                args.gradient_accumulation_steps * args.world_size
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.t1 is None:
+                _sync(device)
+                self.t1 = time.perf_counter()
+                self.peak = _peak(device)
+
+        def elapsed(self):
+            return self.t1 - self.t0
+
+    return Timer()
+
+
+def _sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(device):
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+# ----------------------------------------------------------------------------- CPU comparison
+
+
+def _tokenizer(chatml: bool):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import make_tokenizer
+
+    from distill import train_data as td
+
+    tok = make_tokenizer(chat_template=None, vocab_size=250)
+    if chatml:
+        td.ensure_chat_template(tok)
+    return tok
+
+
+def _write_rows(path: Path, n: int, words: int, seed: int = 0):
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            instruction = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+            response = " ".join(rng.choice(WORDS) for _ in range(rng.randint(words // 2, words)))
+            f.write(json.dumps({"id": str(i), "instruction": instruction, "response": response}) + "\n")
+
+
+def prepare_cpu(workdir: Path):
+    """Target with ChatML already in its tokenizer, so every trainer starts from the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    tok = _tokenizer(chatml=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**dict(CPU_TARGET, vocab_size=len(tok))))
+    model.save_pretrained(workdir / "target")
+    tok.save_pretrained(workdir / "target")
+    _write_rows(workdir / "data.jsonl", 400, words=40)
+    return sum(p.numel() for p in model.parameters())
+
+
+def worker_cpu_distill(args):
+    from distill.train import TrainConfig, train
+
+    work = Path(args.workdir)
+    stage = args.worker.split(":")[1]
+    timer = _timer_callback(args.warmup, "cpu")
+    cfg = TrainConfig(model=str(work / "target"), data=str(work / "data.jsonl"), out=str(work / f"out-{stage}"),
+                      deepspeed=stage, max_steps=args.warmup + args.steps, lr=1e-3, batch_size=args.batch,
+                      max_length=args.seq_len, eval_fraction=0.0, logging_steps=1, save_steps=100000,
+                      warmup_ratio=0.0, lr_scheduler="constant", seed=0, overwrite=True)
+    out = train(cfg, callbacks=[timer])
+    losses = [float(line.split(",")[2]) for line in (out / "loss.csv").read_text().splitlines()[1:]
+              if line.split(",")[2]]
+    _result(config=f"distill train --deepspeed {stage}", tokens_per_s=timer.tokens / timer.elapsed(), losses=losses)
+
+
+def worker_cpu_trl(args):
+    import datasets
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work = Path(args.workdir)
+    rows = [json.loads(line) for line in (work / "data.jsonl").read_text().splitlines()]
+    ds = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": r["instruction"]},
+                                                   {"role": "assistant", "content": r["response"]}]}
+                                     for r in rows])
+    tok = AutoTokenizer.from_pretrained(work / "target")
+    model = AutoModelForCausalLM.from_pretrained(work / "target", dtype="float32")
+    timer = _timer_callback(args.warmup, "cpu")
+    cfg = trl.SFTConfig(output_dir=str(work / "out-trl"), max_steps=args.warmup + args.steps, learning_rate=1e-3,
+                        per_device_train_batch_size=args.batch, max_length=args.seq_len,
+                        assistant_only_loss=True, packing=False, logging_steps=1, save_strategy="no",
+                        warmup_steps=0, lr_scheduler_type="constant", seed=0, report_to=[], use_cpu=True,
+                        dataloader_num_workers=0)
+    trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[timer])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    _result(config=f"TRL {trl.__version__} SFTTrainer", tokens_per_s=timer.tokens / timer.elapsed(), losses=losses)
