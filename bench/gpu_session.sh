@@ -22,7 +22,7 @@
 #    before the K/V cache write moved into the compiled layer function);
 # 4. training (issue 5), batch 8, each with a profile of two steps: ZeRO-2 with compiled layers
 #    (30.7 % MFU on an H100), the same with FlexAttention for the packed rows, the same with
-#    overlap_comm off (with it on, ZeRO-2 synchronises the device around each bucket reduction),
+#    overlap_comm off (with it on, ZeRO-2 synchronises the device after every backward),
 #    and the hand loop on packed rows with SDPA and with FlexAttention, so that the gap to the hand
 #    loop (45.9 %) splits into DeepSpeed + Trainer against attention over packed rows.
 set -uo pipefail

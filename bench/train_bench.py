@@ -17,7 +17,8 @@ GPU (one H100; under 8 minutes):
     zero2-autobucket  zero2 with HF's "auto" reduce bucket (hidden² elements) instead of the shipped
                    5e8 (DeepSpeed's own default)
     zero2-nooverlap  zero2 with overlap_comm off: on one GPU there is no communication to overlap,
-                 and with it on, ZeRO-2 synchronises the device around every bucket reduction
+                 and with it on, ZeRO-2 reduces on a second stream and syncs the device after
+                 every backward
     zero2-flex   zero2 with `--attn-implementation flex_attention` (see fast-packed-flex); the
                  suffixes combine: zero2-compile-flex, zero2-compile-autobucket
     trainer      `distill.train.train` without DeepSpeed (`--deepspeed none`), packing, --fused-loss
