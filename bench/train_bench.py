@@ -19,6 +19,8 @@ GPU (one H100; under 8 minutes):
     zero2-nooverlap  zero2 with overlap_comm off: on one GPU there is no communication to overlap,
                  and with it on, ZeRO-2 reduces on a second stream and syncs the device after
                  every backward
+    zero2-nocheck  zero2 without DeepSpeed's bf16 overflow check (two reductions per gradient
+                 tensor and a read-back to the host, every step)
     zero2-flex   zero2 with `--attn-implementation flex_attention` (see fast-packed-flex); the
                  suffixes combine: zero2-compile-flex, zero2-compile-autobucket
     trainer      `distill.train.train` without DeepSpeed (`--deepspeed none`), packing, --fused-loss
@@ -118,10 +120,10 @@ def main(argv=None):
             return worker_cpu_distill(args)
         base, *levers = args.worker.split("-")
         if base in ("zero2", "zero3", "trainer"):
-            zero2_only = {"autobucket", "nooverlap"}
+            zero2_only = {"autobucket", "nooverlap", "nocheck"}
             if set(levers) - {"compile", "flex"} - zero2_only or (zero2_only & set(levers) and base != "zero2"):
                 raise SystemExit(f"unknown configuration {args.worker}: the suffixes are -compile, -flex, and "
-                                 "for zero2 -autobucket and -nooverlap")
+                                 "for zero2 -autobucket, -nooverlap and -nocheck")
             return worker_distill(args)
         if base not in ("plain", "fast") or set(levers) - {"packed", "flex"} or (base == "plain" and levers):
             raise SystemExit(f"unknown configuration {args.worker}: plain, fast, fast-packed, fast-packed-flex")
