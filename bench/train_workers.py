@@ -204,7 +204,7 @@ def _zero2_variant(tmp: Path, levers) -> str:
         cfg["zero_optimization"]["overlap_comm"] = False
     if "nocheck" in levers:
         cfg["bf16"]["check_grad_overflow"] = False
-    path = tmp / "zero2_variant.json"
+    path = tmp / f"zero2-{'-'.join(sorted(set(levers) & {'autobucket', 'nooverlap', 'nocheck'}))}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
 

@@ -2,13 +2,15 @@
 
     python bench/trainer_overhead.py --layers 8          # none, zero2, zero2 with HF's "auto" bucket
     python bench/trainer_overhead.py --configs none,zero2 --layers 2
+    python bench/trainer_overhead.py --configs zero2,zero2-nocheck --precision bf16
 
 A Qwen2 target with hidden size 32 does almost no arithmetic, so what a step costs is Python,
 dispatch and framework bookkeeping: the bare loop (forward, backward, AdamW), `distill train`
 without DeepSpeed (the Trainer), and with ZeRO-2 (DeepSpeed's gradient hooks and bucket
 reductions, once per parameter or bucket). On a GPU that host work overlaps the kernels unless
-something syncs; `bench/train_bench.py --profile` shows whether it does there. fp32, one thread,
-one process; steps 20-60 of 60 are timed.
+something syncs; `bench/train_bench.py --profile` shows whether it does there. One thread, one
+process, fp32 unless --precision bf16 (DeepSpeed's bf16 path: its overflow check, which the
+`-nocheck` variant turns off, runs only there); steps 20-60 of 60 are timed.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="none,zero2,zero2-autobucket",
-                   help="comma list of none, zero2 (shipped: a 5e8-element reduce bucket), zero2-autobucket "
-                        "(HF's \"auto\" bucket, hidden_size² elements), "
-                        "zero3, or a DeepSpeed JSON path (default: %(default)s)")
+                   help="comma list of none, zero2 (shipped: a 5e8-element reduce bucket), zero2 with suffixes "
+                        "as in train_bench.py (-autobucket: HF's \"auto\" bucket, hidden_size² elements; "
+                        "-nooverlap; -nocheck), zero3, or a DeepSpeed JSON path (default: %(default)s)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--layers", type=int, default=8, help="decoder layers (12 parameter tensors each)")
     args = p.parse_args(argv)
 
@@ -37,7 +40,8 @@ def main(argv=None):
     from tiny import make_model, make_tokenizer
     from transformers import AutoModelForCausalLM, TrainerCallback
 
-    from distill.train import TrainConfig, load_deepspeed_config, train
+    from distill.train import TrainConfig, train
+    from train_workers import _zero2_variant
 
     torch.set_num_threads(1)
 
@@ -58,18 +62,19 @@ def main(argv=None):
     print("| setup | ms per step |\n|---|---:|")
     for name in args.configs.split(","):
         ds = name
-        if name == "zero2-autobucket":
-            cfg = load_deepspeed_config("zero2")
-            cfg["zero_optimization"]["reduce_bucket_size"] = "auto"
-            ds = str(work / "zero2-autobucket.json")
-            Path(ds).write_text(json.dumps(cfg))
+        if name.startswith("zero2-"):
+            levers = name.split("-")[1:]
+            if set(levers) - {"autobucket", "nooverlap", "nocheck"}:
+                raise SystemExit(f"unknown configuration {name}: zero2 takes -autobucket, -nooverlap, -nocheck")
+            ds = _zero2_variant(work, levers)
         times = StepTimes()
         out = work / f"out-{name.replace('/', '_')}"
         train(TrainConfig(model=str(work / "target"), data=str(work / "data.jsonl"), out=str(out), deepspeed=ds,
                           max_steps=60, batch_size=2, max_length=64, eval_fraction=0.0, save_steps=10_000,
-                          logging_steps=1_000, precision="fp32"), callbacks=[times])
+                          logging_steps=1_000, precision=args.precision), callbacks=[times])
         print(f"| distill train, deepspeed {name} | {(times.at[60] - times.at[20]) / 40 * 1e3:.1f} |", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(work / "target")
+    model = AutoModelForCausalLM.from_pretrained(work / "target", dtype=getattr(torch, {"fp32": "float32"}.get(
+        args.precision, "bfloat16")))
     opt = torch.optim.AdamW(model.parameters())
     ids = torch.randint(0, 100, (2, 40))
     for i in range(60):
