@@ -58,10 +58,13 @@ from train_workers import (H100_BF16_FLOPS, ROOT, _model_shape, flops_per_token,
 
 
 def run_worker(python, name, args, extra_env=None, timeout=600):
-    """One configuration in its own process; "NAME@B" runs NAME at batch B instead of --batch."""
-    worker, _, batch = name.partition("@")
+    """One configuration in its own process; "NAME@B" runs NAME at batch B instead of --batch, and
+    "NAME@BxA" accumulates gradients over A batches of B per optimizer step."""
+    worker, _, shape = name.partition("@")
+    batch, _, accum = shape.partition("x")
     cmd = [python, str(Path(__file__).resolve()), "--worker", worker, "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", batch or str(args.batch),
+           "--grad-accum", accum or "1",
            "--seq-len", str(args.seq_len), "--workdir", str(args.workdir)] + (["--grad-ckpt"] if args.grad_ckpt else []) \
         + (["--profile", str(Path(args.profile).resolve())] if getattr(args, "profile", None) else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -89,7 +92,8 @@ def main(argv=None):
     p.add_argument("--configs", default=None,
                    help="comma list; mfu: plain,zero2,zero3,fast,zero2-compile,zero2-autobucket,fast-packed,trainer "
                         "(suffix -flex: FlexAttention for packed rows); trl: "
-                        "none,zero2,trl. NAME@B runs NAME at batch B (e.g. fast@8 beside plain at --batch)")
+                        "none,zero2,trl. NAME@B runs NAME at batch B (e.g. fast@8 beside plain at --batch); "
+                        "NAME@BxA also accumulates gradients over A batches per optimizer step")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile, allocator)")
     p.add_argument("--batch", type=int, default=None, help="rows per step (default 4 on cuda, 8 on cpu)")
@@ -103,6 +107,7 @@ def main(argv=None):
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="mfu suite: after the timed steps, profile 2 more and write DIR/profile-CONFIG@BATCH.txt "
                         "(top kernels, and GPU busy time against wall time)")
+    p.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)  # set through NAME@BxA
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -171,7 +176,7 @@ def main(argv=None):
 def report(results, args, n_params=None):
     if args.suite == "mfu":
         shape = _model_shape(args.device)
-        print("\n| configuration | batch x seq | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|")
+        print("\n| configuration | batch x seq (x accumulation) | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|")
         for r in results:
             if "error" in r:
                 print(f"| {r['config']} | | error: {r['error'][:200]} | | |")
@@ -179,7 +184,8 @@ def report(results, args, n_params=None):
             fpt = flops_per_token(r["n_params"], shape["num_hidden_layers"], shape["hidden_size"], args.seq_len)
             r["mfu"] = r["tokens_per_s"] * fpt / H100_BF16_FLOPS
             peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
-            print(f"| {r['config']} | {r['batch']} x {args.seq_len} | {r['tokens_per_s']:,.0f} | "
+            accum = f" x {r['grad_accum']}" if r.get("grad_accum", 1) > 1 else ""
+            print(f"| {r['config']} | {r['batch']} x {args.seq_len}{accum} | {r['tokens_per_s']:,.0f} | "
                   f"{100 * r['mfu']:.1f}% | {peak} |")
         return
     print(f"\nCPU, {os.cpu_count()} cores, Qwen2 target of {n_params:,} parameters, batch {args.batch}, "

@@ -100,6 +100,10 @@ def _profiled(device, out_file):
     return ctx()
 
 
+def _label(args) -> str:
+    return f"{args.worker}@{args.batch}" + (f"x{args.grad_accum}" if args.grad_accum > 1 else "")
+
+
 def worker_manual(args):
     """plain / fast / fast-packed[-flex]: a hand loop, so the anchor has no framework overhead."""
     import torch
@@ -119,12 +123,13 @@ def worker_manual(args):
     docs = 4 if "packed" in levers else 1
 
     def step():
-        batch = _rows(args.batch, args.seq_len, model.config.vocab_size, docs, device, gen)
-        if fast:
-            loss = causal_lm_loss(model, batch)  # the chunk size `distill train` uses
-        else:
-            loss = model(**batch).loss
-        loss.backward()
+        for _ in range(args.grad_accum):
+            batch = _rows(args.batch, args.seq_len, model.config.vocab_size, docs, device, gen)
+            if fast:
+                loss = causal_lm_loss(model, batch)  # the chunk size `distill train` uses
+            else:
+                loss = model(**batch).loss
+            (loss / args.grad_accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -138,13 +143,13 @@ def worker_manual(args):
         loss = step()
     _sync(device)
     elapsed = time.perf_counter() - t0
-    tokens = args.steps * args.batch * args.seq_len
+    tokens = args.steps * args.grad_accum * args.batch * args.seq_len
     if args.profile:
-        with _profiled(device, Path(args.profile) / f"profile-{args.worker}@{args.batch}.txt"):
+        with _profiled(device, Path(args.profile) / f"profile-{_label(args)}.txt"):
             for _ in range(2):
                 step()
     _result(config=args.worker, tokens_per_s=tokens / elapsed, n_params=n_params, loss=float(loss),
-            peak_gib=_peak(device), batch=args.batch)
+            peak_gib=_peak(device), batch=args.batch, grad_accum=args.grad_accum)
 
 
 def worker_distill(args):
@@ -162,18 +167,19 @@ def worker_distill(args):
         if args.device == "cuda":
             torch.cuda.empty_cache()
         _tokenizer(chatml=True).save_pretrained(tmp / "target")
-        total_rows = (args.warmup + args.steps) * args.batch * 4 + 8
+        total_rows = (args.warmup + args.steps + 2) * args.grad_accum * args.batch * 4 + 8
         _write_rows(tmp / "data.jsonl", total_rows, words=args.seq_len // 4 - 24)
         timer = _timer_callback(args.warmup, args.device, stop_at=args.warmup + args.steps)
         extra = [_profile_callback(args.warmup + args.steps, args.device,
-                                   Path(args.profile) / f"profile-{args.worker}@{args.batch}.txt")] if args.profile else []
+                                   Path(args.profile) / f"profile-{_label(args)}.txt")] if args.profile else []
         base, *levers = args.worker.split("-")
         deepspeed = "none" if base == "trainer" else base
         if {"autobucket", "nooverlap", "nocheck"} & set(levers):
             deepspeed = _zero2_variant(tmp, levers)
         cfg = TrainConfig(model=str(tmp / "target"), data=str(tmp / "data.jsonl"), out=str(tmp / "out"),
                           deepspeed=deepspeed, max_steps=args.warmup + args.steps + (2 if args.profile else 0), lr=1e-4,
-                          batch_size=args.batch, max_length=args.seq_len, packing=True, eval_fraction=0.0,
+                          batch_size=args.batch, grad_accum=args.grad_accum, max_length=args.seq_len,
+                          packing=True, eval_fraction=0.0,
                           logging_steps=1000, save_steps=100000, warmup_ratio=0.0, lr_scheduler="constant",
                           precision="bf16" if args.device == "cuda" else "fp32",
                           fused_loss=base in ("zero2", "trainer"), compile_layers="compile" in levers,
@@ -182,7 +188,7 @@ def worker_distill(args):
         train(cfg, callbacks=[timer] + extra)
     elapsed, tokens = timer.elapsed(), timer.tokens
     _result(config=args.worker, tokens_per_s=tokens / elapsed, n_params=n_params, peak_gib=timer.peak,
-            batch=args.batch)
+            batch=args.batch, grad_accum=args.grad_accum)
 
 
 def _zero2_variant(tmp: Path, levers) -> str:
