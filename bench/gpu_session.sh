@@ -2,7 +2,7 @@
 # The GPU measurements issues 4 and 5 still need. The session's device budget (15 min, each start
 # included) fits one full call and maybe a short second one, so:
 #   bash bench/gpu_session.sh main     # under 10 min (one call, timeout_s 600): what the goals need
-#   bash bench/gpu_session.sh extra    # about 6 min, if the budget still allows a start
+#   bash bench/gpu_session.sh extra    # about 7 min, if the budget still allows a start
 # Each part has its own time budgets and writes its results as it goes.
 #
 #   wheels first, in the project venv (the GPU image has no deepspeed/datasets/evaluate):
@@ -24,14 +24,14 @@
 #    since with it on ZeRO-2 synchronises the device after every backward, and the bf16 overflow
 #    check off: ~680 small reductions and a host read-back per step), first with 4 batches
 #    accumulated per optimizer step (so the step's fixed cost is paid once per 64k tokens), then
-#    without; compiled ZeRO-2 as shipped (30.7 % MFU on an H100); and the hand loop on packed rows
-#    with FlexAttention, so that the gap to the hand loop (45.9 %) splits into DeepSpeed +
-#    Trainer against attention over packed rows.
+#    without; compiled ZeRO-2 as shipped (30.7 % MFU on an H100); and the issue's anchor (`plain`,
+#    batch 4), which the goal wants in the same run.
 # extra:
 # 4. decoding: the synthesis workload (512 rows, lengths up to 800) with SDPA against FlexAttention
 #    decode, where reading only live cache blocks should pay most;
-# 5. training: the levers of 3 one at a time (FlexAttention; the DeepSpeed trims), and the hand
-#    loop on packed rows with SDPA.
+# 5. training: the hand loop on packed rows with FlexAttention and with SDPA, so that the gap to
+#    the hand loop (45.9 %) splits into DeepSpeed + Trainer against attention over packed rows;
+#    then the levers of 3 one at a time (FlexAttention; the DeepSpeed trims).
 set -uo pipefail
 PART=${1:-main}
 case "$PART" in main|extra) ;; *) echo "usage: bash bench/gpu_session.sh main|extra" >&2; exit 2 ;; esac
@@ -57,7 +57,7 @@ timeout 170 python3 bench/decoding_bench.py --device cuda --budget-s 160 --json 
     | tee "$OUT/decoding.txt" | grep -E "^\||fast engine|compile"
 stamp train
 timeout 330 python3 bench/train_bench.py --device cuda --steps 12 --budget-s 320 \
-    --configs zero2-compile-flex-nooverlap-nocheck@8x4,zero2-compile-flex-nooverlap-nocheck@8,zero2-compile@8,fast-packed-flex@8 \
+    --configs zero2-compile-flex-nooverlap-nocheck@8x4,zero2-compile-flex-nooverlap-nocheck@8,zero2-compile@8,plain \
     --profile "$W/train_profiles" --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
     | grep -E "^\||^  [a-z0-9@-]+: "
 cat "$W"/train_profiles/*.txt > "$OUT/train_profiles.txt" 2>/dev/null
@@ -67,8 +67,8 @@ timeout 110 python3 bench/decoding_bench.py --device cuda --workload mixed --bat
     --mean-length 200 --skip-hf --decode-attention sdpa,flex --refill-mins auto --budget-s 100 \
     --json "$W/decoding_mixed.json" 2>&1 | tee "$OUT/decoding_mixed.txt" | grep -E "^\||mixed"
 stamp train
-timeout 230 python3 bench/train_bench.py --device cuda --steps 12 --budget-s 220 \
-    --configs zero2-compile-flex@8,zero2-compile-nooverlap-nocheck@8,fast-packed@8 \
+timeout 270 python3 bench/train_bench.py --device cuda --steps 12 --budget-s 260 \
+    --configs fast-packed-flex@8,fast-packed@8,zero2-compile-flex@8,zero2-compile-nooverlap-nocheck@8 \
     --json "$W/train_gpu_extra.json" 2>&1 | tee "$OUT/train_extra.txt" | grep -E "^\||^  [a-z0-9@-]+: "
 fi
 stamp done
