@@ -60,7 +60,8 @@ timeout 330 python3 bench/train_bench.py --device cuda --steps 12 --budget-s 320
     --configs zero2-compile-flex-nooverlap-nocheck@8x4,zero2-compile-flex-nooverlap-nocheck@8,zero2-compile@8,plain \
     --profile "$W/train_profiles" --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
     | grep -E "^\||^  [a-z0-9@-]+: "
-cat "$W"/train_profiles/*.txt > "$OUT/train_profiles.txt" 2>/dev/null
+for f in "$W"/train_profiles/*.txt; do [ -f "$f" ] && { echo "== $(basename "$f")"; cat "$f"; }; done \
+    > "$OUT/train_profiles.txt"
 else  # extra
 stamp mixed
 timeout 110 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 512 \
