@@ -5,8 +5,9 @@ up to one shared width: the longest live row's length, rounded up to a bucket. I
 with long, uneven responses that width sits near max_new_tokens while most rows are far shorter,
 and at batch 128 a Mistral-7B pair's caches cost ~34 MB per column: at 2,048 columns, more bytes
 per step than the two models' weights. FlexAttention's block-sparse kernels skip the cache blocks
-past each row's length instead: the block mask lists, per row, the blocks 0..length // BLOCK, and
-a mask_mod masks the columns past the length (and outside a sliding window) inside the last one.
+past each row's length instead: the block mask lists, per row, the blocks from the first one a
+sliding window still sees (0 without a window) to length // BLOCK, and a mask_mod masks the
+columns outside that range inside the first and the last block.
 
 Everything here is device tensors, built once per step inside the engine's CUDA graph, so one
 graph serves every length (no per-width graphs). DecodingConfig.decode_attention picks it: by
@@ -50,10 +51,9 @@ class FlexDecodeAttention:
 
         if capacity % BLOCK:
             raise ValueError(f"capacity {capacity} must be a multiple of {BLOCK}")
-        self.lengths, self.capacity, self.blocks = lengths, capacity, capacity // BLOCK
-        batch = lengths.shape[0]
-        self.kv_indices = torch.arange(self.blocks, dtype=torch.int32, device=lengths.device)
-        self.kv_indices = self.kv_indices.expand(batch, 1, 1, self.blocks).contiguous()
+        self.lengths, self.capacity, self.blocks, self.window = lengths, capacity, capacity // BLOCK, window
+        self.block_ids = torch.arange(self.blocks, dtype=torch.int32, device=lengths.device)
+        self.all_blocks = self.block_ids.expand(lengths.shape[0], -1).contiguous()  # no window: every row
 
         def mask_mod(b, h, q_idx, kv_idx):
             visible = kv_idx <= lengths[b]
@@ -71,8 +71,16 @@ class FlexDecodeAttention:
 
     def update(self) -> None:
         """The block mask for the current lengths (call once per step, before the layers)."""
-        live = (torch.div(self.lengths, BLOCK, rounding_mode="floor") + 1).clamp_(max=self.blocks)
-        self.block_mask = self._from_kv_blocks(live.to(torch.int32)[:, None, None], self.kv_indices,
+        last = torch.div(self.lengths, BLOCK, rounding_mode="floor").clamp_(max=self.blocks - 1)
+        if self.window is None:  # blocks 0..last: the same index list every step
+            count, indices = last + 1, self.all_blocks
+        else:  # from the block of the first column the window sees (length - window + 1)
+            first = torch.div((self.lengths - self.window + 1).clamp_(min=0), BLOCK, rounding_mode="floor")
+            first = torch.minimum(first, last)
+            count = last - first + 1
+            # row b lists blocks first[b], first[b] + 1, ...; the entries past count[b] are never read
+            indices = (first[:, None].to(torch.int32) + self.block_ids).clamp_(max=self.blocks - 1)
+        self.block_mask = self._from_kv_blocks(count.to(torch.int32)[:, None, None], indices[:, None, None, :],
                                                BLOCK_SIZE=BLOCK, mask_mod=self.mask_mod,
                                                seq_lengths=(1, self.capacity), **self._extra)
 

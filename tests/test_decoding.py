@@ -503,3 +503,19 @@ def test_flex_that_does_not_compile_falls_back_to_sdpa_only_when_chosen_by_auto(
         assert "using SDPA decode attention instead" in caplog.text
     else:  # asked for flex by name: it stays (eager flex, correct and slow), as the compile warning says
         assert pair.flex is not None and "using SDPA" not in caplog.text
+
+
+@pytest.mark.parametrize("window", [None, 20, 300])
+def test_flex_decode_block_mask_lists_exactly_the_visible_blocks(window):
+    # Row b sees columns max(0, length - window + 1) .. length: the mask must list every block
+    # that holds one of them (or the scores change) and no other (or the row reads needless cache).
+    from distill.flex_decode import BLOCK, FlexDecodeAttention
+
+    lengths = torch.tensor([0, 5, 127, 128, 147, 148, 300, 511])
+    flex = FlexDecodeAttention(lengths, 512, window)
+    counts = flex.block_mask.kv_num_blocks[:, 0, 0].tolist()
+    listed = flex.block_mask.kv_indices[:, 0, 0, :].tolist()
+    for b, length in enumerate(lengths.tolist()):
+        first = max(0, length - window + 1) if window else 0
+        want = sorted({col // BLOCK for col in range(first, length + 1)})
+        assert listed[b][:counts[b]] == want, (length, window)
