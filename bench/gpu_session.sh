@@ -25,7 +25,8 @@
 #    check off: ~680 small reductions and a host read-back per step), first with 4 batches
 #    accumulated per optimizer step (so the step's fixed cost is paid once per 64k tokens), then
 #    without; compiled ZeRO-2 as shipped (30.7 % MFU on an H100); and the issue's anchor (`plain`,
-#    batch 4), which the goal wants in the same run.
+#    batch 4), which the goal wants in the same run. Last, only if the budget is left (so, if the
+#    FlexAttention lines failed fast): every lever but FlexAttention, at 8x4.
 # extra:
 # 4. decoding: the synthesis workload (512 rows, lengths up to 800) with SDPA against FlexAttention
 #    decode, where reading only live cache blocks should pay most;
@@ -57,7 +58,7 @@ timeout 170 python3 bench/decoding_bench.py --device cuda --budget-s 160 --json 
     | tee "$OUT/decoding.txt" | grep -E "^\||fast engine|compile"
 stamp train
 timeout 330 python3 bench/train_bench.py --device cuda --steps 12 --budget-s 320 \
-    --configs zero2-compile-flex-nooverlap-nocheck@8x4,zero2-compile-flex-nooverlap-nocheck@8,zero2-compile@8,plain \
+    --configs zero2-compile-flex-nooverlap-nocheck@8x4,zero2-compile-flex-nooverlap-nocheck@8,zero2-compile@8,plain,zero2-compile-nooverlap-nocheck@8x4 \
     --profile "$W/train_profiles" --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
     | grep -E "^\||^  [a-z0-9@-]+: "
 for f in "$W"/train_profiles/*.txt; do [ -f "$f" ] && { echo "== $(basename "$f")"; cat "$f"; }; done \
