@@ -82,6 +82,7 @@ def test_packed_rows_train_alike_with_flex_attention_and_sdpa_on_gpu():
     for attn in ("sdpa", "flex_attention"):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).cuda().train()
+        assert model.config._attn_implementation == attn  # no silent fallback to the other kernel
         loss = causal_lm_loss(model, {"input_ids": ids, "labels": labels, "position_ids": positions})
         loss.backward()
         results[attn] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
