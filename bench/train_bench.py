@@ -179,7 +179,7 @@ def report(results, args, n_params=None):
         print("\n| configuration | batch x seq (x accumulation) | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|")
         for r in results:
             if "error" in r:
-                print(f"| {r['config']} | | error: {r['error'][:200]} | | |")
+                print(f"| {r['config']} | | error: {r['error'][-200:]} | | |")
                 continue
             fpt = flops_per_token(r["n_params"], shape["num_hidden_layers"], shape["hidden_size"], args.seq_len)
             r["mfu"] = r["tokens_per_s"] * fpt / H100_BF16_FLOPS
@@ -194,7 +194,7 @@ def report(results, args, n_params=None):
     ref = next((r["losses"] for r in results if "losses" in r), None)
     for r in results:
         if "error" in r:
-            print(f"| {r['config']} | error: {r['error'][:300]} | | | |")
+            print(f"| {r['config']} | error: {r['error'][-300:]} | | | |")
             continue
         ls = r["losses"]
         diff = sum(abs(a - b) for a, b in zip(ls, ref)) / max(1, min(len(ls), len(ref)))
