@@ -50,8 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from train_workers import (H100_BF16_FLOPS, ROOT, _model_shape, flops_per_token, prepare_cpu, worker_cpu_distill,
-                           worker_cpu_trl, worker_distill, worker_manual)
+from train_workers import (H100_BF16_FLOPS, ROOT, ZERO2_LEVERS, _model_shape, flops_per_token, prepare_cpu,
+                           worker_cpu_distill, worker_cpu_trl, worker_distill, worker_manual)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -125,8 +125,7 @@ def main(argv=None):
             return worker_cpu_distill(args)
         base, *levers = args.worker.split("-")
         if base in ("zero2", "zero3", "trainer"):
-            zero2_only = {"autobucket", "nooverlap", "nocheck"}
-            if set(levers) - {"compile", "flex"} - zero2_only or (zero2_only & set(levers) and base != "zero2"):
+            if set(levers) - {"compile", "flex"} - ZERO2_LEVERS or (ZERO2_LEVERS & set(levers) and base != "zero2"):
                 raise SystemExit(f"unknown configuration {args.worker}: the suffixes are -compile, -flex, and "
                                  "for zero2 -autobucket, -nooverlap and -nocheck")
             return worker_distill(args)

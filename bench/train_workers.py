@@ -2,7 +2,7 @@
 `python bench/train_bench.py --worker NAME ...`, and prints one `RESULT {json}` line.
 
 GPU (the mfu suite): the hand loop (plain, fast, fast-packed[-flex]) and `distill.train.train`
-(zero2, zero3, trainer, with -compile, -flex, -autobucket, -nooverlap). CPU (the trl suite):
+(zero2, zero3, trainer, with -compile, -flex, and for zero2 the ZERO2_LEVERS). CPU (the trl suite):
 `distill train` and TRL's SFTTrainer on the same small target and rows.
 """
 
@@ -174,7 +174,7 @@ def worker_distill(args):
                                    Path(args.profile) / f"profile-{_label(args)}.txt")] if args.profile else []
         base, *levers = args.worker.split("-")
         deepspeed = "none" if base == "trainer" else base
-        if {"autobucket", "nooverlap", "nocheck"} & set(levers):
+        if ZERO2_LEVERS & set(levers):
             deepspeed = _zero2_variant(tmp, levers)
         cfg = TrainConfig(model=str(tmp / "target"), data=str(tmp / "data.jsonl"), out=str(tmp / "out"),
                           deepspeed=deepspeed, max_steps=args.warmup + args.steps + (2 if args.profile else 0), lr=1e-4,
@@ -189,6 +189,9 @@ def worker_distill(args):
     elapsed, tokens = timer.elapsed(), timer.tokens
     _result(config=args.worker, tokens_per_s=tokens / elapsed, n_params=n_params, peak_gib=timer.peak,
             batch=args.batch, grad_accum=args.grad_accum)
+
+
+ZERO2_LEVERS = frozenset({"autobucket", "nooverlap", "nocheck"})  # suffixes that change zero2's DeepSpeed config
 
 
 def _zero2_variant(tmp: Path, levers) -> str:
@@ -210,7 +213,7 @@ def _zero2_variant(tmp: Path, levers) -> str:
         cfg["zero_optimization"]["overlap_comm"] = False
     if "nocheck" in levers:
         cfg["bf16"]["check_grad_overflow"] = False
-    path = tmp / f"zero2-{'-'.join(sorted(set(levers) & {'autobucket', 'nooverlap', 'nocheck'}))}.json"
+    path = tmp / f"zero2-{'-'.join(sorted(ZERO2_LEVERS & set(levers)))}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
 

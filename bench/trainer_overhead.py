@@ -41,7 +41,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     from distill.train import TrainConfig, train
-    from train_workers import _zero2_variant
+    from train_workers import ZERO2_LEVERS, _zero2_variant
 
     torch.set_num_threads(1)
 
@@ -64,8 +64,8 @@ def main(argv=None):
         ds = name
         if name.startswith("zero2-"):
             levers = name.split("-")[1:]
-            if set(levers) - {"autobucket", "nooverlap", "nocheck"}:
-                raise SystemExit(f"unknown configuration {name}: zero2 takes -autobucket, -nooverlap, -nocheck")
+            if set(levers) - ZERO2_LEVERS:
+                raise SystemExit(f"unknown configuration {name}: zero2 takes -{', -'.join(sorted(ZERO2_LEVERS))}")
             ds = _zero2_variant(work, levers)
         times = StepTimes()
         out = work / f"out-{name.replace('/', '_')}"
