@@ -360,10 +360,13 @@ def main():
                         pad_token_id=0)
     run_ours(expert, amateur, 2, argparse.Namespace(**{**vars(args), "new_tokens": 4}), args.engines[0], 1.0)
 
-    attentions = [("flex" if cuda else "sdpa") if a == "auto" else a for a in args.decode_attention.split(",")]
+    def levers(attention):  # as the engine resolves them
+        return DecodingConfig(decode_attention=attention, compile_layers=args.compile_layers).levers_on(cuda)
+
+    attentions = [levers(a)[0] for a in args.decode_attention.split(",")]
 
     def label(engine, attention):
-        compiled = args.compile_layers if args.compile_layers is not None else cuda
+        compiled = levers(attention)[1]
         return engine + (", flex" if attention == "flex" else "") + (", compiled layers" if compiled and engine == "fast" else "")
 
     if args.workload == "mixed":

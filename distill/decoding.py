@@ -179,6 +179,11 @@ class DecodingConfig:
     # compile). "auto": flex on a GPU, falling back to sdpa if its compile fails; sdpa on CPU.
     decode_attention: str = "auto"
 
+    def levers_on(self, gpu: bool) -> tuple[str, bool]:
+        """The fast engine's decode attention and layer compile, with "auto" / None resolved."""
+        attention = ("flex" if gpu else "sdpa") if self.decode_attention == "auto" else self.decode_attention
+        return attention, gpu if self.compile_layers is None else self.compile_layers
+
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise DistillError(f"alpha must be in [0, 1], got {self.alpha}")
@@ -254,9 +259,7 @@ class ContrastiveDecoder:
                 raise DistillError(f"the fast engine cannot run this model: {reasons[0]}; use engine=eager")
             if not reasons:
                 gpu = self.device.type == "cuda"
-                attention = self.config.decode_attention
-                attention = ("flex" if gpu else "sdpa") if attention == "auto" else attention
-                compiled = gpu if self.config.compile_layers is None else self.config.compile_layers
+                attention, compiled = self.config.levers_on(gpu)
                 if gpu:
                     columns = FastPair.aligned_capacity(capacity, attention)
                     fit = FastPair.rows_that_fit(self.models, columns)
