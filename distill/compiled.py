@@ -1,4 +1,4 @@
-"""torch.compile for the decode engine's speed levers, with the eager function as the fallback.
+"""torch.compile for the speed levers (decode layers, the fused loss), with the eager function as the fallback.
 
 A compile can fail where the eager code runs: no C++ compiler, an Inductor limitation on some
 platform, or dynamo's recompile limit (8 shapes per function; each new batch size or cache
@@ -17,11 +17,14 @@ log = logging.getLogger(__name__)
 
 
 class CompiledOrEager:
-    """Call `fn` through torch.compile(fullgraph, static shapes) until a compile fails, then eagerly."""
+    """Call `fn` through torch.compile(fullgraph) until a compile fails, then eagerly.
 
-    def __init__(self, fn, what: str):
+    Static shapes by default; `dynamic=True` for a function whose input sizes change call to call
+    (one compile with symbolic sizes instead of one per size)."""
+
+    def __init__(self, fn, what: str, dynamic: bool = False):
         self.fn, self.what = fn, what
-        self.compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+        self.compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
         self.failed = False
 
     def __call__(self, *args, **kwargs):

@@ -9,20 +9,53 @@ backward only scales the stored gradients, so peak extra memory is one chunk of 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
 import torch
+
+from distill.compiled import CompiledOrEager
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
 
+def chunk_loss_and_grad(logits, labels):
+    """One chunk: the sum of CE over its rows and d(sum)/d(logits) = softmax - onehot, in the
+    logits' dtype. Written for Inductor, which fuses it into one pass over the chunk (the one-hot
+    as a `where`, not a scatter, so no fp32 copy of the chunk is ever written)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = (lse - x.gather(1, labels[:, None]).squeeze(1)).sum()
+    p = torch.exp(x - lse[:, None])
+    hit = torch.arange(x.shape[1], device=x.device) == labels[:, None]
+    return loss, torch.where(hit, p - 1, p).to(logits.dtype)
+
+
+def _chunk_loss_and_grad_inplace(logits, labels):
+    # The same maths eagerly and in place: every op is a pass over an fp32 chunk anyway, and in
+    # place it holds two such chunks fewer than `chunk_loss_and_grad` would.
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = (lse - x.gather(1, labels[:, None]).squeeze(1)).sum()
+    grad = x.sub_(lse[:, None]).exp_()
+    grad[torch.arange(len(labels), device=labels.device), labels] -= 1
+    return loss, grad.to(logits.dtype)
+
+
+@functools.cache
+def _compiled_chunk_loss_and_grad():
+    # dynamic: a chunk's row count changes from batch to batch (the last chunk, the prompt tokens)
+    return CompiledOrEager(chunk_loss_and_grad, "the fused loss's chunk", dynamic=True)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, num_items, chunk_size):
+    def forward(ctx, hidden, weight, labels, num_items, chunk_size, compiled):
         # hidden [N, d] (already shifted), weight [V, d], labels [N]; loss = sum(CE) / num_items
+        loss_and_grad = _compiled_chunk_loss_and_grad() if compiled else _chunk_loss_and_grad_inplace
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -31,13 +64,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows.shape[0], chunk_size):
             idx = rows[start: start + chunk_size]
             h, y = hidden[idx], labels[idx]
-            logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            # d(CE)/d(logits) = softmax - onehot; the softmax in place, from the logsumexp
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(len(y), device=y.device), y] -= 1
-            grad = grad.to(hidden.dtype)
+            loss, grad = loss_and_grad(h @ weight.t(), y)
+            total += loss
             grad_hidden[idx] = grad @ weight
             if grad_weight is not None:
                 grad_weight += (grad.t() @ h).float()
@@ -52,11 +80,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         factor = grad_out * ctx.scale
         gh = grad_hidden * factor.to(grad_hidden.dtype)
         gw = (grad_weight * factor).to(grad_hidden.dtype) if ctx.has_wgrad else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, labels, num_items=None, chunk_size: int = 2048):
-    """sum(CE(hidden @ weight.T, labels)) / num_items (default: count of labels != -100)."""
+def linear_cross_entropy(hidden, weight, labels, num_items=None, chunk_size: int = 2048,
+                         compiled: bool | None = None):
+    """sum(CE(hidden @ weight.T, labels)) / num_items (default: count of labels != -100).
+
+    compiled: each chunk's softmax and gradient as torch.compile'd kernels instead of about ten
+    eager passes over fp32 copies of the chunk; default: on CUDA, where those passes took about a
+    tenth of a training step (BENCHMARKS.md)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     if num_items is None:
@@ -69,7 +102,9 @@ def linear_cross_entropy(hidden, weight, labels, num_items=None, chunk_size: int
         # (fp32 master weights, as the Trainer without DeepSpeed keeps them, would mix the two).
         dtype = torch.get_autocast_dtype(device)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, max(num_items, 1.0), chunk_size)
+    if compiled is None:
+        compiled = hidden.is_cuda
+    return _LinearCrossEntropy.apply(hidden, weight, labels, max(num_items, 1.0), chunk_size, compiled)
 
 
 def causal_lm_loss(model, inputs: dict, num_items_in_batch=None, chunk_size: int = 2048, inner=None):

@@ -62,6 +62,40 @@ def test_the_forward_makes_no_full_logits():
     assert shapes == [(2, 1, 120)]
 
 
+def _loss_and_grads(hidden, weight, labels, chunk_size, compiled):
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_size=chunk_size, compiled=compiled)
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_chunk_matches_the_eager_one_and_compiles_once(dtype):
+    # The GPU default (compiled=None is compiled on CUDA) checked on CPU: same loss and gradients
+    # as the eager in-place chunk, for chunks of several row counts (full, last, another batch's),
+    # from one compile with a symbolic row count, not one per size and not a fallback to eager.
+    from torch._dynamo.utils import counters
+
+    from distill.train_fused import _compiled_chunk_loss_and_grad
+
+    torch._dynamo.reset()
+    _compiled_chunk_loss_and_grad.cache_clear()
+    graphs = counters["stats"]["unique_graphs"]
+    torch.manual_seed(4)
+    weight = torch.randn(300, 16).to(dtype)
+    for rows in (37, 29):  # chunks of 16, 16, 5 rows, then 16, 13
+        hidden = torch.randn(rows, 16).to(dtype)
+        labels = torch.randint(0, 300, (rows,))
+        labels[:3] = -100
+        compiled = _loss_and_grads(hidden, weight, labels, chunk_size=16, compiled=True)
+        eager = _loss_and_grads(hidden, weight, labels, chunk_size=16, compiled=False)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-2)
+        for got, want in zip(compiled, eager):
+            torch.testing.assert_close(got, want, **tol)
+    assert not _compiled_chunk_loss_and_grad().failed
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+
+
 @pytest.mark.gpu
 def test_packed_rows_train_alike_with_flex_attention_and_sdpa_on_gpu():
     # The `-flex` lever of bench/train_bench.py: transformers turns restarting position ids into a
@@ -89,3 +123,17 @@ def test_packed_rows_train_alike_with_flex_attention_and_sdpa_on_gpu():
     torch.testing.assert_close(results["flex_attention"][0], results["sdpa"][0], atol=1e-5, rtol=1e-5)
     for name, grad in results["sdpa"][1].items():
         torch.testing.assert_close(results["flex_attention"][1][name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.gpu
+def test_the_compiled_chunk_matches_the_eager_one_on_gpu():
+    # What --fused-loss runs on a GPU by default (Triton kernels there, C++ on the CPU twin above).
+    torch.manual_seed(5)
+    hidden = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16) * 0.1
+    labels = torch.randint(0, 1000, (300,), device="cuda")
+    labels[:40] = -100
+    compiled = _loss_and_grads(hidden, weight, labels, chunk_size=128, compiled=None)
+    eager = _loss_and_grads(hidden, weight, labels, chunk_size=128, compiled=False)
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-2)
