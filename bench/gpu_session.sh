@@ -27,6 +27,9 @@
 #    without; compiled ZeRO-2 as shipped (30.7 % MFU on an H100); and the issue's anchor (`plain`,
 #    batch 4), which the goal wants in the same run. Last, only if the budget is left (so, if the
 #    FlexAttention lines failed fast): every lever but FlexAttention, at 8x4.
+#    Each row has its timed steps' seconds, and a note when torch.compile compiled while timed or
+#    one step took > 3x the median; each worker's whole output, with TORCH_LOGS=recompiles (a
+#    few lines per recompile, with the guard that failed), is in json-main.tgz as worker-CONFIG.log.
 # extra:
 # 4. decoding: the synthesis workload (512 rows, lengths up to 800) with SDPA against FlexAttention
 #    decode, where reading only live cache blocks should pay most;
@@ -57,7 +60,7 @@ stamp decoding
 timeout 170 python3 bench/decoding_bench.py --device cuda --budget-s 160 --json "$W/decoding.json" 2>&1 \
     | tee "$OUT/decoding.txt" | grep -E "^\||fast engine|compile"
 stamp train
-timeout 330 python3 bench/train_bench.py --device cuda --steps 12 --budget-s 320 \
+TORCH_LOGS=recompiles timeout 330 python3 bench/train_bench.py --device cuda --steps 12 --budget-s 320 \
     --configs zero2-compile-flex-nooverlap-nocheck@8x4,zero2-compile-flex-nooverlap-nocheck@8,zero2-compile@8,plain,zero2-compile-nooverlap-nocheck@8x4 \
     --profile "$W/train_profiles" --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" \
     | grep -E "^\||^  [a-z0-9@-]+: "
@@ -69,7 +72,7 @@ timeout 110 python3 bench/decoding_bench.py --device cuda --workload mixed --bat
     --mean-length 200 --skip-hf --decode-attention sdpa,flex --refill-mins auto --budget-s 100 \
     --json "$W/decoding_mixed.json" 2>&1 | tee "$OUT/decoding_mixed.txt" | grep -E "^\||mixed"
 stamp train
-timeout 270 python3 bench/train_bench.py --device cuda --steps 12 --budget-s 260 \
+TORCH_LOGS=recompiles timeout 270 python3 bench/train_bench.py --device cuda --steps 12 --budget-s 260 \
     --configs fast-packed-flex@8,fast-packed@8,zero2-compile-flex@8,zero2-compile-nooverlap-nocheck@8 \
     --json "$W/train_gpu_extra.json" 2>&1 | tee "$OUT/train_extra.txt" | grep -E "^\||^  [a-z0-9@-]+: "
 fi

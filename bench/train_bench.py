@@ -36,7 +36,10 @@ CPU (here):
   `distill train` (no DeepSpeed and ZeRO-2) and TRL's SFTTrainer (assistant-only loss);
   tokens/s and the loss curves.
 
-Prints a Markdown table; --json writes every number.
+Prints a Markdown table: tokens/s over the timed steps, tokens/s at the median step, and a note
+when torch.compile compiled while the clock ran or one step took > 3x the median one. --json
+writes every number (each timed step's seconds too) and, beside it, each worker's whole output as
+worker-CONFIG.log (run with TORCH_LOGS=recompiles to see why a layer recompiled).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,9 +61,10 @@ from train_workers import (H100_BF16_FLOPS, ROOT, ZERO2_LEVERS, _model_shape, fl
 # ----------------------------------------------------------------------------- driver
 
 
-def run_worker(python, name, args, extra_env=None, timeout=600):
+def run_worker(python, name, args, extra_env=None, timeout=600, log=None):
     """One configuration in its own process; "NAME@B" runs NAME at batch B instead of --batch, and
-    "NAME@BxA" accumulates gradients over A batches of B per optimizer step."""
+    "NAME@BxA" accumulates gradients over A batches of B per optimizer step. `log`: a file for the
+    worker's whole output (its stderr has the compile and recompile logs)."""
     worker, _, shape = name.partition("@")
     batch, _, accum = shape.partition("x")
     cmd = [python, str(Path(__file__).resolve()), "--worker", worker, "--device", args.device,
@@ -72,15 +77,43 @@ def run_worker(python, name, args, extra_env=None, timeout=600):
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"config": name, "error": f"timed out after {timeout} s"}
-    for line in proc.stdout.splitlines():
+        out, err = proc.stdout, proc.stderr
+        failed = f"worker exited with status {proc.returncode}" if proc.returncode else None
+    except subprocess.TimeoutExpired as e:
+        out, err = _text(e.stdout), _text(e.stderr)
+        failed = f"stopped by timeout ({timeout:.0f} s)"
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        Path(log).write_text(f"$ {' '.join(cmd)}\n== stdout\n{out}\n== stderr\n{err}")
+    res = last_result(out)
+    if res is None:
+        tail = (out + err).strip().splitlines()[-6:]
+        return {"config": name, "error": " | ".join(([failed] if failed else []) + tail)[-600:]}
+    res["config"], res["wall_s"] = name, time.perf_counter() - t0
+    if failed:  # the worker prints its numbers as soon as its clock stops, before the final save
+        res["note"] = f"{failed} after the measurement"
+    return res
+
+
+def last_result(stdout: str):
+    """The worker's last `RESULT {json}` line, or None."""
+    for line in reversed(stdout.splitlines()):
         if line.startswith("RESULT "):
-            res = json.loads(line[len("RESULT "):])
-            res["config"], res["wall_s"] = name, time.perf_counter() - t0
-            return res
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-6:]
-    return {"config": name, "error": " | ".join(tail)[-600:]}
+            return json.loads(line[len("RESULT "):])
+    return None
+
+
+def _text(output) -> str:
+    # TimeoutExpired holds the output read so far as bytes even under text=True (POSIX), or None
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def _log_path(args, name, round_=None):
+    """Next to --json, one file per worker run; None without --json."""
+    if not args.json:
+        return None
+    suffix = f"-round{round_ + 1}" if round_ is not None and args.repeats > 1 else ""
+    return Path(args.json).resolve().parent / f"worker-{name.replace(':', '-')}{suffix}.log"
 
 
 def main(argv=None):
@@ -145,19 +178,21 @@ def main(argv=None):
                 if left < 30:
                     results.append({"config": name, "error": f"skipped: --budget-s {args.budget_s} used up"})
                     continue
-                results.append(run_worker(sys.executable, name, args, timeout=min(240, left)))
+                results.append(run_worker(sys.executable, name, args, timeout=min(240, left),
+                                          log=_log_path(args, name)))
                 print(f"  {name}: {results[-1]}", file=sys.stderr, flush=True)
         else:
             n_params = prepare_cpu(Path(work))
             names = (args.configs or "none,zero2,trl").split(",")
             runs = {name: [] for name in names}
-            for _ in range(args.repeats):  # interleaved rounds: a shared machine's load hits all alike
+            for round_ in range(args.repeats):  # interleaved rounds: a shared machine's load hits all alike
                 for name in names:
                     python = args.trl_python if name == "trl" else sys.executable
                     if name == "trl" and not Path(python).exists():
                         runs[name].append({"config": "trl", "error": f"{python} not found (make the TRL venv)"})
                         continue
-                    runs[name].append(run_worker(python, f"cpu:{name}", args, {"OMP_NUM_THREADS": "2"}))
+                    runs[name].append(run_worker(python, f"cpu:{name}", args, {"OMP_NUM_THREADS": "2"},
+                                                 log=_log_path(args, f"cpu:{name}", round_)))
                     print(f"  {name}: {runs[name][-1].get('tokens_per_s', runs[name][-1].get('error'))}",
                           file=sys.stderr)
             for name in names:
@@ -165,8 +200,9 @@ def main(argv=None):
                 if not ok:
                     results.append(runs[name][0])
                     continue
-                speeds = sorted(r["tokens_per_s"] for r in ok)
-                results.append(dict(ok[0], tokens_per_s=speeds[len(speeds) // 2], all_tokens_per_s=speeds))
+                ok.sort(key=lambda r: r["tokens_per_s"])
+                # the median run whole, so that its step times and compile counts go with its speed
+                results.append(dict(ok[len(ok) // 2], all_tokens_per_s=[r["tokens_per_s"] for r in ok]))
     report(results, args, n_params=None if gpu else n_params)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
@@ -175,17 +211,18 @@ def main(argv=None):
 def report(results, args, n_params=None):
     if args.suite == "mfu":
         shape = _model_shape(args.device)
-        print("\n| configuration | batch x seq (x accumulation) | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|")
+        print("\n| configuration | batch x seq (x accumulation) | tokens/s | tokens/s at the median step | MFU | "
+              "peak GiB | notes |\n|---|---|---|---|---|---|---|")
         for r in results:
             if "error" in r:
-                print(f"| {r['config']} | | error: {r['error'][-200:]} | | |")
+                print(f"| {r['config']} | | error: {_cell(r['error'][-200:])} | | | | |")
                 continue
             fpt = flops_per_token(r["n_params"], shape["num_hidden_layers"], shape["hidden_size"], args.seq_len)
             r["mfu"] = r["tokens_per_s"] * fpt / H100_BF16_FLOPS
             peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
             accum = f" x {r['grad_accum']}" if r.get("grad_accum", 1) > 1 else ""
             print(f"| {r['config']} | {r['batch']} x {args.seq_len}{accum} | {r['tokens_per_s']:,.0f} | "
-                  f"{100 * r['mfu']:.1f}% | {peak} |")
+                  f"{r['tokens_per_s_median']:,.0f} | {100 * r['mfu']:.1f}% | {peak} | {notes(r)} |")
         return
     print(f"\nCPU, {os.cpu_count()} cores, Qwen2 target of {n_params:,} parameters, batch {args.batch}, "
           f"max length {args.seq_len}, {args.steps} timed steps after {args.warmup}\n")
@@ -199,6 +236,26 @@ def report(results, args, n_params=None):
         diff = sum(abs(a - b) for a, b in zip(ls, ref)) / max(1, min(len(ls), len(ref)))
         runs = ", ".join(f"{x:,.0f}" for x in r.get("all_tokens_per_s", []))
         print(f"| {r['config']} | {r['tokens_per_s']:,.0f} ({runs}) | {ls[0]:.3f} | {ls[-1]:.3f} | {diff:.4f} |")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a worker's output joined with " | " would split the Markdown row
+
+
+def notes(r) -> str:
+    """What makes a row's mean suspect: compilations inside the timed steps, one step far slower than
+    the median one, or a worker stopped after its measurement."""
+    out = []
+    if r.get("compiles_in_timed_region"):
+        n = r["compiles_in_timed_region"]
+        out.append(f"{n} compile{'s' if n > 1 else ''} while timed, {r['compile_s_in_timed_region']:.1f} s")
+    steps = r.get("step_s") or []
+    if steps and max(steps) > 3 * statistics.median(steps):
+        out.append(f"slowest step {max(steps):.2f} s (step {steps.index(max(steps)) + 1}) "
+                   f"vs median {statistics.median(steps):.2f} s")
+    if r.get("note"):
+        out.append(r["note"])
+    return "; ".join(out)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ GPU (the mfu suite): the hand loop (plain, fast, fast-packed[-flex]) and `distil
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,20 +138,24 @@ def worker_manual(args):
 
     for _ in range(args.warmup):
         step()
-    _sync(device)
-    _reset_peak(device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    _sync(device)
-    elapsed = time.perf_counter() - t0
-    tokens = args.steps * args.grad_accum * args.batch * args.seq_len
+    with _CompileWatch() as compiles:
+        _sync(device)
+        _reset_peak(device)
+        t0 = time.perf_counter()
+        marks = [_mark(device)]
+        for _ in range(args.steps):
+            loss = step()
+            marks.append(_mark(device))
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+    tokens_per_step = args.grad_accum * args.batch * args.seq_len
+    _result(config=args.worker, n_params=n_params, loss=float(loss), peak_gib=_peak(device), batch=args.batch,
+            grad_accum=args.grad_accum,
+            **_timing(args.steps * tokens_per_step, elapsed, tokens_per_step, _durations(marks, device), compiles))
     if args.profile:
         with _profiled(device, Path(args.profile) / f"profile-{_label(args)}.txt"):
             for _ in range(2):
                 step()
-    _result(config=args.worker, tokens_per_s=tokens / elapsed, n_params=n_params, loss=float(loss),
-            peak_gib=_peak(device), batch=args.batch, grad_accum=args.grad_accum)
 
 
 def worker_distill(args):
@@ -169,7 +175,14 @@ def worker_distill(args):
         _tokenizer(chatml=True).save_pretrained(tmp / "target")
         total_rows = (args.warmup + args.steps + 2) * args.grad_accum * args.batch * 4 + 8
         _write_rows(tmp / "data.jsonl", total_rows, words=args.seq_len // 4 - 24)
-        timer = _timer_callback(args.warmup, args.device, stop_at=args.warmup + args.steps)
+
+        def report(timer):
+            # Printed as soon as the clock stops: the profiled steps and distill's final save (a 3 GB
+            # model) still follow, and if they run into the driver's timeout, the driver keeps this line.
+            _result(config=args.worker, n_params=n_params, peak_gib=timer.peak, batch=args.batch,
+                    grad_accum=args.grad_accum, **timer.stats())
+
+        timer = _timer_callback(args.warmup, args.device, stop_at=args.warmup + args.steps, on_stop=report)
         extra = [_profile_callback(args.warmup + args.steps, args.device,
                                    Path(args.profile) / f"profile-{_label(args)}.txt")] if args.profile else []
         base, *levers = args.worker.split("-")
@@ -185,10 +198,7 @@ def worker_distill(args):
                           fused_loss=base in ("zero2", "trainer"), compile_layers="compile" in levers,
                           attn_implementation="flex_attention" if "flex" in levers else "sdpa",
                           gradient_checkpointing=args.grad_ckpt)
-        train(cfg, callbacks=[timer] + extra)
-    elapsed, tokens = timer.elapsed(), timer.tokens
-    _result(config=args.worker, tokens_per_s=tokens / elapsed, n_params=n_params, peak_gib=timer.peak,
-            batch=args.batch, grad_accum=args.grad_accum)
+        train(cfg, callbacks=[timer] + extra + [_no_last_checkpoint_callback()])
 
 
 ZERO2_LEVERS = frozenset({"autobucket", "nooverlap", "nocheck"})  # suffixes that change zero2's DeepSpeed config
@@ -218,6 +228,21 @@ def _zero2_variant(tmp: Path, levers) -> str:
     return str(path)
 
 
+def _no_last_checkpoint_callback():
+    """Skips the Trainer's checkpoint after the last step, which comes before distill's final save:
+    under ZeRO-2 it holds the optimizer state too (fp32 weights and two moments: ~18.5 GB for the
+    1.5B target), and a benchmark never resumes. Runs after the Trainer's DefaultFlowCallback, which
+    asks for that checkpoint."""
+    from transformers import TrainerCallback
+
+    class NoLastCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+
+    return NoLastCheckpoint()
+
+
 def _profile_callback(start, device, out_file):
     from transformers import TrainerCallback
 
@@ -237,7 +262,9 @@ def _profile_callback(start, device, out_file):
     return Profile()
 
 
-def _timer_callback(warmup, device, stop_at=None):
+def _timer_callback(warmup, device, stop_at=None, on_stop=None):
+    """Times the optimizer steps from `warmup` to `stop_at` (default: the last); `on_stop(timer)` runs
+    as soon as the clock stops."""
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
@@ -245,23 +272,26 @@ def _timer_callback(warmup, device, stop_at=None):
             self.t0 = self.t1 = None
             self.tokens = 0
             self.peak = None
+            self.marks = []  # the timed steps' ends on the device's timeline, the clock's start first
+            self.compiles = _CompileWatch()
 
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == warmup:
+                self.compiles.__enter__()
                 _sync(device)
                 _reset_peak(device)
                 self.t0 = time.perf_counter()
+                self.marks = [_mark(device)]
 
         def on_step_end(self, args, state, control, **kw):
             if self.t0 is not None and self.t1 is None:
                 # packed rows: count the real tokens of this step's rows
                 self.tokens += self.tokens_per_step
-                if state.global_step >= (stop_at or state.max_steps) and self.t1 is None:
-                    # Stop the clock at the last optimizer step: the Trainer then saves a full
-                    # checkpoint (weights + optimizer state), which is I/O, not training speed.
-                    _sync(device)
-                    self.t1 = time.perf_counter()
-                    self.peak = _peak(device)
+                self.marks.append(_mark(device))
+                if state.global_step >= (stop_at or state.max_steps):
+                    # Stop the clock at the last optimizer step: what follows (profiled steps, the
+                    # Trainer's checkpoint, distill's final save) is not training speed.
+                    self._stop()
 
         def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
             ds = train_dataloader.dataset if train_dataloader is not None else None
@@ -271,14 +301,80 @@ def _timer_callback(warmup, device, stop_at=None):
 
         def on_train_end(self, args, state, control, **kw):
             if self.t1 is None:
-                _sync(device)
-                self.t1 = time.perf_counter()
-                self.peak = _peak(device)
+                self._stop()
 
-        def elapsed(self):
-            return self.t1 - self.t0
+        def _stop(self):
+            _sync(device)
+            self.t1 = time.perf_counter()
+            self.peak = _peak(device)
+            self.compiles.__exit__(None, None, None)
+            if on_stop is not None:
+                on_stop(self)
+
+        def stats(self):
+            return _timing(self.tokens, self.t1 - self.t0, self.tokens_per_step, _durations(self.marks, device),
+                           self.compiles)
 
     return Timer()
+
+
+class _CompileWatch:
+    """Counts torch.compile's compilations while entered, and their host seconds, through dynamo's
+    compile callbacks: they fire for each frame dynamo compiles (first compile or recompile) and for
+    AOTAutograd's lazy backward compile at a graph's first backward (with a cold inductor cache; a
+    warm one compiles the backward with the forward). torch._dynamo.utils.counters misses the lazy
+    one: `stats.unique_graphs` and `aot_autograd.total` move at the forward's compile only, the
+    backward's moves only inductor's cache counters (checked on torch 2.13, CPU)."""
+
+    def __init__(self):
+        self.count, self.seconds, self._t = 0, 0.0, None
+
+    def __enter__(self):
+        import torch._dynamo
+
+        torch._dynamo.callback_handler.register_start_callback(self._start)
+        torch._dynamo.callback_handler.register_end_callback(self._end)
+        return self
+
+    def __exit__(self, *exc):
+        import torch._dynamo
+
+        torch._dynamo.callback_handler.remove_start_callback(self._start)
+        torch._dynamo.callback_handler.remove_end_callback(self._end)
+
+    def _start(self, *_):  # older torch calls these without arguments
+        self._t = time.perf_counter()
+
+    def _end(self, *_):
+        self.count += 1
+        self.seconds += time.perf_counter() - self._t
+
+
+def _mark(device):
+    """Now on the device's timeline: a CUDA event (recorded, not waited for, so no host sync per
+    step) or, on CPU, the clock."""
+    import torch
+
+    if device != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _durations(marks, device):
+    """Seconds between consecutive marks; CUDA events only after a sync."""
+    if device == "cuda":
+        return [a.elapsed_time(b) / 1e3 for a, b in pairwise(marks)]
+    return [b - a for a, b in pairwise(marks)]
+
+
+def _timing(tokens, elapsed, tokens_per_step, step_s, compiles) -> dict:
+    """The mean speed over the timed steps, and what tells whether one step dominates it: each step's
+    seconds, the speed at the median step, and the compilations that ran while the clock did."""
+    return dict(tokens_per_s=tokens / elapsed, tokens_per_s_median=tokens_per_step / statistics.median(step_s),
+                step_s=[round(x, 3) for x in step_s], compiles_in_timed_region=compiles.count,
+                compile_s_in_timed_region=round(compiles.seconds, 3))
 
 
 def _sync(device):
@@ -354,7 +450,7 @@ def worker_cpu_distill(args):
     out = train(cfg, callbacks=[timer])
     losses = [float(line.split(",")[2]) for line in (out / "loss.csv").read_text().splitlines()[1:]
               if line.split(",")[2]]
-    _result(config=f"distill train --deepspeed {stage}", tokens_per_s=timer.tokens / timer.elapsed(), losses=losses)
+    _result(config=f"distill train --deepspeed {stage}", losses=losses, **timer.stats())
 
 
 def worker_cpu_trl(args):
@@ -378,4 +474,4 @@ def worker_cpu_trl(args):
     trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[timer])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    _result(config=f"TRL {trl.__version__} SFTTrainer", tokens_per_s=timer.tokens / timer.elapsed(), losses=losses)
+    _result(config=f"TRL {trl.__version__} SFTTrainer", losses=losses, **timer.stats())
