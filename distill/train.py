@@ -168,6 +168,10 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
         # Without CUDA, accelerate only counts launcher ranks (gloo) when told it is on CPU.
         use_cpu=not torch.cuda.is_available(),
         logging_steps=cfg.logging_steps,
+        # The filter tests every batch's loss for nan/inf on the host: a GPU sync per batch that
+        # keeps the host from preparing the next batch while the backward runs. A nan loss is then
+        # logged as nan, not hidden.
+        logging_nan_inf_filter=False,
         logging_first_step=True,
         save_strategy="steps",
         save_steps=cfg.save_steps,
