@@ -23,6 +23,8 @@ GPU (one H100; under 8 minutes):
                  tensor and a read-back to the host, every step)
     zero2-flex   zero2 with `--attn-implementation flex_attention` (see fast-packed-flex); the
                  suffixes combine: zero2-compile-flex, zero2-compile-autobucket
+    -eagerloss   (fast, zero2, trainer lines) the fused loss's chunks eagerly, as before the
+                 torch.compile'd chunk became the CUDA default: that lever's A/B
     trainer      `distill.train.train` without DeepSpeed (`--deepspeed none`), packing, --fused-loss
     zero3        `distill.train.train`: Trainer + DeepSpeed ZeRO-3, packing (HF loss)
   NAME@B runs a configuration at batch B: `--configs plain,fast,fast@8` puts the chunked loss's
@@ -124,7 +126,7 @@ def main(argv=None):
                         "script); trl: the CPU comparison with TRL's SFTTrainer (default on cpu)")
     p.add_argument("--configs", default=None,
                    help="comma list; mfu: plain,zero2,zero3,fast,zero2-compile,zero2-autobucket,fast-packed,trainer "
-                        "(suffix -flex: FlexAttention for packed rows); trl: "
+                        "(suffix -flex: FlexAttention for packed rows; -eagerloss: the fused loss uncompiled); trl: "
                         "none,zero2,trl. NAME@B runs NAME at batch B (e.g. fast@8 beside plain at --batch); "
                         "NAME@BxA also accumulates gradients over A batches per optimizer step")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per configuration")
@@ -158,12 +160,13 @@ def main(argv=None):
             return worker_cpu_distill(args)
         base, *levers = args.worker.split("-")
         if base in ("zero2", "zero3", "trainer"):
-            if set(levers) - {"compile", "flex"} - ZERO2_LEVERS or (ZERO2_LEVERS & set(levers) and base != "zero2"):
-                raise SystemExit(f"unknown configuration {args.worker}: the suffixes are -compile, -flex, and "
-                                 "for zero2 -autobucket, -nooverlap and -nocheck")
+            if set(levers) - {"compile", "flex", "eagerloss"} - ZERO2_LEVERS or (ZERO2_LEVERS & set(levers) and base != "zero2"):
+                raise SystemExit(f"unknown configuration {args.worker}: the suffixes are -compile, -flex, -eagerloss, "
+                                 "and for zero2 -autobucket, -nooverlap and -nocheck")
             return worker_distill(args)
-        if base not in ("plain", "fast") or set(levers) - {"packed", "flex"} or (base == "plain" and levers):
-            raise SystemExit(f"unknown configuration {args.worker}: plain, fast, fast-packed, fast-packed-flex")
+        if base not in ("plain", "fast") or set(levers) - {"packed", "flex", "eagerloss"} or (base == "plain" and levers):
+            raise SystemExit(f"unknown configuration {args.worker}: plain, fast, fast-packed, fast-packed-flex "
+                             "(fast lines also take -eagerloss)")
         return worker_manual(args)
 
     with tempfile.TemporaryDirectory(prefix="train_bench-") as work:

@@ -2,19 +2,20 @@
 `python bench/train_bench.py --worker NAME ...`, and prints one `RESULT {json}` line.
 
 GPU (the mfu suite): the hand loop (plain, fast, fast-packed[-flex]) and `distill.train.train`
-(zero2, zero3, trainer, with -compile, -flex, and for zero2 the ZERO2_LEVERS). CPU (the trl suite):
+(zero2, zero3, trainer, with -compile, -flex, -eagerloss, and for zero2 the ZERO2_LEVERS). CPU (the trl suite):
 `distill train` and TRL's SFTTrainer on the same small target and rows.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
 import time
-from itertools import pairwise
 from pathlib import Path
+
+from train_timing import (CompileWatch, durations, mark, no_last_checkpoint_callback, peak, profile_callback,
+                          profiled, reset_peak, sync, timer_callback, timing)
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_FLOPS = 989e12
@@ -71,36 +72,6 @@ def _rows(batch, seq, vocab, docs_per_row, device, generator):
     return {"input_ids": ids, "labels": labels, "position_ids": pos.expand(batch, -1)}
 
 
-def _profiled(device, out_file):
-    """A torch.profiler context for the extra steps after the timed ones; on exit, writes the top
-    kernels and whether the step is bound by the GPU or by the host (Python, launches, syncs)."""
-    import contextlib
-
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    @contextlib.contextmanager
-    def ctx():
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        _sync(device)
-        t0 = time.perf_counter()
-        with profile(activities=acts) as prof:
-            yield
-            _sync(device)
-        wall = time.perf_counter() - t0
-        events = prof.key_averages()
-        sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-        # kernel rows only (CPU ops carry their kernels' time too: summing both counts it twice)
-        gpu_busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6
-        busy = (f"GPU kernels busy {gpu_busy:.3f} s ({100 * gpu_busy / wall:.0f} % of wall: well under 100 % "
-                f"means the host, launches or syncs hold the GPU back; kernels on overlapping streams, "
-                f"as ZeRO's communication, are summed, so it can pass 100 %)") if device == "cuda" else "no GPU"
-        Path(out_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_file).write_text(f"wall {wall:.3f} s for the profiled steps; {busy}\n\n"
-                                  + events.table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n")
-
-    return ctx()
-
 
 def _label(args) -> str:
     return f"{args.worker}@{args.batch}" + (f"x{args.grad_accum}" if args.grad_accum > 1 else "")
@@ -114,6 +85,7 @@ def worker_manual(args):
 
     device = args.device
     base, *levers = args.worker.split("-")
+    _eager_loss_if_asked(levers)
     fast = base == "fast"
     model = _qwen(args.seq_len, device, attn="flex_attention" if "flex" in levers else "sdpa")
     n_params = sum(p.numel() for p in model.parameters())
@@ -138,22 +110,22 @@ def worker_manual(args):
 
     for _ in range(args.warmup):
         step()
-    with _CompileWatch() as compiles:
-        _sync(device)
-        _reset_peak(device)
+    with CompileWatch() as compiles:
+        sync(device)
+        reset_peak(device)
         t0 = time.perf_counter()
-        marks = [_mark(device)]
+        marks = [mark(device)]
         for _ in range(args.steps):
             loss = step()
-            marks.append(_mark(device))
-        _sync(device)
+            marks.append(mark(device))
+        sync(device)
         elapsed = time.perf_counter() - t0
     tokens_per_step = args.grad_accum * args.batch * args.seq_len
-    _result(config=args.worker, n_params=n_params, loss=float(loss), peak_gib=_peak(device), batch=args.batch,
+    _result(config=args.worker, n_params=n_params, loss=float(loss), peak_gib=peak(device), batch=args.batch,
             grad_accum=args.grad_accum,
-            **_timing(args.steps * tokens_per_step, elapsed, tokens_per_step, _durations(marks, device), compiles))
+            **timing(args.steps * tokens_per_step, elapsed, tokens_per_step, durations(marks, device), compiles))
     if args.profile:
-        with _profiled(device, Path(args.profile) / f"profile-{_label(args)}.txt"):
+        with profiled(device, Path(args.profile) / f"profile-{_label(args)}.txt"):
             for _ in range(2):
                 step()
 
@@ -182,10 +154,11 @@ def worker_distill(args):
             _result(config=args.worker, n_params=n_params, peak_gib=timer.peak, batch=args.batch,
                     grad_accum=args.grad_accum, **timer.stats())
 
-        timer = _timer_callback(args.warmup, args.device, stop_at=args.warmup + args.steps, on_stop=report)
-        extra = [_profile_callback(args.warmup + args.steps, args.device,
+        timer = timer_callback(args.warmup, args.device, stop_at=args.warmup + args.steps, on_stop=report)
+        extra = [profile_callback(args.warmup + args.steps, args.device,
                                    Path(args.profile) / f"profile-{_label(args)}.txt")] if args.profile else []
         base, *levers = args.worker.split("-")
+        _eager_loss_if_asked(levers)
         deepspeed = "none" if base == "trainer" else base
         if ZERO2_LEVERS & set(levers):
             deepspeed = _zero2_variant(tmp, levers)
@@ -198,7 +171,18 @@ def worker_distill(args):
                           fused_loss=base in ("zero2", "trainer"), compile_layers="compile" in levers,
                           attn_implementation="flex_attention" if "flex" in levers else "sdpa",
                           gradient_checkpointing=args.grad_ckpt)
-        train(cfg, callbacks=[timer] + extra + [_no_last_checkpoint_callback()])
+        train(cfg, callbacks=[timer] + extra + [no_last_checkpoint_callback()])
+
+
+def _eager_loss_if_asked(levers):
+    """-eagerloss: the fused loss's chunks eagerly even on CUDA (the default there compiles them)."""
+    if "eagerloss" in levers:
+        import functools
+
+        from distill import train_fused
+
+        # causal_lm_loss looks the function up at each call, so this reaches the Trainer's loss too
+        train_fused.linear_cross_entropy = functools.partial(train_fused.linear_cross_entropy, compiled=False)
 
 
 ZERO2_LEVERS = frozenset({"autobucket", "nooverlap", "nocheck"})  # suffixes that change zero2's DeepSpeed config
@@ -226,175 +210,6 @@ def _zero2_variant(tmp: Path, levers) -> str:
     path = tmp / f"zero2-{'-'.join(sorted(ZERO2_LEVERS & set(levers)))}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
-
-
-def _no_last_checkpoint_callback():
-    """Skips the Trainer's checkpoint after the last step, which comes before distill's final save:
-    under ZeRO-2 it holds the optimizer state too (fp32 weights and two moments: ~18.5 GB for the
-    1.5B target), and a benchmark never resumes. Runs after the Trainer's DefaultFlowCallback, which
-    asks for that checkpoint."""
-    from transformers import TrainerCallback
-
-    class NoLastCheckpoint(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step >= state.max_steps:
-                control.should_save = False
-
-    return NoLastCheckpoint()
-
-
-def _profile_callback(start, device, out_file):
-    from transformers import TrainerCallback
-
-    class Profile(TrainerCallback):
-        ctx = None
-
-        def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == start and self.ctx is None:
-                self.ctx = _profiled(device, out_file)
-                self.ctx.__enter__()
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.ctx is not None and state.global_step >= start + 2:
-                self.ctx.__exit__(None, None, None)
-                self.ctx = None
-
-    return Profile()
-
-
-def _timer_callback(warmup, device, stop_at=None, on_stop=None):
-    """Times the optimizer steps from `warmup` to `stop_at` (default: the last); `on_stop(timer)` runs
-    as soon as the clock stops."""
-    from transformers import TrainerCallback
-
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.t0 = self.t1 = None
-            self.tokens = 0
-            self.peak = None
-            self.marks = []  # the timed steps' ends on the device's timeline, the clock's start first
-            self.compiles = _CompileWatch()
-
-        def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == warmup:
-                self.compiles.__enter__()
-                _sync(device)
-                _reset_peak(device)
-                self.t0 = time.perf_counter()
-                self.marks = [_mark(device)]
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.t0 is not None and self.t1 is None:
-                # packed rows: count the real tokens of this step's rows
-                self.tokens += self.tokens_per_step
-                self.marks.append(_mark(device))
-                if state.global_step >= (stop_at or state.max_steps):
-                    # Stop the clock at the last optimizer step: what follows (profiled steps, the
-                    # Trainer's checkpoint, distill's final save) is not training speed.
-                    self._stop()
-
-        def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
-            ds = train_dataloader.dataset if train_dataloader is not None else None
-            rows = [len(x) for x in ds["input_ids"]] if ds is not None else [0]
-            self.tokens_per_step = sum(rows) / len(rows) * args.per_device_train_batch_size * \
-                args.gradient_accumulation_steps * args.world_size
-
-        def on_train_end(self, args, state, control, **kw):
-            if self.t1 is None:
-                self._stop()
-
-        def _stop(self):
-            _sync(device)
-            self.t1 = time.perf_counter()
-            self.peak = _peak(device)
-            self.compiles.__exit__(None, None, None)
-            if on_stop is not None:
-                on_stop(self)
-
-        def stats(self):
-            return _timing(self.tokens, self.t1 - self.t0, self.tokens_per_step, _durations(self.marks, device),
-                           self.compiles)
-
-    return Timer()
-
-
-class _CompileWatch:
-    """Counts torch.compile's compilations while entered, and their host seconds, through dynamo's
-    compile callbacks: they fire for each frame dynamo compiles (first compile or recompile) and for
-    AOTAutograd's lazy backward compile at a graph's first backward (with a cold inductor cache; a
-    warm one compiles the backward with the forward). torch._dynamo.utils.counters misses the lazy
-    one: `stats.unique_graphs` and `aot_autograd.total` move at the forward's compile only, the
-    backward's moves only inductor's cache counters (checked on torch 2.13, CPU)."""
-
-    def __init__(self):
-        self.count, self.seconds, self._t = 0, 0.0, None
-
-    def __enter__(self):
-        import torch._dynamo
-
-        torch._dynamo.callback_handler.register_start_callback(self._start)
-        torch._dynamo.callback_handler.register_end_callback(self._end)
-        return self
-
-    def __exit__(self, *exc):
-        import torch._dynamo
-
-        torch._dynamo.callback_handler.remove_start_callback(self._start)
-        torch._dynamo.callback_handler.remove_end_callback(self._end)
-
-    def _start(self, *_):  # older torch calls these without arguments
-        self._t = time.perf_counter()
-
-    def _end(self, *_):
-        self.count += 1
-        self.seconds += time.perf_counter() - self._t
-
-
-def _mark(device):
-    """Now on the device's timeline: a CUDA event (recorded, not waited for, so no host sync per
-    step) or, on CPU, the clock."""
-    import torch
-
-    if device != "cuda":
-        return time.perf_counter()
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
-
-
-def _durations(marks, device):
-    """Seconds between consecutive marks; CUDA events only after a sync."""
-    if device == "cuda":
-        return [a.elapsed_time(b) / 1e3 for a, b in pairwise(marks)]
-    return [b - a for a, b in pairwise(marks)]
-
-
-def _timing(tokens, elapsed, tokens_per_step, step_s, compiles) -> dict:
-    """The mean speed over the timed steps, and what tells whether one step dominates it: each step's
-    seconds, the speed at the median step, and the compilations that ran while the clock did."""
-    return dict(tokens_per_s=tokens / elapsed, tokens_per_s_median=tokens_per_step / statistics.median(step_s),
-                step_s=[round(x, 3) for x in step_s], compiles_in_timed_region=compiles.count,
-                compile_s_in_timed_region=round(compiles.seconds, 3))
-
-
-def _sync(device):
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _reset_peak(device):
-    import torch
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak(device):
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
 # ----------------------------------------------------------------------------- CPU comparison
@@ -442,7 +257,7 @@ def worker_cpu_distill(args):
 
     work = Path(args.workdir)
     stage = args.worker.split(":")[1]
-    timer = _timer_callback(args.warmup, "cpu")
+    timer = timer_callback(args.warmup, "cpu")
     cfg = TrainConfig(model=str(work / "target"), data=str(work / "data.jsonl"), out=str(work / f"out-{stage}"),
                       deepspeed=stage, max_steps=args.warmup + args.steps, lr=1e-3, batch_size=args.batch,
                       max_length=args.seq_len, eval_fraction=0.0, logging_steps=1, save_steps=100000,
@@ -465,7 +280,7 @@ def worker_cpu_trl(args):
                                      for r in rows])
     tok = AutoTokenizer.from_pretrained(work / "target")
     model = AutoModelForCausalLM.from_pretrained(work / "target", dtype="float32")
-    timer = _timer_callback(args.warmup, "cpu")
+    timer = timer_callback(args.warmup, "cpu")
     cfg = trl.SFTConfig(output_dir=str(work / "out-trl"), max_steps=args.warmup + args.steps, learning_rate=1e-3,
                         per_device_train_batch_size=args.batch, max_length=args.seq_len,
                         assistant_only_loss=True, packing=False, logging_steps=1, save_strategy="no",
