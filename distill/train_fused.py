@@ -68,7 +68,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += loss
             grad_hidden[idx] = grad @ weight
             if grad_weight is not None:
-                grad_weight += (grad.t() @ h).float()
+                # add_ promotes the product to fp32 as it reads it: no fp32 copy of a [V, d] product
+                grad_weight.add_(grad.t() @ h)
         scale = 1.0 / num_items
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
         ctx.scale, ctx.has_wgrad = scale, grad_weight is not None
