@@ -145,15 +145,20 @@ class CompileWatch:
     def __enter__(self):
         import torch._dynamo
 
-        torch._dynamo.callback_handler.register_start_callback(self._start)
-        torch._dynamo.callback_handler.register_end_callback(self._end)
+        handler = getattr(torch._dynamo, "callback_handler", None)
+        if handler is None or not hasattr(handler, "remove_start_callback"):
+            self.count = None  # a torch without these hooks: no count, and the measurement goes on
+            return self
+        handler.register_start_callback(self._start)
+        handler.register_end_callback(self._end)
         return self
 
     def __exit__(self, *exc):
         import torch._dynamo
 
-        torch._dynamo.callback_handler.remove_start_callback(self._start)
-        torch._dynamo.callback_handler.remove_end_callback(self._end)
+        if self.count is not None:
+            torch._dynamo.callback_handler.remove_start_callback(self._start)
+            torch._dynamo.callback_handler.remove_end_callback(self._end)
 
     def _start(self, *_):  # older torch calls these without arguments
         self._t = time.perf_counter()
