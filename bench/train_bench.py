@@ -247,7 +247,7 @@ def _cell(text: str) -> str:
 
 def notes(r) -> str:
     """What makes a row's mean suspect: compilations inside the timed steps, one step far slower than
-    the median one, or a worker stopped after its measurement."""
+    the median one, a compiled lever that fell back to eager, or a worker stopped after its measurement."""
     out = []
     if r.get("compiles_in_timed_region"):
         n = r["compiles_in_timed_region"]
@@ -256,6 +256,8 @@ def notes(r) -> str:
     if steps and max(steps) > 3 * statistics.median(steps):
         out.append(f"slowest step {max(steps):.2f} s (step {steps.index(max(steps)) + 1}) "
                    f"vs median {statistics.median(steps):.2f} s")
+    if r.get("fell_back_to_eager"):
+        out.append("compiled but fell back to eager: " + ", ".join(r["fell_back_to_eager"]))
     if r.get("note"):
         out.append(r["note"])
     return "; ".join(out)

@@ -35,7 +35,17 @@ def flops_per_token(n_params: int, layers: int, hidden: int, seq: int) -> float:
 
 
 def _result(**kw):
-    print("RESULT " + json.dumps(kw), flush=True)
+    print("RESULT " + json.dumps({**kw, **_fallbacks()}), flush=True)
+
+
+def _fallbacks() -> dict:
+    """A compiled lever that fell back to eager (distill.compiled logs why) measures something else:
+    the row says so. So far one: the fused loss's compiled chunk, the CUDA default."""
+    train_fused = sys.modules.get("distill.train_fused")  # not imported: nothing of it ran
+    if train_fused is None:
+        return {}
+    made = train_fused._compiled_chunk_loss_and_grad.cache_info().currsize
+    return {"fell_back_to_eager": ["the fused loss's chunk"]} if made and train_fused._compiled_chunk_loss_and_grad().failed else {}
 
 
 # ----------------------------------------------------------------------------- GPU workers
