@@ -161,10 +161,11 @@ def run_ours(expert, amateur, batch, args, engine, beta, attention="sdpa"):
 
 def check_levers_compiled():
     """A line whose compiled levers fell back to eager kernels would measure something else: fail it."""
-    from distill import decode_layers, flex_decode
+    from distill.compiled import fell_back_to_eager
 
-    if flex_decode.flex_compile_failed() or any(f.failed for f in decode_layers.compiled_layer_functions()):
-        raise RuntimeError("a torch.compile lever fell back to eager (see the warning above)")
+    if fell_back_to_eager():
+        raise RuntimeError(f"torch.compile fell back to eager for {', '.join(fell_back_to_eager())} "
+                           "(see the warning above)")
 
 
 def stop_ids(args) -> list[int]:

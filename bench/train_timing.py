@@ -40,7 +40,6 @@ def profiled(device, out_file):
     return ctx()
 
 
-
 def no_last_checkpoint_callback():
     """Skips the Trainer's checkpoint after the last step, which comes before distill's final save:
     under ZeRO-2 it holds the optimizer state too (fp32 weights and two moments: ~18.5 GB for the

@@ -39,13 +39,11 @@ def _result(**kw):
 
 
 def _fallbacks() -> dict:
-    """A compiled lever that fell back to eager (distill.compiled logs why) measures something else:
-    the row says so. So far one: the fused loss's compiled chunk, the CUDA default."""
-    train_fused = sys.modules.get("distill.train_fused")  # not imported: nothing of it ran
-    if train_fused is None:
-        return {}
-    made = train_fused._compiled_chunk_loss_and_grad.cache_info().currsize
-    return {"fell_back_to_eager": ["the fused loss's chunk"]} if made and train_fused._compiled_chunk_loss_and_grad().failed else {}
+    """A compiled lever that fell back to eager (distill.compiled logs why), such as the fused loss's
+    chunk (compiled by default on CUDA), measures something else: the row says so."""
+    compiled = sys.modules.get("distill.compiled")  # not imported (TRL's worker): nothing of ours compiled
+    failed = compiled.fell_back_to_eager() if compiled else []
+    return {"fell_back_to_eager": failed} if failed else {}
 
 
 # ----------------------------------------------------------------------------- GPU workers
@@ -80,7 +78,6 @@ def _rows(batch, seq, vocab, docs_per_row, device, generator):
     labels = ids.clone()
     labels[:, ::doc] = -100  # nothing predicts a new document's first token
     return {"input_ids": ids, "labels": labels, "position_ids": pos.expand(batch, -1)}
-
 
 
 def _label(args) -> str:

@@ -10,10 +10,13 @@ eagerly from then on, with the same results.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
 log = logging.getLogger(__name__)
+
+_made: weakref.WeakSet = weakref.WeakSet()  # every CompiledOrEager of this process, for fell_back_to_eager()
 
 
 class CompiledOrEager:
@@ -26,6 +29,7 @@ class CompiledOrEager:
         self.fn, self.what = fn, what
         self.compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
         self.failed = False
+        _made.add(self)
 
     def __call__(self, *args, **kwargs):
         if not self.failed:
@@ -38,3 +42,9 @@ class CompiledOrEager:
                 log.warning("torch.compile of %s failed (%s: %s); running it eagerly from now on",
                             self.what, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
         return self.fn(*args, **kwargs)
+
+
+def fell_back_to_eager() -> list[str]:
+    """What, of the compiled levers made in this process, runs eagerly after a failed compile: a
+    benchmark line with one of these measured something other than it names."""
+    return sorted(c.what for c in _made if c.failed)

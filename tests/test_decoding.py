@@ -380,6 +380,9 @@ def test_a_failed_compile_falls_back_to_the_eager_function(caplog):
     with caplog.at_level("WARNING", logger="distill.compiled"):
         assert torch.equal(fn(torch.ones(3)), torch.full((3,), 2.0))
     assert fn.failed and "torch.compile of a test function failed" in caplog.text
+    from distill.compiled import fell_back_to_eager
+
+    assert "a test function" in fell_back_to_eager()  # what the benchmarks report against a line
     assert torch.equal(fn(torch.ones(2)), torch.full((2,), 2.0))  # and stays eager, without raising
 
 
