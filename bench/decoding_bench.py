@@ -140,12 +140,12 @@ def run_hf(expert, amateur, batch, args):
     return batch * args.new_tokens / seconds, seconds, 0.0
 
 
-def run_ours(expert, amateur, batch, args, engine, beta, attention="sdpa"):
+def run_ours(expert, amateur, batch, args, engine, beta, attention="sdpa", concurrent=False):
     ids = prompts(batch, args.prompt_len, args.vocab, 1).tolist()
     cfg = DecodingConfig(alpha=0.01, beta=beta, temperature=1.0, max_new_tokens=args.new_tokens,
                          batch_size=batch, engine=engine, cuda_graphs=not args.no_cuda_graphs,
                          check_every=args.check_every, compile_layers=args.compile_layers,
-                         decode_attention=attention)
+                         decode_attention=attention, concurrent_models=concurrent)
     dec = ContrastiveDecoder(expert, amateur if beta else None, args.vocab, [], cfg)
     sync(args.device)
     start = time.perf_counter()
@@ -269,6 +269,9 @@ def main():
     ap.add_argument("--decode-attention", default="auto",
                     help="our fast engine's decode attention(s), comma list of auto, sdpa, flex "
                          "(DecodingConfig.decode_attention; default auto: flex on cuda, sdpa on cpu)")
+    ap.add_argument("--concurrent-models", default="off",
+                    help="our fast engine's CoDIT lines with the amateur on a second CUDA stream: off, on, or off,on "
+                         "for both (DecodingConfig.concurrent_models)")
     ap.add_argument("--refill-mins", default="1,auto",
                     help="mixed workload: refill policies to compare, comma list of numbers and auto (batch / 16)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="fast engine without CUDA graphs")
@@ -366,9 +369,12 @@ def main():
 
     attentions = [levers(a)[0] for a in args.decode_attention.split(",")]
 
-    def label(engine, attention):
+    concurrency = [{"off": False, "on": True}[c] for c in args.concurrent_models.split(",")]
+
+    def label(engine, attention, concurrent=False):
         compiled = levers(attention)[1]
-        return engine + (", flex" if attention == "flex" else "") + (", compiled layers" if compiled and engine == "fast" else "")
+        return (engine + (", flex" if attention == "flex" else "") + (", compiled layers" if compiled and engine == "fast" else "")
+                + (", concurrent models" if concurrent and engine == "fast" and cuda else ""))
 
     if args.workload == "mixed":
         print(f"mixed workload: {len(stop_ids(args))} stop ids, mean length about {args.mean_length}, "
@@ -398,14 +404,15 @@ def main():
             for b in fixed:
                 line(f"ours-direct ({label(engine, attention)})", b,
                      lambda: run_ours(expert, amateur, b, args, engine, 0.0, attention))
-                line(f"ours-codit ({label(engine, attention)})", b,
-                     lambda: run_ours(expert, amateur, b, args, engine, 1.0, attention))
+                for concurrent in concurrency if engine == "fast" else [False]:
+                    line(f"ours-codit ({label(engine, attention, concurrent)})", b,
+                         lambda: run_ours(expert, amateur, b, args, engine, 1.0, attention, concurrent))
     if "max" in args.batches:  # the largest CoDIT batch that fits: grow by 64 rows until memory runs out
-        b, engine, attention = max(fixed), args.engines[0], attentions[0]
+        b, engine, attention, concurrent = max(fixed), args.engines[0], attentions[0], concurrency[-1]
         while b < 4096:
             b += 64
-            if line(f"ours-codit ({label(engine, attention)})", b,
-                    lambda: run_ours(expert, amateur, b, args, engine, 1.0, attention)) is None:
+            if line(f"ours-codit ({label(engine, attention, concurrent)})", b,
+                    lambda: run_ours(expert, amateur, b, args, engine, 1.0, attention, concurrent)) is None:
                 break
     print(f"\ntotal {time.perf_counter() - began:.0f} s; results in {args.json}", flush=True)
 

@@ -17,7 +17,8 @@
 # main:
 # 1. the GPU tests (CUDA graphs against plain kernels and the eager engine; 40 stop ids,
 #    FlexAttention decode, compiled layers, the "auto" defaults inside the graph; packed training
-#    with FlexAttention against SDPA; the fused loss's compiled chunk against the eager one);
+#    with FlexAttention against SDPA; the fused loss's compiled chunk against the eager one; the
+#    two-stream CoDIT step);
 # 2. training (issue 5), 8 x 2048 with 4 batches accumulated per step, no profiles: ZeRO-2 with
 #    every lever (compiled layers, FlexAttention for packed rows, overlap_comm and the bf16 overflow
 #    check off) and what is new since 45.3 %: the fused loss's compiled chunk, and no nan/inf sync
@@ -28,7 +29,8 @@
 #    json-main.tgz as worker-CONFIG.log. The lines run in this order until the budget is spent
 #    (each x4 line takes about 1.5 min: model save and load, compile, 12 warm-up and 24 timed batches);
 # 3. decoding (issue 4) at batch 128 only, HF's LogitsProcessor way and ours: does 6,047 hold on
-#    another machine (last, as it was measured once already).
+#    another machine, and the amateur on a second CUDA stream (DecodingConfig.concurrent_models)
+#    against the one-stream step, so that the two models' kernels overlap inside the graph.
 # extra:
 # 4. decoding: the synthesis workload (512 rows, lengths up to 800) with SDPA against FlexAttention
 #    decode, where reading only live cache blocks should pay most;
@@ -53,15 +55,15 @@ python3 -c "import torch, transformers, deepspeed, datasets; print('torch', torc
 
 if [ "$PART" = main ]; then
 stamp gpu tests
-timeout 80 python3 -m pytest -p no:cacheprovider -m gpu tests/test_decoding.py tests/test_train_fused.py \
+timeout 75 python3 -m pytest -p no:cacheprovider -m gpu tests/test_decoding.py tests/test_train_fused.py \
     --tb=short 2>&1 | tee "$OUT/gpu_tests.txt" | tail -4
 stamp train
-TORCH_LOGS=recompiles timeout 390 python3 bench/train_bench.py --device cuda --steps 6 --budget-s 380 \
+TORCH_LOGS=recompiles timeout 355 python3 bench/train_bench.py --device cuda --steps 6 --budget-s 345 \
     --configs zero2-compile-flex-nooverlap-nocheck@8x4,plain,zero2-compile-flex-nooverlap-nocheck-eagerloss@8x4,zero2-compile-flex@8x4,zero2-compile-nooverlap-nocheck@8x4 \
     --json "$W/train_gpu.json" 2>&1 | tee "$OUT/train.txt" | grep -E "^\||^  [a-z0-9@-]+: "
 stamp decoding
-timeout 100 python3 bench/decoding_bench.py --device cuda --hf-batches 128 --hf-methods contrast --batches 128 \
-    --budget-s 75 --json "$W/decoding.json" 2>&1 | tee "$OUT/decoding.txt" | grep -E "^\||fast engine|compile"
+timeout 125 python3 bench/decoding_bench.py --device cuda --hf-batches 128 --hf-methods contrast --batches 128 \
+    --concurrent-models off,on --budget-s 100 --json "$W/decoding.json" 2>&1 | tee "$OUT/decoding.txt" | grep -E "^\||fast engine|compile"
 else  # extra
 stamp mixed
 timeout 110 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 512 \

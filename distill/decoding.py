@@ -178,6 +178,9 @@ class DecodingConfig:
     # uneven responses (+6 % on an H100 at batch 128 even with 256 new tokens each; costs a
     # compile). "auto": flex on a GPU, falling back to sdpa if its compile fails; sdpa on CPU.
     decode_attention: str = "auto"
+    # fast engine on a GPU: step the amateur on a second CUDA stream, so that inside the graph the
+    # two models' kernels can overlap (they are independent until the token choice).
+    concurrent_models: bool = False
 
     def levers_on(self, gpu: bool) -> tuple[str, bool]:
         """The fast engine's decode attention and layer compile, with "auto" / None resolved."""
@@ -272,7 +275,8 @@ class ContrastiveDecoder:
                         batch = fit
                 return FastPair(self.models, batch, capacity, cuda_graphs=self.config.cuda_graphs,
                                 compile_layers=compiled, decode_attention=attention,
-                                flex_fallback=self.config.decode_attention == "auto"), batch
+                                flex_fallback=self.config.decode_attention == "auto",
+                                concurrent=self.config.concurrent_models), batch
             log.info("using the eager engine: %s", reasons[0])
         from distill.eager_decoder import EagerPair
 

@@ -173,7 +173,8 @@ class FastPair:
     """
 
     def __init__(self, models, batch: int, capacity: int, cuda_graphs: bool = True, bucket: int | None = None,
-                 compile_layers: bool = False, decode_attention: str = "sdpa", flex_fallback: bool = False):
+                 compile_layers: bool = False, decode_attention: str = "sdpa", flex_fallback: bool = False,
+                 concurrent: bool = False):
         if decode_attention not in ("sdpa", "flex"):
             raise ValueError(f"decode_attention must be sdpa or flex, got {decode_attention!r}")
         self.lms = [FastLM(m, compile_layers) for m in models]
@@ -201,6 +202,11 @@ class FastPair:
         # Eager FlexAttention is correct but dense and slow: where its compile fails (a head_dim
         # under 16 on a GPU, no Triton), an "auto" choice of flex falls back to SDPA instead.
         self.flex_fallback = flex_fallback
+        # Each model after the first steps on its own CUDA stream: the models are independent until
+        # the token choice, so in the graph one model's latency-bound kernels (norms, attention,
+        # small GEMMs) can overlap the other's weight reads. A no-op on CPU.
+        on_gpu = concurrent and self.device.type == "cuda"
+        self.side_streams = [torch.cuda.Stream(self.device) for _ in self.lms[1:]] if on_gpu else []
 
     def prepare(self, tokens: torch.Tensor | None = None, active: torch.Tensor | None = None,
                 post_step=None) -> bool:
@@ -251,11 +257,28 @@ class FastPair:
     def _step(self, width: int) -> list[torch.Tensor]:
         for f in self.flex or ():
             f.update()
-        logits = [lm.decode(self.tokens, self.lengths, self.rows, self.columns[:width], f)
-                  for lm, f in zip(self.lms, self.flex or [None] * len(self.lms))]
+        logits = self._decode_models(width)
         if self.post_step is not None:
             self.lengths += self.active.long()  # finished rows stay put, overwriting one junk column
             self.post_step(logits)
+        return logits
+
+    def _decode_models(self, width: int) -> list[torch.Tensor]:
+        calls = [lambda lm=lm, f=f: lm.decode(self.tokens, self.lengths, self.rows, self.columns[:width], f)
+                 for lm, f in zip(self.lms, self.flex or [None] * len(self.lms))]
+        if not self.side_streams:
+            return [call() for call in calls]
+        main = torch.cuda.current_stream(self.device)
+        logits = [None] * len(calls)
+        for i, stream in enumerate(self.side_streams, 1):  # fork: each side stream starts after main's work so far
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                logits[i] = calls[i]()
+        logits[0] = calls[0]()
+        for i, stream in enumerate(self.side_streams, 1):  # join: the token choice needs every model's logits
+            main.wait_stream(stream)
+            if not torch.cuda.is_current_stream_capturing():  # eager: do not let the allocator reuse them early
+                logits[i].record_stream(main)
         return logits
 
     def _capture(self, width: int) -> tuple:

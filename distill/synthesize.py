@@ -55,6 +55,7 @@ class SynthesizeConfig:
     cuda_graphs: bool = True  # fast engine: replay the decode step as CUDA graphs (False = a fallback)
     compile_layers: bool | None = None  # fast engine: torch.compile the layers (None: on a GPU only)
     decode_attention: str = "auto"  # fast engine: auto (flex on a GPU) | sdpa | flex (see DecodingConfig)
+    concurrent_models: bool = False  # fast engine on a GPU: the amateur on a second CUDA stream
     repetition_ngram: int = 20
     repetition_threshold: float = 0.3  # flag a response if more of its characters repeat
     overwrite: bool = False  # discard an existing output made with other settings
@@ -219,7 +220,7 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
             DecodingConfig(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, top_p=cfg.top_p,
                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, engine=cfg.engine,
                            cuda_graphs=cfg.cuda_graphs, compile_layers=cfg.compile_layers,
-                           decode_attention=cfg.decode_attention),
+                           decode_attention=cfg.decode_attention, concurrent_models=cfg.concurrent_models),
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         provenance = {"method": cfg.method, "expert": cfg.expert, "amateur": cfg.amateur, "alpha": cfg.alpha,
                       "beta": cfg.beta, "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -305,6 +306,9 @@ def add_cli(subparsers, summary: str | None = None) -> None:
                    help="fast engine: flex (FlexAttention: each row reads only its own live cache blocks) or sdpa "
                         "(every row reads up to the longest row); auto = flex on a GPU, with sdpa where flex does "
                         "not compile (default: %(default)s)")
+    p.add_argument("--concurrent-models", action=argparse.BooleanOptionalAction, default=False,
+                   help="fast engine on a GPU: step the amateur on a second CUDA stream so the two models' kernels "
+                        "overlap inside the CUDA graph (default: off)")
     p.add_argument("--repetition-threshold", type=float, default=d["repetition_threshold"].default,
                    help="flag a response as repetitive when more than this fraction of its characters lie in a "
                         "repeated character n-gram (default: 0.3)")

@@ -320,9 +320,10 @@ def test_yarn_rope_attention_scaling_fast_matches_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_stops, attention, compiled", [(1, "sdpa", False), (40, "sdpa", False), (1, "flex", False),
-                                                          (1, "sdpa", True), (1, "auto", None)])  # auto: the default
-def test_cuda_graph_step_matches_plain_kernels_on_gpu(setup, caplog, n_stops, attention, compiled):
+@pytest.mark.parametrize("n_stops, attention, compiled, concurrent",
+                         [(1, "sdpa", False, False), (40, "sdpa", False, False), (1, "flex", False, False),
+                          (1, "sdpa", True, False), (1, "auto", None, False), (1, "auto", None, True)])  # auto: the default
+def test_cuda_graph_step_matches_plain_kernels_on_gpu(setup, caplog, n_stops, attention, compiled, concurrent):
     tok, _, _, prompts = setup
     # float32: no bf16 rounding noise. head_dim 16: FlexAttention's GPU kernels need >= 16 (the
     # shared tiny models have 8, and a failed compile would only fall back to eager flex).
@@ -330,7 +331,8 @@ def test_cuda_graph_step_matches_plain_kernels_on_gpu(setup, caplog, n_stops, at
     # 40 stop ids: torch.isin switches to a sorting path there that cannot be captured. flex builds
     # its block mask inside the graph; compiled layers run Inductor kernels inside it.
     kw = dict(temperature=0.0, max_new_tokens=12, batch_size=4, engine="fast", check_every=4,
-              stop_ids=list(range(2, 2 + n_stops)), decode_attention=attention, compile_layers=compiled)
+              stop_ids=list(range(2, 2 + n_stops)), decode_attention=attention, compile_layers=compiled,
+              concurrent_models=concurrent)
     with caplog.at_level("WARNING"):
         graphs = run(e, a, len(tok), prompts, cuda_graphs=True, **kw)
     assert "capture failed" not in caplog.text and "torch.compile of" not in caplog.text
@@ -475,6 +477,10 @@ def test_defaults_on_cpu_are_sdpa_and_plain_layers(setup):
     dec = ContrastiveDecoder(expert, amateur, len(tok), [2], DecodingConfig(engine="fast"), pad_token_id=3)
     pair, _ = dec._backend(2, 40)
     assert pair.flex is None and pair.lms[0].decode_attention_in is decode_layers.decode_attention_in
+    # a second CUDA stream for the amateur is a GPU-only lever: on CPU asking for it changes nothing
+    dec = ContrastiveDecoder(expert, amateur, len(tok), [2], DecodingConfig(engine="fast", concurrent_models=True),
+                             pad_token_id=3)
+    assert dec._backend(2, 40)[0].side_streams == []
 
 
 @pytest.mark.parametrize("fallback", [True, False])
