@@ -269,9 +269,10 @@ def main():
     ap.add_argument("--decode-attention", default="auto",
                     help="our fast engine's decode attention(s), comma list of auto, sdpa, flex "
                          "(DecodingConfig.decode_attention; default auto: flex on cuda, sdpa on cpu)")
-    ap.add_argument("--concurrent-models", default="off",
-                    help="our fast engine's CoDIT lines with the amateur on a second CUDA stream: off, on, or off,on "
-                         "for both (DecodingConfig.concurrent_models)")
+    ap.add_argument("--concurrent-models", default="auto",
+                    help="our fast engine's CoDIT lines with the amateur on a second CUDA stream: auto (the engine's "
+                         "default: on for cuda), on, off, or a comma list such as off,on for an A/B "
+                         "(DecodingConfig.concurrent_models)")
     ap.add_argument("--refill-mins", default="1,auto",
                     help="mixed workload: refill policies to compare, comma list of numbers and auto (batch / 16)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="fast engine without CUDA graphs")
@@ -369,7 +370,7 @@ def main():
 
     attentions = [levers(a)[0] for a in args.decode_attention.split(",")]
 
-    concurrency = [{"off": False, "on": True}[c] for c in args.concurrent_models.split(",")]
+    concurrency = [{"off": False, "on": True, "auto": cuda}[c] for c in args.concurrent_models.split(",")]
 
     def label(engine, attention, concurrent=False):
         compiled = levers(attention)[1]

@@ -55,7 +55,7 @@ class SynthesizeConfig:
     cuda_graphs: bool = True  # fast engine: replay the decode step as CUDA graphs (False = a fallback)
     compile_layers: bool | None = None  # fast engine: torch.compile the layers (None: on a GPU only)
     decode_attention: str = "auto"  # fast engine: auto (flex on a GPU) | sdpa | flex (see DecodingConfig)
-    concurrent_models: bool = False  # fast engine on a GPU: the amateur on a second CUDA stream
+    concurrent_models: bool | None = None  # fast engine: the amateur on a second CUDA stream (None: on a GPU)
     repetition_ngram: int = 20
     repetition_threshold: float = 0.3  # flag a response if more of its characters repeat
     overwrite: bool = False  # discard an existing output made with other settings
@@ -306,9 +306,9 @@ def add_cli(subparsers, summary: str | None = None) -> None:
                    help="fast engine: flex (FlexAttention: each row reads only its own live cache blocks) or sdpa "
                         "(every row reads up to the longest row); auto = flex on a GPU, with sdpa where flex does "
                         "not compile (default: %(default)s)")
-    p.add_argument("--concurrent-models", action=argparse.BooleanOptionalAction, default=False,
-                   help="fast engine on a GPU: step the amateur on a second CUDA stream so the two models' kernels "
-                        "overlap inside the CUDA graph (default: off)")
+    p.add_argument("--concurrent-models", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast engine: step the amateur on a second CUDA stream so the two models' kernels overlap "
+                        "inside the CUDA graph (default: on a GPU only)")
     p.add_argument("--repetition-threshold", type=float, default=d["repetition_threshold"].default,
                    help="flag a response as repetitive when more than this fraction of its characters lie in a "
                         "repeated character n-gram (default: 0.3)")

@@ -322,7 +322,8 @@ def test_yarn_rope_attention_scaling_fast_matches_eager():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_stops, attention, compiled, concurrent",
                          [(1, "sdpa", False, False), (40, "sdpa", False, False), (1, "flex", False, False),
-                          (1, "sdpa", True, False), (1, "auto", None, False), (1, "auto", None, True)])  # auto: the default
+                          (1, "sdpa", True, False), (1, "auto", None, False),
+                          (1, "auto", None, None)])  # auto / None: the defaults (on a GPU: flex, compiled, two streams)
 def test_cuda_graph_step_matches_plain_kernels_on_gpu(setup, caplog, n_stops, attention, compiled, concurrent):
     tok, _, _, prompts = setup
     # float32: no bf16 rounding noise. head_dim 16: FlexAttention's GPU kernels need >= 16 (the
@@ -470,14 +471,16 @@ def test_sliding_window_with_left_padding_and_refills_matches_a_no_cache_referen
 
 
 def test_defaults_on_cpu_are_sdpa_and_plain_layers(setup):
-    # "auto" picks FlexAttention and compiled layers on a GPU only: the tiny models on CPU run faster without
+    # "auto" picks FlexAttention, compiled layers and a second stream on a GPU only: the tiny models on CPU run faster without
     from distill import decode_layers
 
+    assert DecodingConfig().levers_on(gpu=False) == ("sdpa", False, False)
+    assert DecodingConfig().levers_on(gpu=True) == ("flex", True, True)
     tok, expert, amateur, _ = setup
     dec = ContrastiveDecoder(expert, amateur, len(tok), [2], DecodingConfig(engine="fast"), pad_token_id=3)
     pair, _ = dec._backend(2, 40)
     assert pair.flex is None and pair.lms[0].decode_attention_in is decode_layers.decode_attention_in
-    # a second CUDA stream for the amateur is a GPU-only lever: on CPU asking for it changes nothing
+    assert pair.side_streams == []  # the second CUDA stream is GPU-only: on CPU even asking for it changes nothing
     dec = ContrastiveDecoder(expert, amateur, len(tok), [2], DecodingConfig(engine="fast", concurrent_models=True),
                              pad_token_id=3)
     assert dec._backend(2, 40)[0].side_streams == []
