@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 4 and 5 still need. The session's device budget (15 min, each start
-# included) fits one full call and maybe a short second one, so:
-#   bash bench/gpu_session.sh main     # under 10 min (one call, timeout_s 600): what the goals need
+# The GPU measurements of issues 4 and 5 in one script. The session's device budget (15 min, each
+# start included) fits one full call and maybe a short second one, so:
+#   bash bench/gpu_session.sh main     # under 10 min (one call, timeout_s 600): the goals' lines
 #   bash bench/gpu_session.sh extra    # about 7 min, if the budget still allows a start
 # Each part has its own time budgets and writes its results as it goes.
 #
@@ -11,9 +11,10 @@
 #   then, through the device tool with carry [".whl"], one part per call.
 #   Results land under $OUT (or bench/gpu-results).
 #
-# Earlier runs: bench/results/2026-11-26-h200/, 2026-11-26-h100/ and 2026-11-26-h100-session7/
-# (BENCHMARKS.md). The last one met issue 4's 6,000 tokens/s (6,047) and reached 45.3 % MFU for
-# issue 5 with every lever at 8x4; what is measured next:
+# Earlier runs: bench/results/2026-11-26-h200/, 2026-11-26-h100/, 2026-11-26-h100-session7/ and
+# 2026-11-26-session8/ (BENCHMARKS.md). `main` at 8ced536 (session 8, H200) and its lines rerun on
+# an H100 met both issues' goals: CoDIT 6,477 tokens/s at batch 128, 4.5x HF's LogitsProcessor way
+# in the same run; ZeRO-2 50.4 % MFU beside the anchor's 37.0 %. `extra` has not run yet. The parts:
 # main:
 # 1. the GPU tests (CUDA graphs against plain kernels and the eager engine; 40 stop ids,
 #    FlexAttention decode, compiled layers, the "auto" defaults inside the graph; packed training
