@@ -15,7 +15,9 @@ What makes it fast on a GPU:
 - few kernels per layer: q/k/v and gate/up as one GEMM each (the HF Linear modules are
   re-pointed at views of the fused weight, so nothing is stored twice; note that such a model
   then has shared-storage parameters), residual adds in the GEMM epilogue (addmm), RoPE on q
-  and k together with a roll instead of neg + cat.
+  and k together with a roll instead of neg + cat;
+- the amateur on a second CUDA stream (`concurrent`), so that inside the graph one model's
+  latency-bound kernels overlap the other's weight reads.
 On CPU (tests, float32) the same code runs without graph capture and gives the eager
 reference's greedy tokens. `cuda_graphs=False` is the fallback if capture misbehaves.
 """
