@@ -311,7 +311,9 @@ def test_engine_levers_reach_the_decoder_from_the_cli(zoo, monkeypatch):
     common = ["synthesize", "--expert", str(zoo / "post"), "--prompts", str(zoo / "prompts.jsonl"), "--method",
               "direct", "--max-new-tokens", "3", "--limit", "1", "--no-progress"]
     assert main(common + ["--out", str(zoo / "levers-default")]) == 0
-    assert main(common + ["--out", str(zoo / "levers-set"), "--compile-layers", "--decode-attention", "sdpa"]) == 0
-    assert [(c.compile_layers, c.decode_attention) for c in seen] == [(None, "auto"), (True, "sdpa")]
+    assert main(common + ["--out", str(zoo / "levers-set"), "--compile-layers", "--decode-attention", "sdpa",
+                          "--no-concurrent-models"]) == 0
+    assert [(c.compile_layers, c.decode_attention, c.concurrent_models) for c in seen] == [
+        (None, "auto", None), (True, "sdpa", False)]
     with pytest.raises(SystemExit):  # argparse names the choices
         main(common + ["--out", str(zoo / "levers-bad"), "--decode-attention", "dense"])
