@@ -40,7 +40,7 @@ class TrainConfig:
     model: str  # target: local HF directory or a hub id in the HF cache
     data: str  # dataset directory (distill synthesize output) or .jsonl
     out: str  # final model directory
-    deepspeed: str | None = "zero2"  # zero2 | zero3 | zero3_offload | path to a JSON | None/"none"
+    deepspeed: str | None = "zero2"  # zero2 | zero2_1gpu | zero3 | zero3_offload | path to a JSON | None/"none"
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
     lr: float = 2e-5
@@ -272,9 +272,9 @@ def _prepare_data(chats, tokenizer, cfg: TrainConfig, stats: td.DataStats):
 # ----------------------------------------------------------------------------- CLI
 
 _HELP = {
-    "deepspeed": "DeepSpeed config: zero2 (default), zero3, zero3_offload (ZeRO-3 with params and optimizer "
-                 "in CPU RAM), none (plain Trainer), or a path to your own JSON ('auto' values are filled "
-                 "from these options)",
+    "deepspeed": "DeepSpeed config: zero2 (default), zero2_1gpu (zero2 tuned for one GPU: overlap_comm and the "
+                 "bf16 overflow check off), zero3, zero3_offload (ZeRO-3 with params and optimizer in CPU RAM), "
+                 "none (plain Trainer), or a path to your own JSON ('auto' values are filled from these options)",
     "epochs": "passes over the training rows (default: %(default)s; ignored when --max-steps > 0)",
     "max_steps": "optimizer steps to run; > 0 overrides --epochs (default: %(default)s)",
     "lr": "peak learning rate (default: %(default)s)",

@@ -224,7 +224,7 @@ def test_flex_attention_on_cpu_is_refused_before_the_model_loads(tmp_path, targe
 
 
 def test_shipped_deepspeed_configs_leave_numbers_to_the_trainer():
-    for name in ("zero2", "zero3", "zero3_offload"):
+    for name in ("zero2", "zero2_1gpu", "zero3", "zero3_offload"):
         cfg = load_deepspeed_config(name)
         assert cfg["train_micro_batch_size_per_gpu"] == "auto" and cfg["bf16"]["enabled"] == "auto"
         # zero2/zero3 wrap the Trainer's optimizer; offload needs DeepSpeed's CPU Adam, lr from the Trainer
@@ -232,6 +232,12 @@ def test_shipped_deepspeed_configs_leave_numbers_to_the_trainer():
     assert load_deepspeed_config("zero3_offload")["optimizer"]["params"]["lr"] == "auto"
     assert load_deepspeed_config("zero3")["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert load_deepspeed_config("none") is None
+    # zero2_1gpu is zero2 with exactly the two changes the one-GPU benchmark line measured
+    # (bench/train_workers.py: -nooverlap-nocheck), nothing else
+    expected = load_deepspeed_config("zero2")
+    expected["zero_optimization"]["overlap_comm"] = False
+    expected["bf16"]["check_grad_overflow"] = False
+    assert load_deepspeed_config("zero2_1gpu") == expected
 
 
 def test_cli_help_explains_every_option():
