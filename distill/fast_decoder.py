@@ -266,17 +266,20 @@ class FastPair:
         return logits
 
     def _decode_models(self, width: int) -> list[torch.Tensor]:
-        calls = [lambda lm=lm, f=f: lm.decode(self.tokens, self.lengths, self.rows, self.columns[:width], f)
-                 for lm, f in zip(self.lms, self.flex or [None] * len(self.lms))]
+        flex = self.flex or [None] * len(self.lms)
+
+        def decode(i: int) -> torch.Tensor:
+            return self.lms[i].decode(self.tokens, self.lengths, self.rows, self.columns[:width], flex[i])
+
         if not self.side_streams:
-            return [call() for call in calls]
+            return [decode(i) for i in range(len(self.lms))]
         main = torch.cuda.current_stream(self.device)
-        logits = [None] * len(calls)
+        logits = [None] * len(self.lms)
         for i, stream in enumerate(self.side_streams, 1):  # fork: each side stream starts after main's work so far
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
-                logits[i] = calls[i]()
-        logits[0] = calls[0]()
+                logits[i] = decode(i)
+        logits[0] = decode(0)
         for i, stream in enumerate(self.side_streams, 1):  # join: the token choice needs every model's logits
             main.wait_stream(stream)
             if not torch.cuda.is_current_stream_capturing():  # eager: do not let the allocator reuse them early

@@ -22,13 +22,18 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
+def _chunk_lse_and_loss(x, labels):
+    """Per-row logsumexp of fp32 logits x, and the sum of CE over the rows."""
+    lse = torch.logsumexp(x, dim=-1)
+    return lse, (lse - x.gather(1, labels[:, None]).squeeze(1)).sum()
+
+
 def chunk_loss_and_grad(logits, labels):
     """One chunk: the sum of CE over its rows and d(sum)/d(logits) = softmax - onehot, in the
     logits' dtype. Written for Inductor, which fuses it into one pass over the chunk (the one-hot
     as a `where`, not a scatter, so no fp32 copy of the chunk is ever written)."""
     x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    loss = (lse - x.gather(1, labels[:, None]).squeeze(1)).sum()
+    lse, loss = _chunk_lse_and_loss(x, labels)
     p = torch.exp(x - lse[:, None])
     hit = torch.arange(x.shape[1], device=x.device) == labels[:, None]
     return loss, torch.where(hit, p - 1, p).to(logits.dtype)
@@ -38,8 +43,7 @@ def _chunk_loss_and_grad_inplace(logits, labels):
     # The same maths eagerly and in place: every op is a pass over an fp32 chunk anyway, and in
     # place it holds two such chunks fewer than `chunk_loss_and_grad` would.
     x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    loss = (lse - x.gather(1, labels[:, None]).squeeze(1)).sum()
+    lse, loss = _chunk_lse_and_loss(x, labels)
     grad = x.sub_(lse[:, None]).exp_()
     grad[torch.arange(len(labels), device=labels.device), labels] -= 1
     return loss, grad.to(logits.dtype)
