@@ -149,7 +149,7 @@ def main(argv=None):
     args.suite = args.suite or ("mfu" if args.device == "cuda" else "trl")
     gpu = args.suite == "mfu"
     args.steps = args.steps or (10 if gpu else 30)
-    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 3)
+    args.warmup = 3 if args.warmup is None else args.warmup
     args.batch = args.batch or (4 if gpu else 8)
     args.seq_len = args.seq_len or (2048 if args.device == "cuda" else 128)
 
