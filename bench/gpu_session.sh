@@ -3,6 +3,7 @@
 # start included) fits one full call and maybe a short second one, so:
 #   bash bench/gpu_session.sh main     # under 10 min (one call, timeout_s 600): the goals' lines
 #   bash bench/gpu_session.sh extra    # about 7 min, if the budget still allows a start
+#   bash bench/gpu_session.sh families # about 8 min: the model families' GPU tests and CoDIT lines
 # Each part has its own time budgets and writes its results as it goes.
 #
 #   wheels first, in the project venv (the GPU image has no deepspeed/datasets/evaluate):
@@ -38,9 +39,15 @@
 # 5. training: the hand loop on packed rows with FlexAttention and with SDPA (the hand loop's own
 #    ceiling), and every lever at batch 8 without accumulation with a profile (its 7,362 tokens/s
 #    line had a one-off in the timed steps: the row's notes and worker log now say what).
+# families:
+# 6. the fast engine on each published family's quirks (tests/test_fast_families.py, -m gpu: CUDA
+#    graphs, compiled FlexAttention decode and layers against the eager engine, per family);
+# 7. CoDIT at batch 128 for Mistral-7B, Llama-3.1-8B and Qwen3-8B configs (random weights), each
+#    with the bytes of weights a step reads and tokens/s normalised by them: the goal is each
+#    family within 10 % of the Mistral line once normalised.
 set -uo pipefail
 PART=${1:-main}
-case "$PART" in main|extra) ;; *) echo "usage: bash bench/gpu_session.sh main|extra" >&2; exit 2 ;; esac
+case "$PART" in main|extra|families) ;; *) echo "usage: bash bench/gpu_session.sh main|extra|families" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-results}
 export PYTHONUNBUFFERED=1
@@ -65,6 +72,14 @@ TORCH_LOGS=recompiles timeout 355 python3 bench/train_bench.py --device cuda --s
 stamp decoding
 timeout 125 python3 bench/decoding_bench.py --device cuda --hf-batches 128 --hf-methods contrast --batches 128 \
     --concurrent-models off,on --budget-s 100 --json "$W/decoding.json" 2>&1 | tee "$OUT/decoding.txt" | grep -E "^\||fast engine|compile"
+elif [ "$PART" = families ]; then
+stamp family gpu tests
+timeout 220 python3 -m pytest -p no:cacheprovider -m gpu tests/test_fast_families.py --tb=short 2>&1 \
+    | tee "$OUT/gpu_tests_families.txt" | tail -4
+stamp family decoding
+timeout 270 python3 bench/decoding_bench.py --device cuda --compare-configs mistral-7b,llama3.1-8b,qwen3-8b \
+    --batches 128 --budget-s 200 --json "$W/decoding_families.json" 2>&1 | tee "$OUT/decoding_families.txt" \
+    | grep -E "^\||CoDIT|compile"
 else  # extra
 stamp mixed
 timeout 110 python3 bench/decoding_bench.py --device cuda --workload mixed --batches 128 --rows 512 \

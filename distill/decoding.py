@@ -19,7 +19,8 @@ uninterrupted batch-1 run exactly (up to floating-point differences between kern
 `ContrastiveDecoder` runs both models in one process with one KV cache each and keeps the
 batch full by refilling finished rows (continuous batching). Two backends share that loop:
 `distill.eager_decoder.EagerPair` (any Hugging Face causal LM, DynamicCache; the reference) and
-`distill.fast_decoder.FastPair` (Llama/Mistral/Qwen2: static cache, CUDA graphs).
+`distill.fast_decoder.FastPair` (static cache, CUDA graphs; the families of `distill.fast_families`:
+Llama, Mistral, Qwen2/3, Gemma-3, Olmo-2/3).
 """
 
 from __future__ import annotations
@@ -118,27 +119,8 @@ def next_token(logits_expert: torch.Tensor, logits_amateur: torch.Tensor | None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Vocabulary checks (before any model goes to the device)
+# Output rows, checked once the models are loaded (the tokenizers are checked before: distill.pair)
 # ---------------------------------------------------------------------------------------------
-
-def check_same_tokenizer(expert_tok, amateur_tok, expert_name: str = "expert", amateur_name: str = "amateur") -> int:
-    """Expert and amateur must tokenize identically; returns the real vocabulary size."""
-    ve, va = expert_tok.get_vocab(), amateur_tok.get_vocab()
-    if ve != va:
-        only_e = sorted(set(ve) - set(va))[:5]
-        only_a = sorted(set(va) - set(ve))[:5]
-        moved = sorted(t for t in set(ve) & set(va) if ve[t] != va[t])[:5]
-        raise DistillError(
-            f"the tokenizers of {expert_name} ({len(ve)} tokens) and {amateur_name} ({len(va)} tokens) differ "
-            f"(only in expert: {only_e}, only in amateur: {only_a}, different ids: {moved}); contrastive "
-            f"decoding needs the post-trained model and ITS OWN base model, which share one tokenizer")
-    for attr in ("bos_token_id", "eos_token_id", "unk_token_id"):
-        if getattr(expert_tok, attr, None) != getattr(amateur_tok, attr, None):
-            raise DistillError(
-                f"{attr} differs between {expert_name} ({getattr(expert_tok, attr, None)}) and {amateur_name} "
-                f"({getattr(amateur_tok, attr, None)}); fix the tokenizer_config.json of one of them")
-    return max(len(expert_tok), max(ve.values()) + 1)
-
 
 def check_embedding_rows(model, vocab_size: int, name: str) -> None:
     rows = model.get_output_embeddings().weight.shape[0]
@@ -159,9 +141,9 @@ class DecodingConfig:
     beta: float = 1.0  # amateur penalty; 0 = plain generation from the expert
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    max_new_tokens: int = 2048
+    max_new_tokens: int = 4096  # the public CoDIT scripts' max_tokens (scripts/run_*.sh)
     batch_size: int = 32  # rows decoded together; finished rows are refilled
-    engine: str = "auto"  # auto | eager | fast ("auto": fast on CUDA for Llama-family models)
+    engine: str = "auto"  # auto | eager | fast ("auto": fast on CUDA for the families it supports)
     cuda_graphs: bool = True  # fast engine only; False = plain eager kernels (a fallback)
     check_every: int = 8  # steps between host checks for finished rows (no host sync in between)
     # Refill finished rows once this many slots are free (0 = auto: batch / 16 on a GPU, 1 on CPU).
@@ -182,6 +164,9 @@ class DecodingConfig:
     # kernels overlap (they are independent until the token choice). None = on a GPU: +6.6 % CoDIT
     # tokens/s on an H100 at batch 128, +4.1 % on an H200 (BENCHMARKS.md). No effect on CPU.
     concurrent_models: bool | None = None
+    # Record each chosen token's log_softmax(score), the value the public CoDIT code stores per token
+    # (vLLM's logprobs of the contrastive scores it samples from). Costs one more softmax per step.
+    token_logprobs: bool = False
 
     def levers_on(self, gpu: bool) -> tuple[str, bool, bool]:
         """The fast engine's decode attention, layer compile and second stream, "auto" / None resolved."""
@@ -252,10 +237,20 @@ class ContrastiveDecoder:
                                f"{next(amateur.parameters()).device}); the engine steps both in one process")
         self.tokens_generated = 0
         self.setup_seconds = 0.0
+        self.engine_used: str | None = None  # set by each generate(): "fast" | "eager"
+        self.engine_reason: str | None = None  # why not the fast engine (None when it ran)
+        self._engine_warned: set[str] = set()  # one warning per reason, not per generate() call
 
     def _backend(self, batch: int, capacity: int):
-        """The backend and the batch it runs (the fast one shrinks it to what fits in GPU memory)."""
+        """The backend and the batch it runs (the fast one shrinks it to what fits in GPU memory).
+
+        Records which engine ran and why on `engine_used` ("fast" | "eager") and `engine_reason`
+        (None, or why not the fast engine), for the dataset card.
+        """
         engine = self.config.engine
+        self.engine_used = "eager"
+        self.engine_reason = ("engine=eager was requested" if engine == "eager"
+                              else "auto picks the fast engine on CUDA only")
         if engine == "fast" or (engine == "auto" and self.device.type == "cuda"):
             from distill.fast_decoder import FastPair, unsupported_reason
 
@@ -275,11 +270,19 @@ class ContrastiveDecoder:
                         log.warning("batch %d does not fit a static KV cache of %d tokens per row; using %d",
                                     batch, capacity, fit)
                         batch = fit
+                self.engine_used, self.engine_reason = "fast", None
                 return FastPair(self.models, batch, capacity, cuda_graphs=self.config.cuda_graphs,
                                 compile_layers=compiled, decode_attention=attention,
                                 flex_fallback=self.config.decode_attention == "auto",
                                 concurrent=concurrent), batch
-            log.info("using the eager engine: %s", reasons[0])
+            # One warning per decoder and reason (not per call of generate, not per model): a GPU run
+            # on the eager engine is a silent slowdown otherwise.
+            reason = "; ".join(dict.fromkeys(reasons))
+            if reason not in self._engine_warned:
+                self._engine_warned.add(reason)
+                log.warning("using the eager engine: the fast engine cannot run this model (%s); the eager engine "
+                            "is typically several times slower per token on a GPU (see BENCHMARKS.md)", reason)
+            self.engine_reason = reason
         from distill.eager_decoder import EagerPair
 
         return EagerPair(self.models, batch, self.pad_token_id), batch
@@ -297,6 +300,7 @@ class ContrastiveDecoder:
         self.batch = batch
         self.stops = torch.tensor(self.stop_ids or [-1], device=dev)
         self.out = torch.zeros(batch, cfg.max_new_tokens + 1, dtype=torch.long, device=dev)
+        self.lp_out = torch.zeros(batch, cfg.max_new_tokens + 1, device=dev) if cfg.token_logprobs else None
         self.n = torch.zeros(batch, dtype=torch.long, device=dev)  # tokens generated per row
         self.cur = torch.zeros(batch, dtype=torch.long, device=dev)  # last sampled token per row
         self.active = torch.zeros(batch, dtype=torch.bool, device=dev)
@@ -324,11 +328,14 @@ class ContrastiveDecoder:
                 continue
             lengths, stopped = self.n.tolist(), self.stopped.tolist()
             rows = self.out[done].tolist()
-            for row, i in zip(rows, done):
+            lps = self.lp_out[done].tolist() if self.lp_out is not None else [None] * len(done)
+            for row, lp, i in zip(rows, lps, done):
                 req = slots[i]
                 slots[i] = None
                 self.tokens_generated += lengths[i]
-                yield Result(req.key, row[:lengths[i]], "stop" if stopped[i] else "length", len(req.prompt_ids))
+                extra = {"token_logprobs": lp[:lengths[i]]} if lp is not None else {}
+                yield Result(req.key, row[:lengths[i]], "stop" if stopped[i] else "length", len(req.prompt_ids),
+                             extra)
             backend.release(done)
             free += done
             # Rows' tokens do not depend on when they start (counter-based sampling), so waiting
@@ -361,6 +368,9 @@ class ContrastiveDecoder:
         # `out` has one spare column, so a finished row (n == max_new_tokens) writes its filler
         # token there; columns at or beyond a row's n are never read.
         self.out[rows] = self.out[rows].scatter(1, n[:, None], tok[:, None])
+        if self.lp_out is not None:
+            lp = torch.log_softmax(scores, dim=-1).gather(1, tok[:, None])
+            self.lp_out[rows] = self.lp_out[rows].scatter(1, n[:, None], lp)
         # A broadcast compare, not torch.isin: with more than ~20 stop ids isin sorts and calls
         # unique, a host sync that invalidates CUDA-graph capture (the step then runs without graphs).
         hit_stop = (tok[:, None] == self.stops).any(-1) & live

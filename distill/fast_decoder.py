@@ -1,13 +1,17 @@
-"""The fast decoding backend for the Llama family (Llama, Mistral, Qwen2).
+"""The fast decoding backend: Llama, Mistral, Qwen2/3, Gemma-3 and Olmo2/3.
 
 A compact decoder in the spirit of nanoGPT/litgpt that reuses the Hugging Face model's weight
 tensors (nothing is copied): RMSNorm, RoPE (the HF module's own inv_freq, so llama3/yarn
-scaling come for free), grouped-query attention, SwiGLU, Qwen2's q/k/v bias.
+scaling come for free), grouped-query attention, a gated MLP. Each family's quirks (q/k norms,
+post-sublayer norms, Gemma's (1 + w) norm and scaled embeddings, per-layer sliding windows and
+RoPE tables) are read from its config by `distill.fast_families`; per-layer differences live
+in each layer's dict.
 
 What makes it fast on a GPU:
 - a static KV cache [batch, kv_heads, capacity, head_dim] per layer; row b writes its next
   key/value at column lengths[b] and attends to columns <= lengths[b], so rows at different
-  positions share one fixed-shape step and a refilled row simply starts again at column 0;
+  positions share one fixed-shape step and a refilled row simply starts again at column 0
+  (a sliding-window layer keeps a full-length cache too and masks what its window no longer sees);
 - that fixed-shape step, for both models at once, is captured once as a CUDA graph and
   replayed every token (one launch instead of ~1,000 kernel launches);
 - decode-time GQA folds the query heads of a KV group into the query-length axis, so the
@@ -29,61 +33,31 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from distill.decode_layers import (attention_in, attention_out_and_mlp, fuse_linears, layer_functions,
-                                   rms_norm)
+from distill.decode_layers import attention_in, attention_out_and_mlp, layer_functions, rms_norm
+from distill.fast_families import SUPPORTED, read_weights, text_parts, unsupported_reason  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("llama", "mistral", "qwen2")
-STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # types whose inv_freq does not change at run time
 ATTENTION_BUCKET = 256  # attention width grows in steps of this many cache columns (one CUDA graph each)
 
 
-def unsupported_reason(model) -> str | None:
-    """None if `model` can run on the fast backend, else why not (the eager engine then runs it)."""
-    cfg = model.config
-    if cfg.model_type not in SUPPORTED:
-        return f"model type {cfg.model_type!r} is not one of {SUPPORTED}"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act!r} is not silu"
-    rope_type = getattr(getattr(model.model, "rotary_emb", None), "rope_type", None)
-    if rope_type not in STATIC_ROPE:
-        return f"rope type {rope_type!r} is not one of {STATIC_ROPE}"
-    if cfg.model_type == "qwen2" and getattr(cfg, "use_sliding_window", False):
-        return "Qwen2 with use_sliding_window (per-layer windows) is not implemented"
-    return None
-
-
 class FastLM:
-    """One Llama-family model as plain tensors plus a static KV cache."""
+    """One model as plain tensors plus a static KV cache."""
 
     def __init__(self, hf_model, compile_layers: bool = False):
-        cfg, base = hf_model.config, hf_model.model
         self.decode_attention_in, self.attention_out_and_mlp = layer_functions(compile_layers)
-        self.eps = cfg.rms_norm_eps
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads
-        self.embed = base.embed_tokens.weight
-        self.head_dim = base.layers[0].self_attn.q_proj.weight.shape[0] // self.heads
-        self.window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
-        rotary = base.rotary_emb
-        self.inv_freq = rotary.inv_freq.float()
-        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        w = read_weights(hf_model)
+        self.family, self.eps, self.layers = w.family, w.eps, w.layers
+        self.heads, self.kv_heads, self.head_dim = w.heads, w.kv_heads, w.head_dim
+        self.embed, self.embed_scale, self.norm, self.lm_head = w.embed, w.embed_scale, w.norm, w.lm_head
+        self.logit_softcap, self.attn_scale = w.logit_softcap, w.family.attn_scale
+        self.ropes = w.ropes
+        self.windows = {p["window"] for p in self.layers}  # None: full attention
         half = self.head_dim // 2
         # rotate_half(x) == roll(x, half) * [-1]*half + [+1]*half: one copy instead of neg + cat
         self.rot_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.embed.device)
-        self.layers = []
-        for layer in base.layers:
-            att, mlp = layer.self_attn, layer.mlp
-            self.layers.append({
-                "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
-                "qkv": fuse_linears(att, "_distill_qkv", [att.q_proj, att.k_proj, att.v_proj]),
-                "o": (att.o_proj.weight, att.o_proj.bias),
-                "gate_up": fuse_linears(mlp, "_distill_gate_up", [mlp.gate_proj, mlp.up_proj]),
-                "down": (mlp.down_proj.weight, mlp.down_proj.bias),
-            })
-        self.norm = base.norm.weight
-        self.lm_head = hf_model.get_output_embeddings().weight
+        # Olmo applies RoPE in float32 (its cos/sin are not cast to the model dtype)
+        self.rope_dtype = torch.float32 if self.family.rope_f32 else self.embed.dtype
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
 
@@ -92,49 +66,67 @@ class FastLM:
         self.k_cache = [self.embed.new_zeros(shape) for _ in self.layers]
         self.v_cache = [self.embed.new_zeros(shape) for _ in self.layers]
 
-    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(self.embed.dtype)
-        sin = (emb.sin() * self.rope_scale).to(self.embed.dtype) * self.rot_sign.to(self.embed.dtype)
-        return cos, sin
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embed)
+        return x if self.embed_scale is None else x * self.embed_scale
 
-    def _qkv(self, x: torch.Tensor, p: dict, cos, sin):
-        return attention_in(x, p["ln1"], *p["qkv"], cos, sin, self.heads, self.kv_heads, self.head_dim, self.eps)
+    def _cos_sin(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, signed sin) [.., 1, d] per RoPE table, broadcast over heads."""
+        out = []
+        for inv_freq, scale in self.ropes:
+            freqs = positions.float()[..., None] * inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos = (emb.cos() * scale).to(self.rope_dtype)
+            sin = (emb.sin() * scale).to(self.rope_dtype) * self.rot_sign.to(self.rope_dtype)
+            out.append((cos[..., None, :], sin[..., None, :]))
+        return out
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(rms_norm(x, self.norm, self.eps, self.family.norm_f32), self.lm_head)
+        if self.logit_softcap is not None:  # Gemma's final soft-capping, in the logits' dtype as HF does it
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
 
     def _out_mlp(self, x: torch.Tensor, o: torch.Tensor, p: dict, fn=attention_out_and_mlp) -> torch.Tensor:
-        return fn(x, o, *p["o"], p["ln2"], *p["gate_up"], *p["down"], self.eps)
+        return fn(x, o, *p["o"], p["ln2"], *p["gate_up"], *p["down"], self.eps, **p["mlp_kw"])
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
-               columns: torch.Tensor, flex=None) -> torch.Tensor:
+               columns: torch.Tensor, flex: dict | None = None) -> torch.Tensor:
         """One token per row: write K/V at column lengths[b], attend to columns <= lengths[b].
 
         `columns` is arange(width): attention reads only the first width columns of the cache,
-        so every row must have lengths[b] < width. With `flex` (a FlexDecodeAttention over this
-        model's cache) each row reads only its own live blocks instead, and `columns` is unused.
+        so every row must have lengths[b] < width. With `flex` ({window: FlexDecodeAttention}
+        over this model's cache length) each row reads only its own live blocks instead, and
+        `columns` is unused.
         """
         batch, heads, kv, d = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         width = columns.shape[0]
-        x = F.embedding(tokens, self.embed)  # [B, hidden]
-        cos, sin = self._cos_sin(lengths)
-        cos, sin = cos[:, None, :], sin[:, None, :]
+        x = self._embed(tokens)  # [B, hidden]
+        ropes = self._cos_sin(lengths)
+        # an additive mask per window, made once per step (a bool one would be converted in every layer)
         if flex is None:
-            visible = columns[None, :] <= lengths[:, None]
-            if self.window is not None:
-                visible &= columns[None, :] > lengths[:, None] - self.window
-            # An additive mask made once per step (a bool one would be converted in every layer),
-            # [B, 1, 1, width], broadcast over kv heads and query groups. Column 0 is always visible.
-            bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
-            bias = bias[:, None, None, :]
+            biases = {w: self._decode_bias(columns, lengths, w, x.dtype) for w in self.windows}
         for p, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
-            q = self.decode_attention_in(x, p["ln1"], *p["qkv"], cos, sin, heads, kv, d, self.eps, kc, vc, rows, lengths)
+            cos, sin = ropes[p["rope"]]
+            q = self.decode_attention_in(x, p["ln1"], *p["qkv"], cos, sin, heads, kv, d, self.eps, kc, vc, rows,
+                                         lengths, **p["attn_kw"])
             if flex is not None:
-                o = flex.attend(q, kc, vc)
+                o = flex[p["window"]].attend(q, kc, vc, scale=self.attn_scale)
             else:  # query heads h*G..h*G+G-1 share kv head h: fold them into the query axis
                 o = F.scaled_dot_product_attention(q.reshape(batch, kv, heads // kv, d), kc[:, :, :width],
-                                                   vc[:, :, :width], attn_mask=bias)
+                                                   vc[:, :, :width], attn_mask=biases[p["window"]],
+                                                   scale=self.attn_scale)
             x = self._out_mlp(x, o.reshape(batch, heads * d), p, self.attention_out_and_mlp)
-        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head)
+        return self._logits(x)
+
+    @staticmethod
+    def _decode_bias(columns, lengths, window: int | None, dtype) -> torch.Tensor:
+        """[B, 1, 1, width], broadcast over kv heads and query groups. Column 0 is always visible."""
+        visible = columns[None, :] <= lengths[:, None]
+        if window is not None:
+            visible &= columns[None, :] > lengths[:, None] - window
+        bias = torch.zeros(visible.shape, dtype=dtype, device=lengths.device).masked_fill_(~visible, float("-inf"))
+        return bias[:, None, None, :]
 
     def prefill(self, slots: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded prompts [k, T] into cache rows `slots`; returns the last real token's logits.
@@ -143,25 +135,28 @@ class FastLM:
         """
         k_rows, width = ids.shape
         heads, kv, d = self.heads, self.kv_heads, self.head_dim
-        x = F.embedding(ids, self.embed)
+        x = self._embed(ids)
         pos = torch.arange(width, device=ids.device)
-        cos, sin = self._cos_sin(pos)
-        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, d] against [k, T, heads, d]
-        windowed = self.window is not None and width > self.window
-        causal = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window) if windowed else None
+        ropes = self._cos_sin(pos)  # [T, 1, d] against [k, T, heads, d]
+        # a window mask only where the prompt is longer than the window; else plain causal
+        masks = {w: (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - w)
+                 for w in self.windows if w is not None and width > w}
         for p, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
-            q, k, v = (t.transpose(1, 2) for t in self._qkv(x, p, cos, sin))  # [k, heads, T, d]
+            cos, sin = ropes[p["rope"]]
+            q, k, v = (t.transpose(1, 2) for t in attention_in(x, p["ln1"], *p["qkv"], cos, sin, heads, kv, d,
+                                                                self.eps, **p["attn_kw"]))  # [k, heads, T, d]
             kc[slots, :, :width] = k
             vc[slots, :, :width] = v
-            if not windowed:  # plain causal: no mask tensor and no K/V copies, so the flash kernel can run
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            mask = masks.get(p["window"])
+            if mask is None:  # plain causal: no mask tensor and no K/V copies, so the flash kernel can run
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=self.attn_scale)
             else:
                 rep = heads // kv
                 o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                                   attn_mask=causal)
+                                                   attn_mask=mask, scale=self.attn_scale)
             x = self._out_mlp(x, o.transpose(1, 2).reshape(k_rows, width, heads * d), p)
         last = x[torch.arange(k_rows, device=ids.device), lengths - 1]
-        return F.linear(rms_norm(last, self.norm, self.eps), self.lm_head)
+        return self._logits(last)
 
 
 class FastPair:
@@ -196,10 +191,11 @@ class FastPair:
         self.active = None
         self.post_step = None  # the engine's token choice, run right after the step (inside the graph)
         self.flex = None
-        if decode_attention == "flex":  # one block mask per model (sliding windows may differ)
+        if decode_attention == "flex":  # one block mask per distinct sliding window (None: full), shared by the models
             from distill.flex_decode import FlexDecodeAttention
 
-            self.flex = [FlexDecodeAttention(self.lengths, self.capacity, lm.window) for lm in self.lms]
+            windows = {w for lm in self.lms for w in lm.windows}
+            self.flex = {w: FlexDecodeAttention(self.lengths, self.capacity, w) for w in windows}
             self.bucket = self.capacity  # one width, one graph: the mask, not the width, bounds the reads
         # Eager FlexAttention is correct but dense and slow: where its compile fails (a head_dim
         # under 16 on a GPU, no Triton), an "auto" choice of flex falls back to SDPA instead.
@@ -247,8 +243,8 @@ class FastPair:
         """How many rows of static KV cache (all models) fit in the free GPU memory."""
         per_row = 0
         for m in models:
-            cfg = m.config
-            head_dim = m.model.layers[0].self_attn.q_proj.weight.shape[0] // cfg.num_attention_heads
+            cfg, base = text_parts(m)
+            head_dim = base.layers[0].self_attn.q_proj.weight.shape[0] // cfg.num_attention_heads
             elem = next(m.parameters()).element_size()
             per_row += 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * capacity * elem
             per_row += 16 * cfg.vocab_size * 4  # float32 logits and sampling temporaries per row
@@ -257,7 +253,7 @@ class FastPair:
 
     @torch.no_grad()
     def _step(self, width: int) -> list[torch.Tensor]:
-        for f in self.flex or ():
+        for f in (self.flex or {}).values():
             f.update()
         logits = self._decode_models(width)
         if self.post_step is not None:
@@ -266,10 +262,8 @@ class FastPair:
         return logits
 
     def _decode_models(self, width: int) -> list[torch.Tensor]:
-        flex = self.flex or [None] * len(self.lms)
-
         def decode(i: int) -> torch.Tensor:
-            return self.lms[i].decode(self.tokens, self.lengths, self.rows, self.columns[:width], flex[i])
+            return self.lms[i].decode(self.tokens, self.lengths, self.rows, self.columns[:width], self.flex)
 
         if not self.side_streams:
             return [decode(i) for i in range(len(self.lms))]

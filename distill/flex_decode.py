@@ -84,9 +84,10 @@ class FlexDecodeAttention:
                                                BLOCK_SIZE=BLOCK, mask_mod=self.mask_mod,
                                                seq_lengths=(1, self.capacity), **self._extra)
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """q [B, heads, d] (one token per row) -> attention output [B, heads * d]."""
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
+        """q [B, heads, d] (one token per row) -> attention output [B, heads * d]; scale None: d ** -0.5."""
         batch, heads, d = q.shape
-        o = _flex_attention()(q[:, :, None, :], k_cache, v_cache, block_mask=self.block_mask,
+        o = _flex_attention()(q[:, :, None, :], k_cache, v_cache, block_mask=self.block_mask, scale=scale,
                               enable_gqa=heads != k_cache.shape[1])
         return o.reshape(batch, heads * d)
