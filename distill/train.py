@@ -62,10 +62,15 @@ class TrainConfig:
     fused_loss: bool = False  # chunked lm_head + cross-entropy, no full logits (ZeRO-2 / no DeepSpeed)
     compile_layers: bool = False  # torch.compile each decoder layer (ZeRO-2 / no DeepSpeed)
     seed: int = 0
-    keep_repetitive: bool = False
+    repetitive: str = "drop"  # rows flagged `repetitive: true` by synthesis: drop | keep (see _HELP)
+    keep_repetitive: bool = False  # the older flag: True = repetitive "keep" (folded into it on creation)
     resume: bool = True  # resume from <out>.checkpoints if an interrupted run left one
     trust_remote_code: bool = False
     overwrite: bool = False
+
+    def __post_init__(self):
+        if self.keep_repetitive:  # one canonical setting, so train_config.json and resumes see only `repetitive`
+            self.repetitive, self.keep_repetitive = "keep", False
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -88,6 +93,8 @@ def validate(cfg: TrainConfig) -> None:
         raise DistillError(f"need lr > 0 and weight_decay >= 0, got lr {cfg.lr}, weight_decay {cfg.weight_decay}")
     if not 0 <= cfg.warmup_ratio < 1:
         raise DistillError(f"warmup_ratio is a share of the training steps, in [0, 1); got {cfg.warmup_ratio}")
+    if cfg.repetitive not in td.REPETITIVE_POLICIES:
+        raise DistillError(f"repetitive must be drop or keep, got {cfg.repetitive!r}")
     if cfg.truncation not in ("drop", "truncate"):
         raise DistillError(f"truncation must be drop or truncate, got {cfg.truncation!r}")
     from transformers.trainer_utils import SchedulerType
@@ -126,7 +133,7 @@ def train(cfg: TrainConfig, callbacks=()) -> Path:
     # ranks loading one file into the shared HF cache at once raced on its cache files.
     try:
         with scratch_dir(out, "data") as scratch:
-            chats = td.read_chats(cfg.data, cfg.keep_repetitive, stats, cache_dir=scratch)
+            chats = td.read_chats(cfg.data, cfg.repetitive, stats, cache_dir=scratch)
             return _run_trainer(cfg, out, model_path, ds_config, chats, stats, callbacks)
     finally:
         # A ZeRO-3 run registers a process-wide config that makes every later from_pretrained in
@@ -301,7 +308,12 @@ _HELP = {
     "attn_implementation": "attention kernel: sdpa, eager, flash_attention_2, or flex_attention (GPU only; "
                            "with --packing it skips the blocks between packed examples) (default: %(default)s)",
     "seed": "random seed for init of new embeddings, data order and the eval split (default: %(default)s)",
-    "keep_repetitive": "keep rows flagged `repetitive: true` (dropped by default)",
+    "repetitive": "rows that `distill synthesize` flagged `repetitive: true`: drop them, or keep them in the "
+                  "training data; either way train_summary.json counts them (data.flagged_repetitive, "
+                  "dropped_repetitive, kept_repetitive). The public CoDIT code only annotates such a flag "
+                  "(src/annotation.py writes repetition_flag next to its judge scores) and ships no training "
+                  "code, so it sets no policy to follow; distill drops them, as it always has (default: %(default)s)",
+    "keep_repetitive": "the same as --repetitive keep (the older flag)",
     "no_resume": "start over even if <out>.checkpoints/ holds an interrupted run (discarding it)",
     "trust_remote_code": "allow the target's own modelling code (only for targets you trust)",
     "overwrite": "replace --out if it already exists, and discard checkpoints an interrupted run with other "
@@ -333,7 +345,8 @@ def add_cli(subparsers, summary: str | None = None):
             p.add_argument(flag, action="store_true", help=_HELP[f.name])
         else:
             kind = float if isinstance(default, float) else int if isinstance(default, int) else str
-            choices = {"truncation": ["drop", "truncate"], "precision": ["auto", "bf16", "fp32"]}.get(f.name)
+            choices = {"truncation": ["drop", "truncate"], "precision": ["auto", "bf16", "fp32"],
+                       "repetitive": list(td.REPETITIVE_POLICIES)}.get(f.name)
             p.add_argument(flag, type=kind, default=default, choices=choices, help=_HELP[f.name])
     p.add_argument("--no-resume", action="store_true", help=_HELP["no_resume"])
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -53,7 +53,12 @@ class DataStats:
     """What happened to the rows on the way to tokens; logged and saved with the model."""
 
     rows_read: int = 0
+    # Rows flagged `repetitive: true` by synthesis, and what `--repetitive` (drop | keep) did with them.
+    repetitive_policy: str = ""
+    repetition_rule: str | None = None  # the rows' `repetition_rule` (comma-joined if several); None: none given
+    flagged_repetitive: int = 0
     dropped_repetitive: int = 0
+    kept_repetitive: int = 0
     dropped_empty: int = 0
     dropped_too_long: int = 0
     truncated: int = 0
@@ -147,19 +152,42 @@ def _bars_only_for_large(rows: int, threshold: int = 10_000):
         datasets.enable_progress_bars()
 
 
-def read_chats(data, keep_repetitive: bool, stats: DataStats, cache_dir: str | Path | None = None):
-    """Rows -> a `datasets.Dataset` with one column, `messages`; filtered and counted."""
+REPETITIVE_POLICIES = ("drop", "keep")
+
+
+def read_chats(data, repetitive: str | bool = "drop", stats: DataStats | None = None,
+               cache_dir: str | Path | None = None, *, keep_repetitive: bool | None = None):
+    """Rows -> a `datasets.Dataset` with one column, `messages`; filtered and counted.
+
+    `repetitive`: what to do with rows flagged `repetitive: true` ("drop" or "keep"; a bool is the
+    older `keep_repetitive` argument, as is the keyword of that name). Either way they are counted.
+    """
+    if keep_repetitive is not None:
+        repetitive = keep_repetitive
+    if isinstance(repetitive, bool):
+        repetitive = "keep" if repetitive else "drop"
+    if repetitive not in REPETITIVE_POLICIES:
+        raise DistillError(f"repetitive must be drop or keep, got {repetitive!r}")
+    stats = stats if stats is not None else DataStats()
     ds = load_rows(data, cache_dir)
     with _bars_only_for_large(len(ds)):
-        return _read_chats(ds, data, keep_repetitive, stats)
+        return _read_chats(ds, data, repetitive, stats)
 
 
-def _read_chats(ds, data, keep_repetitive: bool, stats: DataStats):
+def _read_chats(ds, data, repetitive: str, stats: DataStats):
     stats.rows_read = len(ds)
-    if "repetitive" in ds.column_names and not keep_repetitive:
-        before = len(ds)
-        ds = ds.filter(lambda r: not r["repetitive"], desc="dropping repetitive rows")
-        stats.dropped_repetitive = before - len(ds)
+    stats.repetitive_policy = repetitive
+    if "repetition_rule" in ds.column_names:
+        rules = sorted({str(r) for r in ds["repetition_rule"] if r is not None})
+        stats.repetition_rule = ",".join(rules) or None
+    if "repetitive" in ds.column_names:
+        stats.flagged_repetitive = sum(bool(f) for f in ds["repetitive"])
+        if repetitive == "drop":
+            before = len(ds)
+            ds = ds.filter(lambda r: not r["repetitive"], desc="dropping repetitive rows")
+            stats.dropped_repetitive = before - len(ds)
+        else:
+            stats.kept_repetitive = stats.flagged_repetitive
     ds = ds.map(lambda r: {"messages": row_to_messages(r)}, remove_columns=ds.column_names, desc="building chats")
     before = len(ds)
     ds = ds.filter(lambda r: r["messages"] is not None)
@@ -167,7 +195,7 @@ def _read_chats(ds, data, keep_repetitive: bool, stats: DataStats):
     if len(ds) == 0:
         raise DistillError(f"training data {data}: no usable rows left ({stats.rows_read} read, "
                            f"{stats.dropped_repetitive} repetitive, {stats.dropped_empty} without a response); "
-                           "pass --keep-repetitive or supply other data")
+                           "pass --repetitive keep or supply other data")
     return ds
 
 
