@@ -9,7 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench-install recipe-mistral-to-qwen clean
+RECIPES := $(basename $(notdir $(filter-out recipes/tiny.yaml,$(wildcard recipes/*.yaml))))
+
+.PHONY: install demo test bench-install clean $(addprefix recipe-,$(RECIPES))
 
 install: $(STAMP)
 
@@ -31,8 +33,10 @@ test: install
 bench-install: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 
-recipe-mistral-to-qwen: install
-	$(BIN)/distill run recipes/mistral-to-qwen.yaml
+# make recipe-NAME runs recipes/NAME.yaml on real checkpoints (mistral-to-qwen,
+# llama3.1-8b-to-qwen2.5-7b, qwen3-8b-to-llama3.1-8b); each stops at once, naming what is missing.
+$(addprefix recipe-,$(RECIPES)): recipe-%: install
+	$(BIN)/distill run recipes/$*.yaml
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -72,16 +72,45 @@ def load_tokenizer(ref, trust_remote_code: bool = False, what: str = "tokenizer"
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Token ids that end an assistant turn: eos, for ChatML <|im_end|>, and the eos ids of the
-    model's generation config (Qwen's instruct models list <|im_end|> and <|endoftext|> there)."""
+def stop_token_ids(tokenizer, model=None, generation_config=None) -> list[int]:
+    """Token ids that end an assistant turn, by one rule for synthesis, evaluation and training:
+    the tokenizer's eos, the chat template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`: see `end_of_turn_token`) and the eos ids of the generation config (the
+    model's, or one given without loading the model: Llama-3.1-Instruct lists three there)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.append(im_end)
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eot = end_of_turn_token(tokenizer)
+    if eot is not None:
+        ids.append(eot)
+    gen = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    gen_eos = getattr(gen, "eos_token_id", None)
     ids += gen_eos if isinstance(gen_eos, list) else [gen_eos]
     return list(dict.fromkeys(int(i) for i in ids if i is not None))  # in order, without repeats
+
+
+_SENTINEL = "DISTILLSENTINEL"
+
+
+def end_of_turn_token(tokenizer, chat_template: str | None = None, **template_kwargs) -> int | None:
+    """The special token the chat template writes right after an assistant message, or None.
+
+    Found by rendering a one-turn conversation with a sentinel answer and reading the first token
+    after it, so it holds for any template (ChatML, Llama-3, Gemma, Mistral's `</s>`) without a
+    list of names. Only an added/special token counts: text such as a newline is not a stop.
+    """
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **template_kwargs)
+    except Exception:  # noqa: BLE001 - a template that refuses this shape has no readable end-of-turn
+        return None
+    if not isinstance(text, str) or _SENTINEL not in text:
+        return None
+    tail = text[text.rindex(_SENTINEL) + len(_SENTINEL):]
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    special = set(getattr(tokenizer, "all_special_ids", [])) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return int(ids[0]) if ids and ids[0] in special else None
 
 
 def default_dtype(device: str):

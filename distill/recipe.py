@@ -113,11 +113,18 @@ class Pipeline:
             missing.append(f"  prompts.synthesis = {prompts}: the environment variable {unset.group(1)} is not set; "
                            f"set it to a JSONL file or a `datasets` directory of prompts, or pass "
                            f"--set prompts.synthesis=/path/prompts.jsonl")
-        elif not prompts or not Path(prompts).exists():
+        elif not prompts or not (Path(prompts).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", prompts)):
             missing.append(
-                f"  prompts.synthesis = {prompts or '(unset)'}: not found; point it to a JSONL file or a "
-                f"`datasets` directory with an `instruction` field: --set prompts.synthesis=/path/prompts.jsonl"
+                f"  prompts.synthesis = {prompts or '(unset)'}: not found; point it to a JSONL file, a "
+                f"`datasets` directory or a cached hub dataset of prompts: --set prompts.synthesis=/path/prompts.jsonl"
             )
+        else:  # the first usable row: the layout is readable (and a hub name is in the cache)
+            from distill.prompt_sets import load_prompt_set
+
+            try:
+                load_prompt_set(prompts, layout=r.prompts.layout, turns=r.prompts.turns, limit=1)
+            except DistillError as exc:
+                missing.append(f"  prompts.synthesis: {exc}")
         if missing:
             raise DistillError(
                 f"recipe {self.recipe_path} cannot start; these inputs are not on disk:\n" + "\n".join(missing)
@@ -128,6 +135,17 @@ class Pipeline:
         r.target.base = resolved["target.base"]
         if "weight_arithmetic.target" in resolved:
             r.weight_arithmetic.target = resolved["weight_arithmetic.target"]
+        # The pair's tokenizers and configs (no weights): a pair CoDIT cannot decode stops the run now,
+        # not after the chat-vector stage.
+        from distill.pair import check_pair
+
+        s = r.synthesis
+        try:
+            check_pair(r.source.post, r.source.base, chat_template=s.chat_template,
+                       chat_template_kwargs=s.chat_template_kwargs)
+        except DistillError as exc:
+            raise DistillError(f"recipe {self.recipe_path}: source.post and source.base cannot be decoded "
+                               f"together: {exc}") from None
 
     def stage_chat_vector(self) -> dict:
         from distill import chat_vector
@@ -157,7 +175,11 @@ class Pipeline:
             method="codit" if method == "codit" else "direct", alpha=None if method == "direct" else s.alpha,
             beta=s.beta, temperature=s.temperature, top_p=s.top_p,
             max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed, limit=r.prompts.limit,
-            device=s.device or "auto", dtype=s.dtype or "auto",
+            sample=r.prompts.sample, prompt_layout=r.prompts.layout, prompt_turns=r.prompts.turns,
+            max_prompt_chars=r.prompts.max_prompt_chars, dedupe=r.prompts.dedupe,
+            device=s.device or "auto", dtype=s.dtype or "auto", chat_template=s.chat_template,
+            chat_template_kwargs=s.chat_template_kwargs, token_logprobs=s.token_logprobs,
+            repetition_rule=s.repetition_rule,
             # This stage runs because it never finished or its settings changed: the same settings
             # resume the data already written, other settings replace it.
             overwrite=True,
@@ -171,8 +193,8 @@ class Pipeline:
         data = self.state.output(f"synthesize-{method}")["data"]
         args = dict(model=self.recipe.target.base, data=data, out=str(out), deepspeed=t.deepspeed, epochs=t.epochs,
                     max_steps=t.max_steps, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                    max_length=t.max_length, truncation=t.truncation, packing=t.packing, seed=seed,
-                    gradient_checkpointing=t.gradient_checkpointing,
+                    max_length=t.max_length, truncation=t.truncation, repetitive=t.repetitive, packing=t.packing,
+                    seed=seed, gradient_checkpointing=t.gradient_checkpointing,
                     overwrite=True)  # as for synthesis: same settings resume, other settings start over
         if t.num_gpus and t.num_gpus > 1:
             self._launch_train(args, t.num_gpus)

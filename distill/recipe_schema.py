@@ -52,8 +52,14 @@ class WeightArithmeticConfig:
 
 @dataclass
 class PromptsConfig:
-    synthesis: str = ""  # JSONL or `datasets` directory with `instruction` (or `messages`)
+    # JSONL, a `datasets` directory or a cached hub dataset, in any layout distill.prompt_sets reads
+    synthesis: str = ""
     limit: Optional[int] = None  # use the first N prompts only
+    sample: Optional[int] = None  # or N prompts drawn with synthesis.seed
+    layout: str = "auto"  # auto | instruction | messages | conversation | sharegpt | alpaca
+    turns: str = "first"  # first user turn | all turns up to the last user turn
+    max_prompt_chars: Optional[int] = 16000
+    dedupe: bool = True
 
 
 SYNTHESIS_METHODS = ("codit", "direct", "direct-masked")
@@ -68,11 +74,15 @@ class SynthesisConfig:
     beta: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 2048
+    max_new_tokens: int = 4096  # the public CoDIT scripts' max_tokens
     batch_size: int = 32
     seed: int = 0
     device: Optional[str] = None
     dtype: Optional[str] = None
+    chat_template: Optional[str] = None  # for an expert without one: a .jinja file or the template text
+    chat_template_kwargs: Optional[dict] = None  # e.g. {enable_thinking: false}; a template reading it gets false
+    token_logprobs: bool = False  # store each chosen token's log_softmax(score)
+    repetition_rule: str = "public"  # which rows are flagged repetitive: public (the CoDIT code's) | ngram
 
 
 @dataclass
@@ -85,6 +95,7 @@ class TrainStageConfig:
     grad_accum: int = 1
     max_length: int = 2048
     truncation: str = "drop"  # rows longer than max_length: drop | truncate
+    repetitive: str = "drop"  # rows synthesis flagged `repetitive: true`: drop | keep (`distill train --repetitive`)
     packing: bool = False
     gradient_checkpointing: bool = False
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -137,6 +148,8 @@ def _check(value: Any, tp: Any, key: str, where: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
         return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; it is plainly a number
+    if tp is dict and not isinstance(value, dict):
+        raise DistillError(f"{where}: '{key}' must be a mapping, got {value!r}")
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise DistillError(f"{where}: '{key}' must be {tp.__name__}, got {value!r}")
     return value
@@ -220,7 +233,7 @@ def _check_values(recipe: Recipe, where: str) -> None:
     try:
         validate(TrainConfig(model="", data="", out="", epochs=t.epochs, max_steps=t.max_steps, lr=t.lr,
                               batch_size=t.batch_size, grad_accum=t.grad_accum, max_length=t.max_length,
-                              truncation=t.truncation))
+                              truncation=t.truncation, repetitive=t.repetitive))
     except DistillError as exc:
         raise DistillError(f"{where}: train: {exc}") from None
 

@@ -25,88 +25,24 @@ from distill.fsutil import atomic_write_json, atomic_write_text, iter_jsonl
 # ---------------------------------------------------------------------------------------------
 
 def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
-    """Rows {id, instruction, messages} from a JSONL file or a `datasets` directory.
+    """Rows {id, instruction, messages, source_index} from a prompt set (`distill.prompt_sets`).
 
-    Each row needs `instruction` (a string) or chat `messages` (a list of {role, content});
-    `id` defaults to the row index.
+    Any layout it reads (ours: `instruction` or chat `messages`; LMSYS/WildChat `conversation`,
+    ShareGPT, Alpaca), detected from the first row; every turn up to the last user turn is kept, so
+    a finished conversation has its last answer regenerated. `id` defaults to the row index.
+    Empty prompts are dropped; long and repeated ones are kept, as before (`load_prompt_set` can
+    drop those too).
     """
-    path = Path(path)
-    if not path.exists():
-        raise DistillError(f"prompts {path} does not exist; pass a .jsonl file or a datasets directory")
-    if path.is_dir():
-        rows = _load_dataset_dir(path)
-    else:
-        rows = [row for _, row in iter_jsonl(path, "prompts")]
-    if not rows:
-        raise DistillError(f"prompts {path} has no rows; it needs one JSON object per line with an "
-                           f"'instruction' (or chat 'messages') field")
-    prompts, seen = [], set()
-    for i, row in enumerate(rows[:limit] if limit else rows):
-        if not isinstance(row, dict):
-            raise DistillError(f"prompts {path} row {i} is a {type(row).__name__}, not a JSON object; "
-                               f"write one {{\"id\": ..., \"instruction\": ...}} object per line")
-        pid = str(row.get("id", i))
-        if pid in seen:
-            raise DistillError(f"prompts {path}: id {pid!r} appears twice; ids must be unique (resume keys on them)")
-        seen.add(pid)
-        prompts.append({"id": pid, **_messages_of(row, path, i)})
-    return prompts
+    from distill.prompt_sets import load_prompt_set
 
-
-def _load_dataset_dir(path: Path) -> list[dict]:
-    import datasets
-
-    try:
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            ds = datasets.load_from_disk(str(path))
-        else:
-            # Streamed, so nothing is cached: the rows are read into memory at once anyway, and the
-            # ranks of a multi-GPU run would otherwise build the same files in the shared HF cache
-            # together (which also keys a local directory by its name: stale rows from another run).
-            ds = datasets.load_dataset(str(path), streaming=True)
-        if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        return [dict(r) for r in ds]
-    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad-input error for the user
-        raise DistillError(f"prompts {path} is not a loadable datasets directory ({exc}); "
-                           f"pass a .jsonl file or a directory saved with Dataset.save_to_disk") from exc
-
-
-def _messages_of(row: dict, path: Path, index: int) -> dict:
-    if isinstance(row.get("messages"), list) and row["messages"]:
-        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-        if messages[-1]["role"] == "assistant":  # a finished conversation: regenerate its last answer
-            messages = messages[:-1]
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        if not users:
-            raise DistillError(f"prompts {path} row {index}: 'messages' has no user turn")
-        return {"instruction": users[-1], "messages": messages}
-    if isinstance(row.get("instruction"), str) and row["instruction"].strip():
-        return {"instruction": row["instruction"], "messages": [{"role": "user", "content": row["instruction"]}]}
-    raise DistillError(f"prompts {path} row {index} has neither an 'instruction' string nor chat 'messages' "
-                       f"(fields: {sorted(row)}); rename the field holding the prompt to 'instruction'")
+    return load_prompt_set(path, turns="all", max_prompt_chars=None, dedupe=False, limit=limit).rows
 
 
 # ---------------------------------------------------------------------------------------------
-# Repetition filter
+# Repetition filter: the rules live in distill.repetition (re-exported here for old imports)
 # ---------------------------------------------------------------------------------------------
 
-def repetition_fraction(text: str, n: int = 20) -> float:
-    """Fraction of characters covered by a character n-gram that already occurred earlier.
-
-    About 0 for ordinary prose; near 1 for a response stuck in a loop ("the the the ...").
-    """
-    if len(text) <= n:
-        return 0.0
-    seen: set[str] = set()
-    covered = bytearray(len(text))
-    for i in range(len(text) - n + 1):
-        gram = text[i:i + n]
-        if gram in seen:
-            covered[i:i + n] = b"\x01" * n
-        else:
-            seen.add(gram)
-    return sum(covered) / len(text)
+from distill.repetition import repetition_fraction, repetition_rule  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,13 +151,67 @@ def merge(out: Path, prompt_ids: list[str] | None = None) -> Path | None:
     counts = {
         "rows": len(ordered),
         "repetitive": sum(bool(r["repetitive"]) for r in ordered),
+        # which rule flagged how many rows, from the rows (one written before rules had names: ngram)
+        "repetition_rule": provenance["settings"].get("repetition_rule", "ngram"),
+        "repetitive_by_rule": _flagged_by_rule(ordered),
         "finish_reason": {k: sum(r["finish_reason"] == k for r in ordered) for k in ("stop", "length")},
+        "engine": {e: sum(r.get("engine") == e for r in ordered) for e in sorted({str(r.get("engine")) for r in ordered})
+                   if e != "None"},
         "response_tokens": sum(r["response_tokens"] for r in ordered),
     }
     provenance["counts"] = counts
     atomic_write_json(prov_path, provenance)
     atomic_write_text(out / "README.md", dataset_card(provenance, len(data), hashlib.sha256(data).hexdigest()))
     return out
+
+
+def _flagged_by_rule(rows: list[dict]) -> dict:
+    """{rule: {"rows": n, "repetitive": flagged}}; more than one rule only if a run was resumed
+    across versions of distill that flagged by different rules."""
+    out: dict = {}
+    for r in rows:
+        c = out.setdefault(r.get("repetition_rule", "ngram"), {"rows": 0, "repetitive": 0})
+        c["rows"] += 1
+        c["repetitive"] += bool(r["repetitive"])
+    return dict(sorted(out.items()))
+
+
+def _repetition_paragraph(s: dict, c: dict) -> str:
+    by_rule = c.get("repetitive_by_rule") or {c.get("repetition_rule", "ngram"): {"rows": c["rows"],
+                                                                                 "repetitive": c["repetitive"]}}
+    parts = []
+    for name, n in by_rule.items():
+        rule = repetition_rule(name, s.get("repetition_ngram", 20), s.get("repetition_threshold", 0.3))
+        parts.append(f"{n['repetitive']} of {n['rows']} rows flagged by the `{name}` rule, {rule.describe()}")
+    mixed = ("" if len(by_rule) == 1 else " (rows flagged by different rules: the run was resumed across distill "
+             "versions; rerun with --overwrite to flag every row by one rule)")
+    return (f"Repetition filter: {'; '.join(parts)}{mixed}.\nThey are marked `repetitive: true` (with the rule in "
+            f"`repetition_rule`) and kept in this file; `distill train`\ndrops them by default (`--repetitive keep` "
+            f"trains on them too). The public CoDIT code only\nannotates such a flag and drops nothing itself.\n")
+
+
+def _rendering(pair: dict | None) -> str:
+    if not pair:
+        return "the expert tokenizer's chat template, `add_generation_prompt=True`"
+    kwargs = f", kwargs `{json.dumps(pair['chat_template_kwargs'])}`" if pair["chat_template_kwargs"] else ""
+    return f"{pair['chat_template']}'s chat template, `add_generation_prompt=True`{kwargs}; bos: {pair['bos']}"
+
+
+def _pair_section(pair: dict | None) -> str:
+    """The pair's stop set and every difference the pair check found (distill.pair)."""
+    if not pair:
+        return ""
+    diffs = "".join(f"- {d}\n" for d in pair["differences"]) or "- none\n"
+    return (f"\nBoth models score the expert's real vocabulary ({pair['vocab_size']} ids) with one token -> id map. "
+            f"Rows stop at {', '.join(f'`{t}`' for t in pair['stop_tokens'])} (the expert's eos, its template's "
+            f"end-of-turn token and its generation-config eos ids). Differences between expert and amateur, each "
+            f"resolved from the expert:\n\n{diffs}")
+
+
+def _prompt_section(stats: dict | None) -> str:
+    from distill.prompt_sets import describe_stats
+
+    return f"\n{describe_stats(stats)}\n" if stats else ""
 
 
 def dataset_card(p: dict, num_bytes: int, sha256: str) -> str:
@@ -251,17 +241,15 @@ Made by `distill synthesize` (distill {p["distill_version"]}) by {how}.
 | temperature / top_p | {s["temperature"]} / {s["top_p"]} |
 | max_new_tokens | {s["max_new_tokens"]} |
 | seed | {s["seed"]} (each row samples with a seed derived from (seed, id)) |
-| prompt rendering | the expert tokenizer's chat template, `add_generation_prompt=True` |
-
+| prompt rendering | {_rendering(p.get("pair"))} |
+| decoding engine | {", ".join(f"{e}: {k} rows" for e, k in c.get("engine", {}).items()) or "not recorded"} |
+{_pair_section(p.get("pair"))}{_prompt_section(p.get("prompt_set"))}
 Rows: {rows}; finished by a stop token: {c["finish_reason"]["stop"]}, cut at max_new_tokens:
 {c["finish_reason"]["length"]}; mean response length {avg:.1f} tokens.
 
-Repetition filter: {c["repetitive"]} of {rows} rows have more than {s["repetition_threshold"]:.0%} of their
-characters inside a repeated {s["repetition_ngram"]}-character n-gram; they are marked
-`repetitive: true` and `distill train` drops them by default.
-
+{_repetition_paragraph(s, c)}
 Fields: `id, instruction, messages, response, prompt_tokens, response_tokens, finish_reason,
-repetition, repetitive` and the provenance of each row (method, models, alpha, beta, sampling
+repetition, repetitive, repetition_rule` and the provenance of each row (method, models, alpha, beta, sampling
 settings, seed, row_seed, distill_version). `shards/` holds the append-only per-rank record the
 run resumes from; `provenance.json` the full settings.
 """

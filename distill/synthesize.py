@@ -14,6 +14,7 @@ finds every prompt answered writes the final dataset (or run `distill synthesize
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -22,14 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill import DistillError, __version__
-from distill.synth_records import (ShardWriter, finished_rows, load_prompts, merge, repetition_fraction,
+from distill.prompt_sets import LAYOUTS, load_prompt_set
+from distill.synth_records import (ShardWriter, finished_rows, merge, repetition_rule,
                                    shard_path)
 
 log = logging.getLogger(__name__)
 
+# What a run recorded before a setting existed meant: rows flagged by our n-gram rule, not "public".
+LEGACY_DEFAULTS = {"repetition_rule": "ngram"}
+SELECTION_KEYS = ("limit", "sample", "prompt_layout", "prompt_turns", "max_prompt_chars", "dedupe")
 # Settings that change the rows; a resumed run must match them (batch size, device do not).
 RESUME_KEYS = ("expert", "amateur", "prompts", "method", "alpha", "beta", "temperature", "top_p",
-               "max_new_tokens", "seed", "repetition_ngram", "repetition_threshold")
+               "max_new_tokens", "seed", "chat_template", "chat_template_kwargs", "token_logprobs", "repetition_rule",
+               "repetition_ngram", "repetition_threshold")
 
 
 @dataclass
@@ -45,10 +51,17 @@ class SynthesizeConfig:
     beta: float = 1.0
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    max_new_tokens: int = 2048
+    max_new_tokens: int = 4096  # the public CoDIT scripts' max_tokens (scripts/run_*.sh; run_Qwen3-8B.sh: 2048)
     batch_size: int = 32
     seed: int = 0
+    # Which prompts (distill.prompt_sets): the layout (auto-detected), the turns kept, the counted
+    # drops (empty, over max_prompt_chars, duplicate text), then the first `limit` or a seeded `sample`.
     limit: int | None = None  # only the first `limit` prompts
+    sample: int | None = None  # N prompts drawn with `seed`, in source order
+    prompt_layout: str = "auto"  # auto | instruction | messages | conversation | sharegpt | alpaca
+    prompt_turns: str = "first"  # first: the first user turn; all: every turn up to the last user turn
+    max_prompt_chars: int | None = 16000
+    dedupe: bool = True
     device: str = "auto"  # auto = cuda:LOCAL_RANK if available, else cpu
     dtype: str = "auto"  # auto = distill.models.default_dtype: bfloat16 on cuda, float32 on cpu
     engine: str = "auto"  # auto | eager | fast (see distill.decoding.DecodingConfig)
@@ -56,8 +69,17 @@ class SynthesizeConfig:
     compile_layers: bool | None = None  # fast engine: torch.compile the layers (None: on a GPU only)
     decode_attention: str = "auto"  # fast engine: auto (flex on a GPU) | sdpa | flex (see DecodingConfig)
     concurrent_models: bool | None = None  # fast engine: the amateur on a second CUDA stream (None: on a GPU)
+    # Which rows are flagged `repetitive` (distill.repetition): "public" = the public CoDIT code's rule;
+    # "ngram" = ours, with the two settings below (unused by "public").
+    repetition_rule: str = "public"
     repetition_ngram: int = 20
-    repetition_threshold: float = 0.3  # flag a response if more of its characters repeat
+    repetition_threshold: float = 0.3  # ngram: flag a response if more of its characters repeat
+    # The expert's chat template renders every prompt for both models (distill.pair). chat_template: a
+    # .jinja file or the template text, for an expert whose tokenizer has none; chat_template_kwargs:
+    # a JSON object passed to the template (a template reading enable_thinking gets False unless set).
+    chat_template: str | None = None
+    chat_template_kwargs: str | None = None
+    token_logprobs: bool = False  # store each chosen token's log_softmax(score), as the public code does
     overwrite: bool = False  # discard an existing output made with other settings
     trust_remote_code: bool = False
     progress: bool = True
@@ -74,16 +96,21 @@ class SynthesizeConfig:
         # Every value checked before anything is written: a run that fails here leaves nothing behind.
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise DistillError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if not 0.0 <= self.repetition_threshold <= 1.0 or self.repetition_ngram < 1:
-            raise DistillError("need 0 <= repetition_threshold <= 1 and repetition_ngram >= 1")
+        repetition_rule(self.repetition_rule, self.repetition_ngram, self.repetition_threshold)  # raises if bad
         from distill.decoding import DecodingConfig
+        from distill.pair import template_kwargs
 
+        if isinstance(self.chat_template_kwargs, dict):  # recipes give a mapping; settings keep one JSON form
+            self.chat_template_kwargs = json.dumps(self.chat_template_kwargs, sort_keys=True)
+        template_kwargs(_NoTemplate, self.chat_template_kwargs)  # not JSON: an error now, before anything loads
         DecodingConfig(alpha=self.alpha, beta=self.beta, temperature=self.temperature, top_p=self.top_p,
                        max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, engine=self.engine,
                        decode_attention=self.decode_attention).validate()
 
     def settings(self) -> dict:
-        return {k: getattr(self, k) for k in RESUME_KEYS} | {"limit": self.limit}
+        # The prompt selection is recorded but not a resume key: rows are keyed by prompt id and their
+        # text is checked, so another selection keeps what it shares with the old one.
+        return {k: getattr(self, k) for k in RESUME_KEYS} | {k: getattr(self, k) for k in SELECTION_KEYS}
 
 
 def _rank() -> tuple[int, int, int]:
@@ -91,7 +118,11 @@ def _rank() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _prepare_out(cfg: SynthesizeConfig, prompt_ids: list[str]) -> Path:
+class _NoTemplate:
+    chat_template = None
+
+
+def _prepare_out(cfg: SynthesizeConfig, prompt_ids: list[str], record: dict) -> Path:
     """Create D (or check that an existing D continues this very run) and record provenance."""
     from distill.fsutil import atomic_write_json
 
@@ -102,7 +133,10 @@ def _prepare_out(cfg: SynthesizeConfig, prompt_ids: list[str]) -> Path:
             raise DistillError(f"output {out} is a file; choose a directory path for --out")
         if prov.exists():
             old = json.loads(prov.read_text())["settings"]
-            changed = {k: (old.get(k), v) for k, v in cfg.settings().items() if k != "limit" and old.get(k) != v}
+            # A key an older distill did not record counts as its default (the rows were made that way).
+            defaults = {f.name: f.default for f in dataclasses.fields(SynthesizeConfig)} | LEGACY_DEFAULTS
+            changed = {k: (old.get(k, defaults.get(k)), v) for k, v in cfg.settings().items()
+                       if k not in SELECTION_KEYS and old.get(k, defaults.get(k)) != v}
             # An output without a finished row (a run that failed at once) has nothing to lose.
             if changed and not cfg.overwrite and finished_rows(out):
                 raise DistillError(f"output {out} holds a run with other settings {changed}; rerun with the "
@@ -112,37 +146,27 @@ def _prepare_out(cfg: SynthesizeConfig, prompt_ids: list[str]) -> Path:
         elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
             raise DistillError(f"output {out} exists and is not a synthesis run; choose another --out or --overwrite")
         (out / "shards").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(prov, {"distill_version": __version__, "settings": cfg.settings(),
+        atomic_write_json(prov, {"distill_version": __version__, "settings": cfg.settings(), **record,
                                  "prompt_ids": prompt_ids, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     except OSError as exc:
         raise DistillError(f"cannot write to {out} ({exc.strerror}); choose a writable --out") from exc
     return out
 
 
-def _load_tokenizer(cfg: SynthesizeConfig):
-    """The expert's tokenizer and the real vocabulary size, checked against the amateur's: before
-    anything is written or any model touches the device."""
-    from distill.decoding import check_same_tokenizer
-    from distill.models import load_tokenizer
+def _check_pair(cfg: SynthesizeConfig):
+    """The expert's tokenizer (its template installed) and the pair's resolved rules (distill.pair):
+    checked before anything is written or any model touches the device."""
+    from distill.pair import check_pair
 
-    tokenizer = load_tokenizer(cfg.expert, cfg.trust_remote_code, what="expert")
-    if tokenizer.chat_template is None:
-        raise DistillError(f"expert {cfg.expert} has no chat template (tokenizer_config.json 'chat_template'); "
-                           f"the expert must be a post-trained (chat) model")
-    if cfg.amateur:
-        vocab = check_same_tokenizer(tokenizer, load_tokenizer(cfg.amateur, cfg.trust_remote_code, what="amateur"),
-                                     cfg.expert, cfg.amateur)
-    else:
-        vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
-    return tokenizer, vocab
+    return check_pair(cfg.expert, cfg.amateur, cfg.trust_remote_code, cfg.chat_template, cfg.chat_template_kwargs)
 
 
-def _load(cfg: SynthesizeConfig, local_rank: int, tokenizer, vocab: int):
+def _load(cfg: SynthesizeConfig, local_rank: int, vocab: int):
     """The models, on this rank's device."""
     import torch
 
     from distill.decoding import check_embedding_rows
-    from distill.models import default_dtype, load_causal_lm, stop_token_ids
+    from distill.models import default_dtype, load_causal_lm
 
     device = cfg.device
     if device == "auto":
@@ -156,7 +180,7 @@ def _load(cfg: SynthesizeConfig, local_rank: int, tokenizer, vocab: int):
     if cfg.amateur:
         amateur = load_causal_lm(cfg.amateur, dtype, device, cfg.trust_remote_code, what="amateur")
         check_embedding_rows(amateur, vocab, f"amateur {cfg.amateur}")
-    return expert, amateur, stop_token_ids(tokenizer, expert)  # the stops evaluation uses too
+    return expert, amateur
 
 
 def _discard_rows(out: Path) -> None:
@@ -188,21 +212,19 @@ def _changed_prompts(done: dict[str, dict], prompts: list[dict], cfg: Synthesize
     return bool(changed)
 
 
-def _render(tokenizer, messages) -> list[int]:
-    # Render to text then tokenize without adding specials: the template already holds BOS.
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def synthesize(cfg: SynthesizeConfig) -> Path:
     """Run (or resume) one synthesis; returns the dataset directory D."""
     from distill.decoding import ContrastiveDecoder, DecodingConfig, Request, derive_seed
+    from distill.pair import render_prompt
     from distill.progress import progress_bar
 
     rank, world, local_rank = _rank()
-    prompts = load_prompts(cfg.prompts, cfg.limit)
-    tokenizer, vocab = _load_tokenizer(cfg)
-    out = _prepare_out(cfg, [p["id"] for p in prompts])
+    prompt_set = load_prompt_set(cfg.prompts, layout=cfg.prompt_layout, turns=cfg.prompt_turns,
+                                 max_prompt_chars=cfg.max_prompt_chars, limit=cfg.limit, sample=cfg.sample,
+                                 seed=cfg.seed, dedupe=cfg.dedupe)
+    prompts = prompt_set.rows
+    tokenizer, pair = _check_pair(cfg)
+    out = _prepare_out(cfg, [p["id"] for p in prompts], {"pair": pair.as_dict(), "prompt_set": prompt_set.stats})
     done = finished_rows(out)
     if _changed_prompts(done, prompts, cfg):
         _discard_rows(out)
@@ -212,15 +234,17 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
     log.info("rank %d/%d: %d prompts, %d already done, %d to go", rank, world,
              len(prompts[rank::world]), len(prompts[rank::world]) - len(todo), len(todo))
     if todo:
-        expert, amateur, stops = _load(cfg, local_rank, tokenizer, vocab)
+        expert, amateur = _load(cfg, local_rank, pair.vocab_size)
         by_id = {p["id"]: p for p in todo}
-        requests = [Request(p["id"], _render(tokenizer, p["messages"]), derive_seed(cfg.seed, p["id"])) for p in todo]
+        requests = [Request(p["id"], render_prompt(tokenizer, p["messages"], pair.chat_template_kwargs),
+                            derive_seed(cfg.seed, p["id"])) for p in todo]
         decoder = ContrastiveDecoder(
-            expert, amateur, vocab, stops,
+            expert, amateur, pair.vocab_size, pair.stop_ids,
             DecodingConfig(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, top_p=cfg.top_p,
                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, engine=cfg.engine,
                            cuda_graphs=cfg.cuda_graphs, compile_layers=cfg.compile_layers,
-                           decode_attention=cfg.decode_attention, concurrent_models=cfg.concurrent_models),
+                           decode_attention=cfg.decode_attention, concurrent_models=cfg.concurrent_models,
+                           token_logprobs=cfg.token_logprobs),
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         provenance = {"method": cfg.method, "expert": cfg.expert, "amateur": cfg.amateur, "alpha": cfg.alpha,
                       "beta": cfg.beta, "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -231,14 +255,16 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
             for i, result in enumerate(decoder.generate(requests), 1):
                 tokens = result.tokens[:-1] if result.finish_reason == "stop" else result.tokens
                 response = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                rep = repetition_fraction(response, cfg.repetition_ngram)
+                rep = repetition_rule(cfg.repetition_rule, cfg.repetition_ngram, cfg.repetition_threshold)(response)
                 p = by_id[result.key]
                 writer.write({"id": p["id"], "instruction": p["instruction"],
                               "messages": p["messages"] + [{"role": "assistant", "content": response}],
                               "response": response, "prompt_tokens": result.prompt_tokens,
                               "response_tokens": len(tokens), "finish_reason": result.finish_reason,
-                              "repetition": round(rep, 4), "repetitive": rep > cfg.repetition_threshold,
-                              **provenance, "row_seed": derive_seed(cfg.seed, p["id"])})
+                              "repetition": rep.score, "repetitive": rep.repetitive,
+                              "repetition_rule": rep.rule,
+                              **provenance, "engine": getattr(decoder, "engine_used", None),
+                              "row_seed": derive_seed(cfg.seed, p["id"]), **result.extra})
                 if i % cfg.batch_size == 0:
                     writer.sync()
                 bar.update(1)
@@ -286,18 +312,31 @@ def add_cli(subparsers, summary: str | None = None) -> None:
                    help="sampling temperature on the contrastive scores; 0 = greedy (default: 1.0)")
     p.add_argument("--top-p", type=float, default=d["top_p"].default, help="nucleus sampling mass (default: 1.0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default,
-                   help="longest response in tokens (default: 2048)")
+                   help="longest response in tokens (default: %(default)s, the max_tokens of the public CoDIT "
+                        "scripts but run_Qwen3-8B.sh, which uses 2048)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default,
                    help="rows decoded together; finished rows are refilled from the queue (default: 32; 128+ on a big GPU)")
     p.add_argument("--seed", type=int, default=d["seed"].default,
                    help="run seed; each row samples with a seed derived from (seed, id) (default: 0)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts (after the drops below)")
+    p.add_argument("--sample", type=int, default=None, help="N prompts drawn with --seed, kept in source order")
+    p.add_argument("--prompt-layout", choices=("auto",) + LAYOUTS, default="auto",
+                   help="layout of the prompt rows: instruction, messages, conversation (LMSYS-Chat-1M, WildChat), "
+                        "sharegpt (conversations with from/value), alpaca (instruction + input); auto detects it "
+                        "from the first row (default)")
+    p.add_argument("--prompt-turns", choices=("first", "all"), default="first",
+                   help="first: the first user turn (with any system turn before it), as the public CoDIT code; "
+                        "all: every turn up to the last user turn (default: first)")
+    p.add_argument("--max-prompt-chars", type=int, default=d["max_prompt_chars"].default,
+                   help="drop prompts longer than this many characters, counted in the card (default: %(default)s)")
+    p.add_argument("--no-dedupe", dest="dedupe", action="store_false",
+                   help="keep prompts whose normalised text repeats (default: keep the first of each)")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype; auto = bfloat16 on cuda (float16 where bf16 is not native), float32 on cpu")
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "fast"],
-                   help="auto: the fast static-cache/CUDA-graph engine on cuda for Llama/Mistral/Qwen2, else the "
-                        "eager Hugging Face engine")
+                   help="auto: the fast static-cache/CUDA-graph engine on cuda for Llama, Mistral, Qwen2/3, "
+                        "Gemma-3 and Olmo-2/3, else the eager Hugging Face engine (the card records which ran)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="fast engine without CUDA graphs (a fallback if graph capture misbehaves on your setup)")
     p.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=None,
@@ -309,11 +348,26 @@ def add_cli(subparsers, summary: str | None = None) -> None:
     p.add_argument("--concurrent-models", action=argparse.BooleanOptionalAction, default=None,
                    help="fast engine: step the amateur on a second CUDA stream so the two models' kernels overlap "
                         "inside the CUDA graph (default: on a GPU only)")
+    p.add_argument("--repetition-rule", choices=["public", "ngram"], default=d["repetition_rule"].default,
+                   help="which rows are marked repetitive: public = the public CoDIT code's rule (a response of 100+ "
+                        "characters whose top character 2/3/4-gram is >= 0.16/0.18/0.20 of its n-grams, or whose "
+                        "top character 100-gram occurs 10+ times); ngram = distill's own rule, set by the two "
+                        "options below (default: %(default)s)")
     p.add_argument("--repetition-threshold", type=float, default=d["repetition_threshold"].default,
-                   help="flag a response as repetitive when more than this fraction of its characters lie in a "
-                        "repeated character n-gram (default: 0.3)")
+                   help="--repetition-rule ngram: flag a response as repetitive when more than this fraction of its "
+                        "characters lie in a repeated character n-gram (default: 0.3)")
     p.add_argument("--repetition-ngram", type=int, default=d["repetition_ngram"].default,
-                   help="n of the character n-grams of the repetition filter (default: 20)")
+                   help="--repetition-rule ngram: n of the character n-grams (default: 20)")
+    p.add_argument("--chat-template", metavar="FILE_OR_TEXT",
+                   help="chat template (a .jinja file or the template text) for an expert whose tokenizer has none; "
+                        "both models get the prompt it renders")
+    p.add_argument("--chat-template-kwargs", metavar="JSON",
+                   help="a JSON object passed to the chat template, e.g. '{\"enable_thinking\": false}' (a template "
+                        "that reads enable_thinking, as Qwen3's does, gets false unless set here, as the public CoDIT "
+                        "code runs it); recorded in provenance")
+    p.add_argument("--token-logprobs", action="store_true",
+                   help="store each chosen token's log_softmax(score) in the row's token_logprobs (as the public "
+                        "code's 'score' field), for analysis")
     p.add_argument("--overwrite", action="store_true", help="replace an output made with different settings")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -25,7 +25,7 @@ def zoo(tmp_path_factory):
     make_model(d / "other", seed=2, tokenizer=make_tokenizer(vocab_size=120))
     with open(d / "prompts.jsonl", "w") as f:
         for i in range(7):
-            row = {"id": f"q{i}", "instruction": "the quick brown fox " * (i % 3 + 1)}
+            row = {"id": f"q{i}", "instruction": "the quick brown fox " * (i % 3 + 1) + str(i)}
             if i == 5:  # a chat-format row
                 row = {"id": "q5", "messages": [{"role": "user", "content": "answer in json"}]}
             f.write(json.dumps(row) + "\n")
@@ -101,7 +101,8 @@ def test_rows_match_the_decoder_tokens_and_the_repetition_filter(zoo, tmp_path, 
     monkeypatch.setattr(distill.decoding.ContrastiveDecoder, "generate", spy)
     # n = 3 and a threshold of 0.1 split these short responses (the default n = 20 finds no repeats in them)
     out = tmp_path / "stops"
-    synthesize(cfg(zoo, out, expert=str(expert), repetition_ngram=3, repetition_threshold=0.1))
+    synthesize(cfg(zoo, out, expert=str(expert), repetition_rule="ngram", repetition_ngram=3,
+                   repetition_threshold=0.1))
     tok = AutoTokenizer.from_pretrained(expert)
     data = rows(out)
     assert {r["finish_reason"] for r in data} == {"stop", "length"}
@@ -148,11 +149,12 @@ def test_resume_compares_the_whole_chat_not_only_the_last_turn(zoo, tmp_path):
     prompts = tmp_path / "chat.jsonl"
     prompts.write_text(json.dumps({"id": "c0", "messages": chat}) + "\n")
     out = tmp_path / "chat-out"
-    synthesize(cfg(zoo, out, prompts=str(prompts)))
+    synthesize(cfg(zoo, out, prompts=str(prompts), prompt_turns="all"))
+    assert rows(out)[0]["messages"][:3] == chat
     chat[1]["content"] = "red"  # an earlier turn edited; the instruction answered is the same
     prompts.write_text(json.dumps({"id": "c0", "messages": chat}) + "\n")
     with pytest.raises(DistillError, match=r"prompt .* has changed since \(first: id 'c0'\)"):
-        synthesize(cfg(zoo, out, prompts=str(prompts)))
+        synthesize(cfg(zoo, out, prompts=str(prompts), prompt_turns="all"))
 
 
 def test_resume_with_edited_prompts_is_refused_then_overwritten(zoo, full_run, tmp_path, monkeypatch):
@@ -224,7 +226,7 @@ def test_clear_errors(zoo, tmp_path):
     blocker.write_text("x")
     with pytest.raises(DistillError, match="cannot write to"):
         synthesize(cfg(zoo, blocker / "out"))
-    with pytest.raises(DistillError, match="tokenizers of .* differ"):
+    with pytest.raises(DistillError, match="token -> id maps of .* differ"):
         synthesize(cfg(zoo, tmp_path / "o3", amateur=str(zoo / "other")))
     assert not (tmp_path / "o3").exists()  # refused before anything was written
     for bad_value, message in ((dict(alpha=2.0), "alpha must be in"), (dict(top_p=0.0), "top_p"),
@@ -317,3 +319,24 @@ def test_engine_levers_reach_the_decoder_from_the_cli(zoo, monkeypatch):
         (None, "auto", None), (True, "sdpa", False)]
     with pytest.raises(SystemExit):  # argparse names the choices
         main(common + ["--out", str(zoo / "levers-bad"), "--decode-attention", "dense"])
+
+
+def test_a_sharegpt_set_with_drops_and_duplicates_is_counted_in_the_card(zoo, tmp_path):
+    convs = [[{"from": "human", "value": "the quick brown fox"}, {"from": "gpt", "value": "ok"}],
+             [{"from": "human", "value": "The  quick brown FOX"}],  # a duplicate after normalising
+             [{"from": "human", "value": "   "}],  # empty
+             [{"from": "human", "value": "the lazy dog " * 50}],  # over --max-prompt-chars
+             [{"from": "system", "value": "be brief"}, {"from": "human", "value": "answer in json"}]]
+    data = tmp_path / "sharegpt.jsonl"
+    data.write_text("".join(json.dumps({"id": f"s{i}", "conversations": c}) + "\n" for i, c in enumerate(convs)))
+    out = tmp_path / "sg"
+    assert main(["synthesize", "--expert", str(zoo / "post"), "--amateur", str(zoo / "base"), "--prompts", str(data),
+                 "--out", str(out), "--max-new-tokens", "4", "--max-prompt-chars", "200", "--no-progress"]) == 0
+    assert [(r["id"], r["messages"][:-1]) for r in rows(out)] == [
+        ("s0", [{"role": "user", "content": "the quick brown fox"}]),
+        ("s4", [{"role": "system", "content": "be brief"}, {"role": "user", "content": "answer in json"}])]
+    card = (out / "README.md").read_text()
+    assert "(sharegpt layout)" in card and "Of the 5 rows read, 1 were dropped as empty, 1 as longer than 200" in card
+    assert "1 as duplicates of an earlier prompt" in card
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["prompt_set"]["dropped_duplicate"] == 1 and prov["prompt_set"]["kept"] == 2
