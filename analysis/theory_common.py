@@ -1,4 +1,10 @@
-"""Helpers shared by the theory experiments (analysis/theory_t*.py): inputs, tables, figures."""
+"""Helpers shared by the theory experiments (analysis/theory_t*.py): inputs, models, tables, figures.
+
+Inputs: every experiment takes explicit models (`--base`, `--post`, `--target`) and prompts
+(`--prompts`, a JSONL with `instruction` or chat `messages`), or `--zoo ZOO`, a world directory
+whose source-base, source-post, target-base and prompts/ fill in whatever is not given
+(`add_model_args` / `resolve_models`).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,119 @@ import csv
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from distill import DistillError
+from distill.fsutil import atomic_write_json, atomic_write_text
 
-from distill import DistillError  # noqa: E402
-from distill.fsutil import atomic_write_json, atomic_write_text  # noqa: E402
+# What `--zoo ZOO` stands for: argument -> path inside the world directory.
+ZOO_LAYOUT = {
+    "base": "source-base",
+    "post": "source-post",
+    "target": "target-base",
+    "eval_prompts": "prompts/eval.jsonl",
+    "synthesis_prompts": "prompts/synthesis.jsonl",
+    "questions": "knowledge/questions.jsonl",
+    "heldout": "text/heldout.jsonl",
+}
+MODEL_HELP = {
+    "base": "source base model: a directory or a Hugging Face cache id (default <zoo>/source-base)",
+    "post": "source post (chat) model, same architecture and tokenizer as --base (default <zoo>/source-post)",
+    "target": "target base model, any architecture (default <zoo>/target-base)",
+}
+
+
+def add_model_args(p, models: tuple[str, ...], prompts: str | None = None, prompts_help: str = "") -> None:
+    """--zoo, the named model arguments, --prompts (when `prompts` names the zoo file) and --dtype."""
+    p.add_argument("--zoo", type=Path, help="world directory; a shorthand that fills in every model and prompt "
+                                            "file not given explicitly (" + ", ".join(
+                                                f"--{m} <zoo>/{ZOO_LAYOUT[m]}" for m in models)
+                   + (f", --prompts <zoo>/{ZOO_LAYOUT[prompts]}" if prompts else "") + ")")
+    for m in models:
+        p.add_argument(f"--{m}", help=MODEL_HELP[m])
+    if prompts:
+        p.add_argument("--prompts", help=prompts_help or f"prompts JSONL (default <zoo>/{ZOO_LAYOUT[prompts]})")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: bfloat16 on a GPU, float32 on CPU)")
+
+
+def resolve_models(p, a, models: tuple[str, ...], prompts: str | None = None) -> None:
+    """Fill a.<model> (and a.prompts) from --zoo where not given; p.error names what is missing."""
+    names = list(models) + (["prompts"] if prompts else [])
+    if a.zoo is not None and not a.zoo.is_dir():
+        p.error(f"--zoo {a.zoo}: not a directory")
+    missing = []
+    for name in names:
+        if getattr(a, name) is None and a.zoo is not None:
+            setattr(a, name, str(a.zoo / ZOO_LAYOUT[prompts if name == "prompts" else name]))
+        if getattr(a, name) is None:
+            missing.append(f"--{name}")
+    if missing:
+        p.error(f"give --zoo ZOO (a world directory) or the explicit inputs; missing: {' '.join(missing)}")
+
+
+def source_pair(base, post, chat_template: str | None = None, chat_template_kwargs=None):
+    """(tokenizer, template kwargs) of the source pair, by `distill.pair.check_pair(post, base)`:
+    one token -> id map, a chat template (the post's, or `chat_template`), its kwargs. Raises
+    DistillError on a pair that cannot share prompts and scores."""
+    from distill.pair import check_pair
+
+    tok, pair = check_pair(str(post), str(base), chat_template=chat_template,
+                           chat_template_kwargs=chat_template_kwargs)
+    return tok, pair.chat_template_kwargs
+
+
+def device_dtype(device: str | None, dtype: str | None):
+    """(device, torch dtype): CUDA when present, bfloat16 on it, float32 on CPU, unless told."""
+    from distill.evaluate_generate import resolve_device_dtype
+
+    return resolve_device_dtype(device, dtype)
+
+
+def load_model(ref, device: str, dtype, what: str):
+    from distill.models import load_causal_lm
+
+    return load_causal_lm(ref, dtype=dtype, device=device, what=what)
+
+
+def prompt_messages(path, limit: int | None = None) -> list[dict]:
+    """Rows {id, instruction, messages} of a prompts JSONL (`distill.synth_records.load_prompts`)."""
+    from distill.synth_records import load_prompts
+
+    return load_prompts(path, limit)
+
+
+def encode_prompt(tokenizer, messages: list[dict], kwargs: dict | None = None, own: bool = False,
+                  response: str | None = None) -> tuple[list[int], int]:
+    """(ids, start): a rendered prompt, with `response` tokenized after it as one string (the
+    tokens SFT on it would see), and the index where the response starts.
+
+    own=False, the source pair's rule (`distill.pair`): the chat template with a generation
+    prompt and `kwargs`, tokenized without added specials, bos never twice. own=True, a model's
+    own format: its chat template, or without one the last user turn + newline, specials added.
+    """
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    if templated or not own:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(kwargs or {}))
+    else:
+        text = [m["content"] for m in messages if m["role"] == "user"][-1] + "\n"
+    add = own and not templated
+    p_ids = tokenizer(text, add_special_tokens=add)["input_ids"]
+    ids = p_ids if response is None else tokenizer(text + response, add_special_tokens=add)["input_ids"]
+    bos, drop = tokenizer.bos_token_id, 0
+    while bos is not None and len(p_ids) > drop + 1 and p_ids[drop] == p_ids[drop + 1] == bos:
+        drop += 1
+    return ids[drop:], len(p_ids) - drop
+
+
+def response_logprobs(model, tokenizer, messages: list[list[dict]], responses: list[str], batch_size: int = 16,
+                      kwargs: dict | None = None, own: bool = True) -> list[float]:
+    """log p(response | prompt) per pair under `model` (prompt rendered by `encode_prompt`)."""
+    from distill.evaluate_generate import sum_logprobs
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    enc = [encode_prompt(tokenizer, m, kwargs, own, r) for m, r in zip(messages, responses)]
+    return [s for s, _ in sum_logprobs(model, [i for i, _ in enc], [s for _, s in enc], batch_size, pad)]
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:

@@ -5,14 +5,34 @@ of the logits, P the centring of log-softmax). So, inside the plausible set, CoD
 samples from softmax(lp_post − lp_base) ≈ softmax(J·Δ). J·Δ is computed exactly, in one
 forward pass, as a Jacobian-vector product at θ_base (`torch.func.jvp`).
 
-Per response position (teacher-forced on the post model's greedy responses to held-out
-prompts) it reports: cosine and Spearman correlation over the vocabulary between
-d = lp_post − lp_base and J·Δ (both centred); the relative error of the first-order
-prediction ‖d − P·J·Δ‖/‖d‖; KL(CoDIT ‖ softmax(J·Δ)) on the plausible set, next to
-KL(CoDIT ‖ direct) and KL(CoDIT ‖ uniform) for scale; and how often the greedy CoDIT token
-equals the argmax of J·Δ.
+Per response position (teacher-forced on the post model's greedy responses to the prompts,
+rendered with the post model's chat template, stopped at its stop tokens) it reports: cosine
+and Spearman correlation over the vocabulary between d = lp_post − lp_base and J·Δ (both
+centred); the relative error of the first-order prediction ‖d − P·J·Δ‖/‖d‖; KL(CoDIT ‖
+softmax(J·Δ)) on the plausible set, next to KL(CoDIT ‖ direct) and KL(CoDIT ‖ uniform) for
+scale; how often the greedy CoDIT token equals the argmax of J·Δ; and, along θ_base + λΔ,
+where the first-order picture stops holding.
 
-    python analysis/theory_t1.py --zoo ZOO --out analysis/results/theory [--prompts N]
+    python analysis/theory_t1.py --base BASE --post POST --prompts PROMPTS.jsonl --out DIR
+    python analysis/theory_t1.py --zoo ZOO --out analysis/results/theory [--limit N]
+
+Memory (chunked, the default). The transformer body runs once per batch of rows, in forward
+mode (primal + tangent); the output head, the J·Δ logits and every metric are computed for at
+most --chunk-tokens response positions at a time, so vocabulary-sized tensors never exceed
+C × V. The λ points reuse the post model's weights (overwritten with θ_base + λΔ), so three
+copies of the weights are the most ever held. Estimate (computed, not measured), with b bytes
+per weight (2 for bfloat16), P parameters, V vocabulary, H hidden, I MLP width, n_h heads,
+B rows (--batch-size) of S tokens, C = --chunk-tokens:
+
+    M ≈ 3 · P · b                                     base, post, Δ
+      + C · V · (3·b + 104)                           head logits (base, J·Δ, post) + float64 metrics
+      + B · S · (12·I + 9·H) · b + 16 · B · n_h · S²  one forward-mode layer, eager attention
+
+For Llama-3.1-8B in bfloat16 (P = 8.03e9, V = 128256, H = 4096, I = 14336, n_h = 32) with
+C = 256, B = 4, S = 1024: weights 48.2 GB, chunk 3.6 GB, activations 3.9 GB: about 56 GB
+(estimate), so one 80 GB GPU holds it; halving C or B saves the chunk or activation share.
+Time: 1 + len(--lambdas) forward-mode passes over the prompts.
+--chunk-tokens 0 is the unchunked path (the whole model's logits and J·Δ at once: B·S·V-sized).
 """
 
 from __future__ import annotations
@@ -25,7 +45,12 @@ from pathlib import Path
 
 import torch
 
-from theory_common import mean, pyplot, read_jsonl, save_figure, write_table
+try:  # imported as analysis.theory_t1 (repository root on sys.path)
+    from .theory_common import (add_model_args, device_dtype, encode_prompt, load_model, mean, prompt_messages,
+                                pyplot, resolve_models, save_figure, source_pair, write_table)
+except ImportError:  # run as a file: python analysis/theory_t1.py
+    from theory_common import (add_model_args, device_dtype, encode_prompt, load_model, mean, prompt_messages,
+                               pyplot, resolve_models, save_figure, source_pair, write_table)
 
 log = logging.getLogger("theory.t1")
 
@@ -42,7 +67,7 @@ def chat_vector(base, post) -> dict[str, torch.Tensor]:
 
 
 def logits_and_jvp(model, tangent: dict[str, torch.Tensor], input_ids, attention_mask=None):
-    """(logits at θ, J(θ)·tangent) for the logits of `model` on input_ids, by forward-mode AD."""
+    """(logits at θ, J(θ)·tangent) for the logits of `model` on input_ids, by forward-mode AD (unchunked)."""
     from torch.func import functional_call, jvp
 
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -54,13 +79,21 @@ def logits_and_jvp(model, tangent: dict[str, torch.Tensor], input_ids, attention
                               kwargs={"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False})
         return out.logits
 
-    # SDPA's fused CPU/GPU kernels have no forward-mode derivative; eager attention does.
-    previous = model.config._attn_implementation
-    _set_attn(model, "eager")
-    try:
+    with _eager(model):
         return jvp(f, (params,), (tangents,))
-    finally:
-        _set_attn(model, previous)
+
+
+class _eager:
+    """SDPA's fused CPU/GPU kernels have no forward-mode derivative; eager attention does."""
+
+    def __init__(self, model):
+        self.model, self.previous = model, model.config._attn_implementation
+
+    def __enter__(self):
+        _set_attn(self.model, "eager")
+
+    def __exit__(self, *exc):
+        _set_attn(self.model, self.previous)
 
 
 def _set_attn(model, impl: str) -> None:
@@ -68,6 +101,49 @@ def _set_attn(model, impl: str) -> None:
         model.set_attn_implementation(impl)
     else:
         model.config._attn_implementation = impl
+
+
+class Split:
+    """A causal LM as body (decoder → last hidden state) + head (lm_head, softcapping), with the
+    parameter names of each part mapped to the model's own (tied weights included)."""
+
+    def __init__(self, model):
+        self.model, self.body, self.head = model, model.get_decoder(), model.get_output_embeddings()
+        canon = {id(p): n for n, p in model.named_parameters()}
+        self.body_names = {k: canon[id(p)] for k, p in self.body.named_parameters(remove_duplicate=False)}
+        self.head_names = {k: canon[id(p)] for k, p in self.head.named_parameters(remove_duplicate=False)}
+        missing = set(canon.values()) - set(self.body_names.values()) - set(self.head_names.values())
+        if missing:
+            raise ValueError(f"parameters outside the decoder and lm_head ({sorted(missing)[:3]}); "
+                             f"use --chunk-tokens 0 (unchunked)")
+        self.buffers = dict(self.body.named_buffers())
+        self.cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def hidden(self, params: dict, ids, mask):
+        from torch.func import functional_call
+
+        p = {k: params[n] for k, n in self.body_names.items()}
+        return functional_call(self.body, (p, self.buffers), args=(), kwargs={
+            "input_ids": ids, "attention_mask": mask, "use_cache": False}).last_hidden_state
+
+    def logits(self, params: dict, h):
+        from torch.func import functional_call
+
+        out = functional_call(self.head, {k: params[n] for k, n in self.head_names.items()}, (h,))
+        return torch.tanh(out / self.cap) * self.cap if self.cap else out
+
+    def check(self, params: dict, ids, mask) -> None:
+        """The split must reproduce the model's own logits (a head this class does not know fails here)."""
+        with torch.no_grad():
+            try:
+                own = self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits[:, -1]
+            except TypeError:  # a model without logits_to_keep: nothing cheap to check against
+                log.warning("t1: %s has no logits_to_keep; the body/head split is unchecked", type(self.model).__name__)
+                return
+            mine = self.logits(params, self.hidden(params, ids, mask)[:, -1])
+        tol = (1e-4 if own.dtype == torch.float64 or own.dtype == torch.float32 else 3e-2) * own.abs().max() + 1e-5
+        if (own - mine).abs().max() > tol:
+            raise ValueError("this architecture's output head is not lm_head(+softcapping); use --chunk-tokens 0")
 
 
 def _spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -81,7 +157,7 @@ def _cos_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _kl_masked(p_logits: torch.Tensor, q_logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    neg = torch.tensor(float("-inf"), dtype=p_logits.dtype)
+    neg = torch.tensor(float("-inf"), dtype=p_logits.dtype, device=p_logits.device)
     lp = torch.log_softmax(torch.where(keep, p_logits, neg), -1)
     lq = torch.log_softmax(torch.where(keep, q_logits, neg), -1)
     return torch.where(keep, lp.exp() * (lp - lq), torch.zeros_like(lp)).sum(-1)
@@ -95,7 +171,7 @@ def position_metrics(logits_base: torch.Tensor, logits_post: torch.Tensor, jd: t
     d = lpo - lb
     pj = j - (lb.exp() * j).sum(-1, keepdim=True)  # exact Jacobian of log-softmax applied to J·Δ
     keep = lpo >= lpo.max(-1, keepdim=True).values + math.log(alpha)
-    neg = torch.tensor(float("-inf"), dtype=d.dtype)
+    neg = torch.tensor(float("-inf"), dtype=d.dtype, device=d.device)
     uniform = torch.zeros_like(d)
     return {
         "cos": _cos_rows(d - d.mean(-1, keepdim=True), j - j.mean(-1, keepdim=True)),
@@ -109,59 +185,89 @@ def position_metrics(logits_base: torch.Tensor, logits_post: torch.Tensor, jd: t
     }
 
 
-def build_sequences(post, tokenizer, instructions: list[str], max_new_tokens: int, batch_size: int):
-    """Chat-templated prompt + the post model's greedy response; returns [(ids, first response index)]."""
-    from distill.evaluate_generate import encode_prompts, generate_greedy, render_prompt
+def build_sequences(post, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int,
+                    kwargs: dict | None = None):
+    """Prompt (the pair's rendering: the post model's chat template) + the post model's greedy
+    response, stopped at its stop set (`distill.models.stop_token_ids`); [(ids, response start)]."""
+    from distill.evaluate_generate import generate_greedy
 
-    rendered = [render_prompt(tokenizer, t) for t in instructions]
-    templated = rendered[0][1]
-    prompt_ids = encode_prompts(tokenizer, [r for r, _ in rendered], templated)
+    prompt_ids = [encode_prompt(tokenizer, p["messages"], kwargs)[0] for p in prompts]
     gens = generate_greedy(post, tokenizer, prompt_ids, max_new_tokens, batch_size, desc="t1 responses")
-    seqs = []
-    for (text, _), p_ids, g in zip(rendered, prompt_ids, gens):
-        full = tokenizer(text + g["text"], add_special_tokens=not templated)["input_ids"]
-        if len(full) > len(p_ids):
-            seqs.append((full, len(p_ids)))
-    return seqs
+    seqs = [encode_prompt(tokenizer, p["messages"], kwargs, response=g["text"]) for p, g in zip(prompts, gens)]
+    return [(ids, start) for ids, start in seqs if len(ids) > start]
 
 
-def _logits_at(model, delta, lam: float, ids, mask):
-    from torch.func import functional_call
+def _accumulate(acc: dict, lam, lb, other, jd, alpha: float) -> None:
+    if lam is None:  # other = post logits: the main comparison
+        for k, v in position_metrics(lb, other, jd, alpha).items():
+            acc.setdefault(k, []).extend(v.tolist())
+    else:  # other = logits at θ_base + λΔ
+        m = position_metrics(lb, other, lam * jd, alpha)
+        acc.setdefault(f"cos@{lam:g}", []).extend(m["cos"].tolist())
+        acc.setdefault(f"rel_err@{lam:g}", []).extend(m["rel_err"].tolist())
 
-    params = {k: v.detach() + lam * delta[k] for k, v in model.named_parameters()}
-    return functional_call(model, (params, dict(model.named_buffers())), args=(),
-                           kwargs={"input_ids": ids, "attention_mask": mask, "use_cache": False}).logits
+
+def _batches(seqs, batch_size: int, device):
+    """(ids, mask, row index, position index) per batch; the positions are those that predict
+    response tokens, row by row."""
+    for b in range(0, len(seqs), batch_size):
+        rows = seqs[b:b + batch_size]
+        width = max(len(s) for s, _ in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (s, _) in enumerate(rows):
+            ids[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s)] = 1
+        where = [(r, t) for r, (s, start) in enumerate(rows) for t in range(start - 1, len(s) - 1)]
+        yield (ids.to(device), mask.to(device), torch.tensor([r for r, _ in where], device=device),
+               torch.tensor([t for _, t in where], device=device))
 
 
 def measure(base, post, seqs, alpha: float = 0.01, batch_size: int = 4,
-            lambdas: tuple[float, ...] = (0.1, 0.25, 0.5)) -> dict[str, list[float]]:
-    """All per-position metrics over the response positions of `seqs`."""
+            lambdas: tuple[float, ...] = (0.1, 0.25, 0.5), chunk_tokens: int = 256) -> dict[str, list[float]]:
+    """All per-position metrics over the response positions of `seqs`, rows `batch_size` at a
+    time and (chunk_tokens > 0) vocabulary-sized work `chunk_tokens` positions at a time.
+
+    One pass compares post with J·Δ; then, for each λ, `post`'s own weights are overwritten with
+    θ_base + λΔ (so no fourth copy of the model is needed) and the pass repeats against them.
+    `post` therefore ends as θ_base + λΔ for the last λ: reload it to use it again."""
+    from torch.func import jvp
+
     delta = chat_vector(base, post)
-    device = next(base.parameters()).device
+    params = {k: v.detach() for k, v in base.named_parameters()}
+    post_params = {k: v.detach() for k, v in post.named_parameters()}
+    split, post_split = (Split(base), Split(post)) if chunk_tokens > 0 else (None, None)
+    checked = split is None
     acc: dict[str, list[float]] = {}
-    for b in range(0, len(seqs), batch_size):
-        chunk = seqs[b:b + batch_size]
-        width = max(len(s) for s, _ in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (s, _) in enumerate(chunk):
-            ids[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        with torch.no_grad():
-            lb, jd = logits_and_jvp(base, delta, ids, mask)
-            lpo = post(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            # Along the segment θ_base + λΔ: where does the first-order picture stop holding?
-            partial = {lam: _logits_at(base, delta, lam, ids, mask) for lam in lambdas}
-        for r, (s, start) in enumerate(chunk):
-            pos = slice(start - 1, len(s) - 1)  # positions that predict response tokens
-            for k, v in position_metrics(lb[r, pos], lpo[r, pos], jd[r, pos], alpha).items():
-                acc.setdefault(k, []).extend(v.tolist())
-            for lam, lg in partial.items():
-                m = position_metrics(lb[r, pos], lg[r, pos], lam * jd[r, pos], alpha)
-                acc.setdefault(f"cos@{lam:g}", []).extend(m["cos"].tolist())
-                acc.setdefault(f"rel_err@{lam:g}", []).extend(m["rel_err"].tolist())
-        log.info("t1: %d/%d sequences", min(b + batch_size, len(seqs)), len(seqs))
+    for lam in (None, *lambdas):
+        if lam is not None:
+            with torch.no_grad():
+                for k, v in params.items():
+                    torch.add(v, delta[k], alpha=lam, out=post_params[k])
+        for n, (ids, mask, r_idx, t_idx) in enumerate(_batches(seqs, batch_size, next(base.parameters()).device)):
+            step = chunk_tokens if chunk_tokens > 0 else len(r_idx)
+            with torch.no_grad():
+                if split is None:  # unchunked: the whole model, every position of the batch at once
+                    lb_all, jd_all = logits_and_jvp(base, delta, ids, mask)
+                    other_all = post(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                else:
+                    with _eager(base):
+                        if not checked:
+                            split.check(params, ids, mask)
+                            checked = True
+                        h, hd = jvp(lambda p: split.hidden(p, ids, mask), (params,), (delta,))
+                    h_other = post_split.hidden(post_params, ids, mask)
+                head_p = {n_: params[n_] for n_ in split.head_names.values()} if split else {}
+                head_t = {n_: delta[n_] for n_ in split.head_names.values()} if split else {}
+                for c in range(0, len(r_idx), step):
+                    ri, ti = r_idx[c:c + step], t_idx[c:c + step]
+                    if split is None:
+                        lb, jd, other = lb_all[ri, ti], jd_all[ri, ti], other_all[ri, ti]
+                    else:
+                        lb, jd = jvp(lambda hh, p_: split.logits(p_, hh), (h[ri, ti], head_p), (hd[ri, ti], head_t))
+                        other = post_split.logits(post_params, h_other[ri, ti])
+                    _accumulate(acc, lam, lb, other, jd, alpha)
+            log.info("t1 (%s): batch %d done", "post" if lam is None else f"λ = {lam:g}", n + 1)
     return acc
 
 
@@ -193,29 +299,41 @@ def _quantile(xs: list[float], q: float) -> float | None:
     return float(torch.tensor(xs, dtype=torch.float64).quantile(q))
 
 
-def run(zoo: Path, out_dir: Path, n_prompts: int = 32, max_new_tokens: int = 48, alpha: float = 0.01,
-        batch_size: int = 4, device: str = "cpu", base_dir=None, post_dir=None, prompts=None) -> dict:
-    from distill.models import load_causal_lm, load_tokenizer
-
-    t0 = time.time()
-    base_dir = Path(base_dir or zoo / "source-base")
-    post_dir = Path(post_dir or zoo / "source-post")
-    rows = read_jsonl(prompts or zoo / "prompts" / "eval.jsonl", n_prompts)
-    tok = load_tokenizer(post_dir)
-    base = load_causal_lm(base_dir, device=device, what="source base")
-    post = load_causal_lm(post_dir, device=device, what="source post")
-    seqs = build_sequences(post, tok, [r["instruction"] for r in rows], max_new_tokens, batch_size)
-    acc = measure(base, post, seqs, alpha, batch_size)
-    multi = [i for i, n in enumerate(acc["plausible"]) if n >= 2]
+def run_t1(base, post, prompts, out, *, limit: int | None = 32, max_new_tokens: int = 48, alpha: float = 0.01,
+           batch_size: int = 4, chunk_tokens: int = 256, lambdas: tuple[float, ...] = (0.1, 0.25, 0.5),
+           device: str | None = None, dtype: str | None = "auto", chat_template: str | None = None,
+           chat_template_kwargs=None, figure: bool = True) -> dict:
+    """T1 on explicit models: base, post (paths or HF-cache ids; checked as a pair by
+    `distill.pair.check_pair`), prompts (a JSONL with `instruction` or `messages`); writes
+    t1_linearisation.{md,csv,json,png} into `out`. Returns {"table": [rows], "sequences": n, "md": path}."""
+    t0, out = time.time(), Path(out)
+    device, torch_dtype = device_dtype(device, dtype)
+    tok, kwargs = source_pair(base, post, chat_template, chat_template_kwargs)
+    rows = prompt_messages(prompts, limit)
+    base_m = load_model(base, device, torch_dtype, "source base")
+    post_m = load_model(post, device, torch_dtype, "source post")
+    seqs = build_sequences(post_m, tok, rows, max_new_tokens, batch_size, kwargs)
+    acc = measure(base_m, post_m, seqs, alpha, batch_size, tuple(lambdas), chunk_tokens) if seqs else {}
+    multi = [i for i, n in enumerate(acc.get("plausible", [])) if n >= 2]
     for k in ("kl_codit_lin", "kl_codit_direct", "kl_codit_uniform", "argmax_agree"):
-        acc[k + "_multi"] = [acc[k][i] for i in multi]
+        if k in acc:
+            acc[k + "_multi"] = [acc[k][i] for i in multi]
     table = [{"metric": _label(k), "key": k, "mean": mean(v), "median": _quantile(v, 0.5), "p10": _quantile(v, 0.1),
               "p90": _quantile(v, 0.9), "positions": len(v)} for k, v in acc.items()]
-    notes = [f"Source base `{base_dir}`, post `{post_dir}`; {len(seqs)} held-out prompts, post's greedy responses "
-             f"(≤ {max_new_tokens} tokens), alpha = {alpha}; {time.time() - t0:.0f} s on {device}.",
+    notes = [f"Source base `{base}`, post `{post}`; {len(seqs)} of {len(rows)} prompts (`{prompts}`) with a "
+             f"response, post's greedy responses (≤ {max_new_tokens} tokens), alpha = {alpha}; "
+             f"{time.time() - t0:.0f} s on {device} ({str(torch_dtype).replace('torch.', '')}).",
              "d = lp_post − lp_base is CoDIT's beta=1 score; J·Δ is the exact Jacobian-vector product at θ_base."]
-    write_table(out_dir, "t1_linearisation", "T1: CoDIT score vs the linearised chat vector J·Δ",
-                ["metric", "mean", "median", "p10", "p90", "positions"], table, notes)
+    if not seqs:
+        notes.insert(0, "No prompt got a non-empty response from the post model: nothing to measure.")
+    md, _ = write_table(out, "t1_linearisation", "T1: CoDIT score vs the linearised chat vector J·Δ",
+                        ["metric", "mean", "median", "p10", "p90", "positions"], table, notes)
+    if figure and seqs:
+        _figure(acc, out / "t1_linearisation.png")
+    return {"table": table, "sequences": len(seqs), "md": str(md)}
+
+
+def _figure(acc: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].hist(acc["cos"], bins=40, range=(-1, 1), alpha=0.7, label="cosine")
@@ -229,23 +347,42 @@ def run(zoo: Path, out_dir: Path, n_prompts: int = 32, max_new_tokens: int = 48,
     axes[1].legend(fontsize=8)
     axes[2].hist(acc["rel_err"], bins=40, alpha=0.7)
     axes[2].set_title("first-order relative error ‖d − PJΔ‖/‖d‖")
-    save_figure(fig, out_dir / "t1_linearisation.png")
-    return {"table": table, "sequences": len(seqs)}
+    save_figure(fig, path)
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in s.split(",") if x.strip())
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", required=True, type=Path, help="world directory (source-base, source-post, prompts/)")
+    p = argparse.ArgumentParser(prog="theory_t1.py", description=__doc__, usage=(
+        "%(prog)s (--zoo ZOO | --base BASE --post POST --prompts PROMPTS.jsonl) [--out DIR] [options]"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, ("base", "post"), prompts="eval_prompts",
+                   prompts_help="prompts JSONL with `instruction` or chat `messages` "
+                                "(default <zoo>/prompts/eval.jsonl)")
     p.add_argument("--out", type=Path, default=Path("analysis/results/theory"), help="output directory")
-    p.add_argument("--prompts", type=int, default=32, help="held-out prompts to use (default 32)")
+    p.add_argument("--limit", type=int, default=32, help="use the first N prompts (default 32; 0: all)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length of the post model's responses")
     p.add_argument("--alpha", type=float, default=0.01, help="plausibility threshold (default 0.01)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per JVP pass")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences (rows) per forward-mode pass")
+    p.add_argument("--chunk-tokens", type=int, default=256,
+                   help="response positions per head/metric chunk: bounds the V-sized memory (0: unchunked)")
+    p.add_argument("--lambdas", default="0.1,0.25,0.5",
+                   help="points λ of θ_base + λΔ to test the linear picture at ('' to skip; each adds one pass)")
+    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--chat-template", help="a Jinja file (or text) to render prompts with instead of the post's own")
+    p.add_argument("--chat-template-kwargs", help="JSON object of template kwargs, e.g. '{\"enable_thinking\": false}'")
     a = p.parse_args(argv)
+    if a.prompts is not None and a.prompts.isdigit() and not Path(a.prompts).exists():
+        a.limit, a.prompts = int(a.prompts), None  # the old spelling: --prompts N was the number of prompts
+    resolve_models(p, a, ("base", "post"), prompts="eval_prompts")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    res = run(a.zoo, a.out, a.prompts, a.max_new_tokens, a.alpha, a.batch_size, a.device)
-    print((a.out / "t1_linearisation.md").read_text())
+    res = run_t1(a.base, a.post, a.prompts, a.out, limit=a.limit or None, max_new_tokens=a.max_new_tokens,
+                 alpha=a.alpha, batch_size=a.batch_size, chunk_tokens=a.chunk_tokens, lambdas=_floats(a.lambdas),
+                 device=a.device, dtype=a.dtype, chat_template=a.chat_template,
+                 chat_template_kwargs=a.chat_template_kwargs)
+    print(Path(res["md"]).read_text())
     return 0 if res["sequences"] else 1
 
 

@@ -7,9 +7,11 @@ fine-tuning delta δ = θ_tuned − θ_base and the chat vector Δ = θ_post −
 ratio ‖δ‖/‖Δ‖, and the share of the post model's instruction following each recovers:
 (IF_tuned − IF_base) / (IF_post − IF_base), IF = prompt-level strict.
 
+    python analysis/theory_t2.py --base B --post P --codit D1 --direct D2 [--prompts EVAL.jsonl] --out DIR
     python analysis/theory_t2.py --zoo ZOO --run-dir runs/tiny --out analysis/results/theory
-(--run-dir supplies data/codit, data/direct and data/direct-masked if present; or pass
---codit D --direct D [--direct-masked D].)
+(--zoo fills --base, --post and --prompts; --run-dir supplies data/codit, data/direct and
+data/direct-masked if present. --prompts are IF evaluation prompts with verifiable
+`constraints` (the world's prompts/eval.jsonl layout); without them T2 reports the alignment only.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import re
 import time
 from pathlib import Path
 
-from theory_common import dataset_rows, pyplot, save_figure, write_table
+try:  # imported as analysis.theory_t2
+    from .theory_common import add_model_args, dataset_rows, pyplot, resolve_models, save_figure, write_table
+except ImportError:  # run as a file: python analysis/theory_t2.py
+    from theory_common import add_model_args, dataset_rows, pyplot, resolve_models, save_figure, write_table
 
 log = logging.getLogger("theory.t2")
 
@@ -100,14 +105,18 @@ def same_prompts(datasets: dict[str, Path], out_dir: Path, limit: int | None) ->
     return paths, stats
 
 
-def run(zoo: Path, out_dir: Path, datasets: dict[str, Path], work: Path, epochs: float = 3.0, lr: float = 1e-3,
-        batch_size: int = 16, max_length: int = 256, limit: int | None = None, eval_limit: int | None = None,
-        max_new_tokens: int = 96, seed: int = 0, device: str | None = None) -> dict:
+def run_t2(base, post, datasets: dict[str, Path], out, work, *, eval_prompts=None, epochs: float = 3.0,
+           lr: float = 1e-3, batch_size: int = 16, max_length: int = 256, limit: int | None = None,
+           eval_limit: int | None = None, max_new_tokens: int = 96, seed: int = 0, device: str | None = None,
+           dtype: str | None = None) -> dict:
+    """T2 on explicit models: fine-tune `base` on each dataset {name: dir or .jsonl} (same prompts),
+    compare each delta with Δ = post − base; IF on `eval_prompts` when given. Writes t2_alignment.*"""
     from distill.evaluate import evaluate
+    from distill.models import resolve_model
     from distill.train import TrainConfig, train
 
-    t0 = time.time()
-    base_dir, post_dir = zoo / "source-base", zoo / "source-post"
+    t0, out_dir, work = time.time(), Path(out), Path(work)
+    base_dir, post_dir = resolve_model(base, "source base"), resolve_model(post, "source post")
     jsonl, data_stats = same_prompts(datasets, work / "data", limit)
     models = {}
     for name, data in jsonl.items():
@@ -117,11 +126,12 @@ def run(zoo: Path, out_dir: Path, datasets: dict[str, Path], work: Path, epochs:
                           overwrite=True))  # always retrained: the common prompt set depends on the datasets given
         models[name] = out
     ifs = {}
-    for name, m in (("base", base_dir), ("post", post_dir), *models.items()):
-        s = evaluate(m, zoo, suites=("if",), out=work / "scores" / f"{name}.json", limit=eval_limit,
-                     max_new_tokens=max_new_tokens, device=device, family="source")
+    for name, m in (("base", base_dir), ("post", post_dir), *models.items()) if eval_prompts else ():
+        s = evaluate(m, None, suites=("if",), out=work / "scores" / f"{name}.json", limit=eval_limit,
+                     max_new_tokens=max_new_tokens, device=device, dtype=dtype, family="source",
+                     prompts=str(eval_prompts))
         ifs[name] = s["if"]["prompt_level_strict"]
-    gap = ifs["post"] - ifs["base"]
+    gap = ifs["post"] - ifs["base"] if ifs else 0.0
     align = {name: delta_alignment(base_dir, post_dir, m) for name, m in models.items()}
     cos_cols = {n: f"cos(δ_{n}, Δ)" for n in models}
     norm_cols = {n: f"‖δ_{n}‖/‖Δ‖" for n in models}
@@ -131,41 +141,48 @@ def run(zoo: Path, out_dir: Path, datasets: dict[str, Path], work: Path, epochs:
         row.update({cos_cols[n]: align[n][g]["cos"] for n in models})
         row.update({norm_cols[n]: align[n][g]["norm_ratio"] for n in models})
         rows.append(row)
-    recovered = {n: (ifs[n] - ifs["base"]) / gap if abs(gap) > 1e-9 else None for n in models}
+    recovered = {n: (ifs[n] - ifs["base"]) / gap if abs(gap) > 1e-9 else None for n in models if ifs}
     notes = [f"IF (prompt-level strict): base {ifs['base']:.3f}, post {ifs['post']:.3f}, "
-             + ", ".join(f"SFT on {LABELS[n]} {ifs[n]:.3f}" for n in models) + ".",
+             + ", ".join(f"SFT on {LABELS.get(n, n)} {ifs[n]:.3f}" for n in models) + ".",
              "Share of the post model's IF gain recovered: "
-             + ", ".join(f"{n} {v:.3f}" if v is not None else f"{n} –" for n, v in recovered.items()) + ".",
-             f"Same {data_stats['prompts']} prompts; response words: "
-             + ", ".join(f"{LABELS[n]} {data_stats[n + '_words']}" for n in models)
+             + ", ".join(f"{n} {v:.3f}" if v is not None else f"{n} –" for n, v in recovered.items()) + "."
+             ] if ifs else ["IF not evaluated (no --prompts / --zoo with verifiable constraints)."]
+    notes += [f"Source base `{base}`, post `{post}`. Same {data_stats['prompts']} prompts; response words: "
+             + ", ".join(f"{LABELS.get(n, n)} {data_stats[n + '_words']}" for n in models)
              + f"; epochs {epochs}, lr {lr}, batch {batch_size}, seed {seed}; {time.time() - t0:.0f} s.",
              "Two random directions of this size have cosine ≈ 0; the sign and size against that is what counts."]
     cols = ["group", *cos_cols.values(), *norm_cols.values()]
     write_table(out_dir, "t2_alignment", "T2: fine-tuning deltas of source-base vs the chat vector Δ", cols, rows,
                 notes, extra={"if": ifs, "recovered": recovered, "data": data_stats})
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 1]}, squeeze=False)
+    axes = axes[0]
     groups = [r["group"] for r in rows]
     width = 0.8 / len(models)
     for k, n in enumerate(models):
         offset = (k - (len(models) - 1) / 2) * width
         axes[0].bar([i + offset for i in range(len(groups))], [r[cos_cols[n]] or 0.0 for r in rows], width,
-                    label=f"SFT on {LABELS[n]}")
+                    label=f"SFT on {LABELS.get(n, n)}")
     axes[0].set_xticks(list(range(len(groups))), groups, rotation=45, ha="right", fontsize=8)
     axes[0].axhline(0, color="k", lw=0.5)
     axes[0].set_ylabel("cosine with Δ")
     axes[0].legend()
-    names = ["base", *models, "post"]
+    names = ["base", *models, "post"] if ifs else []
     axes[1].bar([LABELS.get(n, n) for n in names], [ifs[n] for n in names], color=[f"C{i}" for i in range(len(names))])
     axes[1].tick_params(axis="x", rotation=45, labelsize=8)
     axes[1].set_title("IF prompt strict")
     save_figure(fig, out_dir / "t2_alignment.png")
-    return {"rows": rows, "if": ifs, "recovered": recovered}
+    return {"rows": rows, "if": ifs, "recovered": recovered, "md": str(out_dir / "t2_alignment.md")}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", required=True, type=Path, help="world directory (source-base, source-post, prompts/)")
+    p = argparse.ArgumentParser(prog="theory_t2.py", description=__doc__, usage=(
+        "%(prog)s (--zoo ZOO | --base BASE --post POST) (--run-dir RUN | --codit DATA --direct DATA)\n"
+        "       [--prompts EVAL.jsonl] [--out DIR] [options]"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, ("base", "post"), prompts="eval_prompts", prompts_help=(
+        "IF evaluation prompts JSONL with `instruction` and `constraints` (default <zoo>/prompts/eval.jsonl; "
+        "none: alignment only)"))
     p.add_argument("--run-dir", type=Path,
                    help="recipe run directory holding data/codit, data/direct (and data/direct-masked, if made)")
     p.add_argument("--codit", type=Path, help="CoDIT dataset directory (default <run-dir>/data/codit)")
@@ -184,7 +201,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="evaluation device (default: cuda if available)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    resolve_models(p, a, ("base", "post"))
+    if a.prompts is None and a.zoo is not None:
+        a.prompts = str(a.zoo / "prompts" / "eval.jsonl")
     datasets = {}
     for name, given in (("codit", a.codit), ("direct", a.direct), ("direct-masked", a.direct_masked)):
         path = given or (a.run_dir / "data" / name if a.run_dir else None)
@@ -192,9 +211,12 @@ def main(argv=None) -> int:
             datasets[name] = path
     if "codit" not in datasets or "direct" not in datasets:
         p.error("give --run-dir, or both --codit and --direct")
-    run(a.zoo, a.out, datasets, a.work or a.out / "work" / "t2", a.epochs, a.lr, a.batch_size, a.max_length,
-        a.limit, a.eval_limit, a.max_new_tokens, a.seed, a.device)
-    print((a.out / "t2_alignment.md").read_text())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    res = run_t2(a.base, a.post, datasets, a.out, a.work or a.out / "work" / "t2", eval_prompts=a.prompts,
+                 epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, max_length=a.max_length, limit=a.limit,
+                 eval_limit=a.eval_limit, max_new_tokens=a.max_new_tokens, seed=a.seed, device=a.device,
+                 dtype=None if a.dtype == "auto" else a.dtype)
+    print(Path(res["md"]).read_text())
     return 0
 
 

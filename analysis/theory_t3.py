@@ -1,57 +1,108 @@
 """T3, cross-architecture and text-level: does the tuned target learn the source's log-ratio?
 
-On one fixed set of (instruction, response) pairs, compare per response the source's
-sequence log-ratio  s_src(y) = log p_post(y|x) − log p_base(y|x)  (source tokenizer and
-template) with the target's  s_tgt(y) = log p_tuned(y|x) − log p_target_base(y|x)  (target
-tokenizer; each model with its own prompt format). Tokenizers differ, texts do not. The
-claim predicts a higher correlation for CoDIT-tuned targets than for direct-tuned ones.
-Each score is also divided by the response's word count (per-word log-ratio), so long
-responses do not drive the correlation by length alone.
+On one fixed set of (prompt, response) pairs, compare per response the source's sequence
+log-ratio  s_src(y) = log p_post(y|x) − log p_base(y|x)  (source tokenizer; both source models
+see the post's rendered prompt, as CoDIT's score does) with the target's
+s_tgt(y) = log p_tuned(y|x) − log p_target_base(y|x)  (target tokenizer; each model with its own
+prompt format). Tokenizers differ, texts do not. The claim predicts a higher correlation for
+CoDIT-tuned targets than for direct-tuned ones. Each score is also divided by the response's
+word count (per-word log-ratio), so long responses do not drive the correlation by length alone.
 
+    python analysis/theory_t3.py --base B --post P --target T --texts codit=DATA1 --texts direct=DATA2 \
+        --tuned codit=M1,M2 --tuned direct=M3,M4 --out DIR
     python analysis/theory_t3.py --zoo ZOO --run-dir runs/tiny --out analysis/results/theory
-(--run-dir supplies data/{codit,direct} and models/{codit,direct}-seedN.)
+(--zoo fills --base/--post/--target; --run-dir fills --texts from data/{codit,direct} and
+--tuned from models/{codit,direct}-seedN. --prompts FILE instead of --texts: a JSONL whose rows
+have `instruction` or `messages` and a `response`.)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import time
 from pathlib import Path
 
-from theory_common import dataset_rows, mean, pearson, pyplot, save_figure, spearman, std, write_table
+try:  # imported as analysis.theory_t3
+    from .theory_common import (add_model_args, dataset_rows, device_dtype, load_model, mean, pearson, pyplot,
+                                resolve_models, response_logprobs, save_figure, source_pair, spearman, std,
+                                write_table)
+except ImportError:  # run as a file: python analysis/theory_t3.py
+    from theory_common import (add_model_args, dataset_rows, device_dtype, load_model, mean, pearson, pyplot,
+                               resolve_models, response_logprobs, save_figure, source_pair, spearman, std,
+                               write_table)
 
 log = logging.getLogger("theory.t3")
+METHODS = ("codit", "direct")
 
 
-def logprobs(model_dir, pairs: list[tuple[str, str]], batch_size: int, device: str) -> list[float]:
-    """log p(y|x) per pair under one model, with its own tokenizer and prompt format."""
-    from distill.evaluate_generate import response_logprobs
-    from distill.models import load_causal_lm, load_tokenizer
-
-    model = load_causal_lm(model_dir, device=device)
-    tok = load_tokenizer(model_dir)
-    return [s for s, _ in response_logprobs(model, tok, [x for x, _ in pairs], [y for _, y in pairs], batch_size)]
+def _messages(row: dict) -> list[dict]:
+    msgs = row.get("messages")
+    if isinstance(msgs, list) and msgs:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        return msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+    return [{"role": "user", "content": row["instruction"]}]
 
 
-def fixed_pairs(run_dir: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Half CoDIT responses, half direct ones (non-repetitive), shuffled with a fixed seed."""
-    pairs = []
-    for method in ("codit", "direct"):
-        rows = [r for r in dataset_rows(run_dir / "data" / method) if not r.get("repetitive") and r["response"].strip()]
-        pairs += [(r["instruction"], r["response"]) for r in rows[: n // 2]]
-    random.Random(seed).shuffle(pairs)
-    return pairs
+def _response(row: dict) -> str:
+    if isinstance(row.get("response"), str):
+        return row["response"]
+    msgs = row.get("messages") or []
+    return msgs[-1]["content"] if msgs and msgs[-1].get("role") == "assistant" else ""
 
 
-def run(zoo: Path, run_dir: Path, out_dir: Path, n: int = 128, batch_size: int = 16, device: str = "cpu") -> dict:
-    t0 = time.time()
-    pairs = fixed_pairs(run_dir, n)
-    words = [max(len(y.split()), 1) for _, y in pairs]
-    lp = lambda d: logprobs(d, pairs, batch_size, device)  # noqa: E731
-    s_src = [a - b for a, b in zip(lp(zoo / "source-post"), lp(zoo / "source-base"))]
-    lp_tbase = lp(zoo / "target-base")
+def fixed_pairs(texts, n: int, seed: int = 0) -> list[tuple[list[dict], str]]:
+    """(messages, response) pairs. `texts` is a JSONL of pairs (the first n), or {name: dataset}
+    (a synthesized dataset directory or .jsonl each): n // len(texts) non-repetitive responses
+    of each, shuffled with a fixed seed."""
+    if isinstance(texts, dict):
+        pairs = []
+        for source in texts.values():
+            rows = [r for r in dataset_rows(source) if not r.get("repetitive") and _response(r).strip()]
+            pairs += [(_messages(r), _response(r)) for r in rows[: n // len(texts)]]
+        random.Random(seed).shuffle(pairs)
+        return pairs
+    from distill.synth_records import load_prompts
+
+    raw = [json.loads(x) for x in Path(texts).read_text(encoding="utf-8").splitlines() if x.strip()]
+    prompts = load_prompts(texts)  # validates instruction / messages, drops a final assistant turn
+    pairs = [(p["messages"], _response(r)) for p, r in zip(prompts, raw) if _response(r).strip()]
+    return pairs[:n]
+
+
+def run_dir_inputs(run_dir: Path) -> tuple[dict, dict]:
+    """(texts, tuned) of a recipe run directory: data/{codit,direct}, models/{codit,direct}-seedN."""
+    texts = {m: run_dir / "data" / m for m in METHODS}
+    tuned = {m: [str(d) for d in sorted((run_dir / "models").glob(f"{m}-seed*")) if (d / "config.json").exists()]
+             for m in METHODS}
+    return texts, {m: v for m, v in tuned.items() if v}
+
+
+def run_t3(base, post, target, texts, tuned: dict[str, list], out, *, n: int = 128, batch_size: int = 16,
+           device: str | None = None, dtype: str | None = "auto", seed: int = 0, figure: bool = True) -> dict:
+    """T3 on explicit models: source base/post, target base (paths or HF-cache ids); `texts` as in
+    `fixed_pairs`; `tuned` {method: [tuned target models]}. Writes t3_text_correlation.{md,csv,json,png}
+    into `out`; returns {"rows", "summary", "md"}."""
+    t0, out = time.time(), Path(out)
+    device, torch_dtype = device_dtype(device, dtype)
+    pairs = fixed_pairs(texts, n, seed)
+    msgs, ys = [m for m, _ in pairs], [y for _, y in pairs]
+    words = [max(len(y.split()), 1) for y in ys]
+    src_tok, kwargs = source_pair(base, post)
+
+    def lp(ref, what, source=False):
+        from distill.models import load_tokenizer
+
+        model = load_model(ref, device, torch_dtype, what)
+        tok = src_tok if source else load_tokenizer(ref, what=what)
+        scores = response_logprobs(model, tok, msgs, ys, batch_size, kwargs if source else None, own=not source)
+        del model
+        return scores
+
+    s_src = [a - b for a, b in zip(lp(post, "source post", True), lp(base, "source base", True))]
+    lp_tbase = lp(target, "target base")
     per_word = lambda xs: [x / w for x, w in zip(xs, words)]  # noqa: E731
     # Control: the target base's own surprise at each text, no tuning involved. A tuned target
     # that beats it carries information about the source's log-ratio beyond "text is easy/hard".
@@ -60,17 +111,15 @@ def run(zoo: Path, run_dir: Path, out_dir: Path, n: int = 128, batch_size: int =
              "pearson": pearson(s_src, control), "spearman": spearman(s_src, control),
              "pearson per word": pearson(per_word(s_src), per_word(control))}]
     scatter = {}
-    for method in ("codit", "direct"):
-        for model_dir in sorted((run_dir / "models").glob(f"{method}-seed*")):
-            if not (model_dir / "config.json").exists():
-                continue
-            s_tgt = [a - b for a, b in zip(lp(model_dir), lp_tbase)]
-            rows.append({"tuned target": model_dir.name, "method": method, "pairs": len(pairs),
+    for method, models in tuned.items():
+        for model_ref in models:
+            s_tgt = [a - b for a, b in zip(lp(model_ref, f"tuned target ({method})"), lp_tbase)]
+            rows.append({"tuned target": Path(str(model_ref)).name, "method": method, "pairs": len(pairs),
                          "pearson": pearson(s_src, s_tgt), "spearman": spearman(s_src, s_tgt),
                          "pearson per word": pearson(per_word(s_src), per_word(s_tgt))})
             scatter.setdefault(method, (s_src, s_tgt))
     summary = []
-    for method in ("codit", "direct"):
+    for method in tuned:
         sel = [r for r in rows if r["method"] == method]
         if sel:
             summary.append({"tuned target": f"{method}: mean over {len(sel)} seeds", "method": method,
@@ -79,12 +128,21 @@ def run(zoo: Path, run_dir: Path, out_dir: Path, n: int = 128, batch_size: int =
                             "pearson per word": mean(r["pearson per word"] for r in sel),
                             "spearman std": std([r["spearman"] for r in sel])})
     cols = ["tuned target", "method", "pairs", "pearson", "spearman", "pearson per word", "spearman std"]
-    notes = ["Note: the tuned targets use the ChatML template that SFT gave them; target-base has none and sees the "
-             "bare instruction, so each s_tgt also contains a prompt-format term.",
-             f"{len(pairs)} fixed responses (half CoDIT, half direct, from {run_dir}/data); {time.time() - t0:.0f} s.",
+    where = (", ".join(f"{k} `{v}`" for k, v in texts.items()) + f", {n // len(texts)} each"
+             if isinstance(texts, dict) else f"`{texts}`")
+    notes = ["Note: each target model sees its own prompt format (a tuned target the chat template SFT gave it; a "
+             "target base without one the bare instruction), so each s_tgt may also contain a prompt-format term.",
+             f"{len(pairs)} fixed responses ({where}); source base `{base}`, post `{post}`, target base `{target}`; "
+             f"{time.time() - t0:.0f} s on {device}.",
              "s_src = log p_post − log p_base (source); s_tgt = log p_tuned − log p_target_base (target)."]
-    write_table(out_dir, "t3_text_correlation", "T3: source log-ratio vs tuned-target log-ratio on the same texts",
-                cols, rows + summary, notes, extra={"s_src": s_src})
+    md, _ = write_table(out, "t3_text_correlation", "T3: source log-ratio vs tuned-target log-ratio on the same texts",
+                        cols, rows + summary, notes, extra={"s_src": s_src})
+    if figure:
+        _figure(scatter, out / "t3_text_correlation.png")
+    return {"rows": rows, "summary": summary, "md": str(md)}
+
+
+def _figure(scatter: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, max(len(scatter), 1), figsize=(6 * max(len(scatter), 1), 4.5), squeeze=False)
     for ax, (method, (a, b)) in zip(axes[0], scatter.items()):
@@ -92,22 +150,53 @@ def run(zoo: Path, run_dir: Path, out_dir: Path, n: int = 128, batch_size: int =
         ax.set_xlabel("source: log p_post(y) − log p_base(y)")
         ax.set_ylabel("target: log p_tuned(y) − log p_base(y)")
         ax.set_title(f"{method}-tuned target (first seed), Spearman {spearman(a, b) or float('nan'):.2f}")
-    save_figure(fig, out_dir / "t3_text_correlation.png")
-    return {"rows": rows, "summary": summary}
+    save_figure(fig, path)
+
+
+def _named_lists(specs: list[str], flag: str, p) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, paths = spec.partition("=")
+        if not sep or not name or not paths:
+            p.error(f"{flag} {spec!r}: expected NAME=PATH[,PATH...]")
+        out.setdefault(name, []).extend(x for x in paths.split(",") if x)
+    return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", required=True, type=Path, help="world directory (source-base/-post, target-base)")
-    p.add_argument("--run-dir", required=True, type=Path, help="recipe run directory (data/*, models/*-seedN)")
+    p = argparse.ArgumentParser(prog="theory_t3.py", description=__doc__, usage=(
+        "%(prog)s (--zoo ZOO | --base BASE --post POST --target TARGET)\n"
+        "       (--run-dir RUN | --texts NAME=DATA ... | --prompts PAIRS.jsonl) [--tuned METHOD=MODEL,...]\n"
+        "       [--out DIR] [options]"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, ("base", "post", "target"))
+    p.add_argument("--run-dir", type=Path, help="recipe run directory: fills --texts (data/{codit,direct}) and "
+                                                "--tuned (models/{codit,direct}-seedN)")
+    p.add_argument("--texts", action="append", default=[], metavar="NAME=DATA",
+                   help="a synthesized dataset (directory or .jsonl) to draw fixed responses from (repeatable)")
+    p.add_argument("--prompts", help="instead of --texts: a JSONL of pairs (`instruction` or `messages`, "
+                                     "and `response`)")
+    p.add_argument("--tuned", action="append", default=[], metavar="METHOD=MODEL[,MODEL...]",
+                   help="tuned target models of one method, one per seed (repeatable)")
     p.add_argument("--out", type=Path, default=Path("analysis/results/theory"), help="output directory")
     p.add_argument("--pairs", type=int, default=128, help="number of fixed responses (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     a = p.parse_args(argv)
+    resolve_models(p, a, ("base", "post", "target"))
+    texts, tuned = run_dir_inputs(a.run_dir) if a.run_dir else ({}, {})
+    texts = {**texts, **{k: v[0] for k, v in _named_lists(a.texts, "--texts", p).items()}}
+    tuned = {**tuned, **_named_lists(a.tuned, "--tuned", p)}
+    if a.prompts:
+        texts = a.prompts
+    if not texts:
+        p.error("give the texts: --run-dir RUN, --texts NAME=DATA (repeatable) or --prompts PAIRS.jsonl")
+    if not tuned:
+        p.error("give the tuned targets: --run-dir RUN or --tuned METHOD=MODEL[,MODEL...]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run(a.zoo, a.run_dir, a.out, a.pairs, a.batch_size, a.device)
-    print((a.out / "t3_text_correlation.md").read_text())
+    res = run_t3(a.base, a.post, a.target, texts, tuned, a.out, n=a.pairs, batch_size=a.batch_size,
+                 device=a.device, dtype=a.dtype)
+    print(Path(res["md"]).read_text())
     return 0
 
 

@@ -143,3 +143,50 @@ def test_mask_ablation_pools_run_dirs_and_scores_the_training_data(tmp_path):
     table = data_table(runs)
     # one of two responses keeps its constraint ("YES SIR" is uppercase, "Nope" is not lowercase)
     assert table.count("| 0.500 | 0.500 |") == 2 and "| 0 | 2 |" in table and "| 1 | 2 |" in table
+
+
+def _perturbed_copy(src: Path, dst: Path, seed: int) -> Path:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    g = torch.Generator().manual_seed(seed)
+    w = load_file(str(dst / "model.safetensors"))
+    save_file({k: (v + 0.05 * torch.randn(v.shape, generator=g)).contiguous() for k, v in w.items()},
+              str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_models_evaluated_here_explicit_or_from_the_zoo(micro_zoo, tmp_path, one_thread):
+    """--target/--post/--tuned with the evaluation files named give the table of the --zoo form."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from analysis.compare_transfer import main
+
+    tuned = [_perturbed_copy(micro_zoo / "target-base", tmp_path / "tuned" / f"codit-{s}", s) for s in (0, 1)]
+    elsewhere = tmp_path / "explicit"
+    for name in ("target-base", "source-post"):
+        shutil.copytree(micro_zoo / name, elsewhere / name)
+    common = ["--tuned", "codit=" + ",".join(map(str, tuned)), "--limit", "4", "--max-new-tokens", "4",
+              "--no-figure", "--device", "cpu"]
+    assert main(["--zoo", str(micro_zoo), "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["--target", str(elsewhere / "target-base"), "--post", str(elsewhere / "source-post"),
+                 "--prompts", str(micro_zoo / "prompts" / "eval.jsonl"),
+                 "--questions", str(micro_zoo / "knowledge" / "questions.jsonl"),
+                 "--heldout", str(micro_zoo / "text" / "heldout.jsonl"), "--out", str(tmp_path / "b"), *common]) == 0
+    a, b = ((tmp_path / d / "comparison.csv").read_text() for d in "ab")
+    assert a == b
+    with open(tmp_path / "a" / "comparison.csv") as f:
+        table = {r["row"]: r for r in csv.DictReader(f)}
+    assert list(table) == [ROW_LABELS["target-base"], ROW_LABELS["codit"], ROW_LABELS["source-post"]]
+    assert table[ROW_LABELS["codit"]]["n"] == "2" and table[ROW_LABELS["codit"]]["bits_per_byte_mean"]
+    assert sorted(p.name for p in (tmp_path / "a" / "scores").glob("*.json")) == [
+        "codit-seed0.json", "codit-seed1.json", "source-post.json", "target-base.json"]
+
+
+def test_models_without_evaluation_data_is_a_clear_error(tmp_path, capsys):
+    script = Path(__file__).parents[1] / "analysis" / "compare_transfer.py"
+    out = subprocess.run([sys.executable, str(script), "--target", str(tmp_path), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "models need evaluation data: --zoo ZOO, or --prompts" in out.stderr
+    out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert out.returncode == 2 and "nothing to compare: give --run-dir RUN" in out.stderr

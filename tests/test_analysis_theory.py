@@ -1,18 +1,23 @@
-"""Theory experiments: the JVP term against finite differences, the per-position metrics, T1 end
-to end on a tiny pair, and T2's per-layer alignment arithmetic."""
+"""Theory experiments: the JVP term against finite differences, the chunked JVP against the
+unchunked one, the per-position metrics, T1-T4 end to end on tiny models (explicit models give
+the numbers of the --zoo form), and T2's per-layer alignment arithmetic."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
+ROOT = Path(__file__).parents[1]
+if str(ROOT) not in sys.path:  # `analysis` is a directory of the checkout, not an installed package
+    sys.path.insert(0, str(ROOT))
 
-from theory_common import spearman  # noqa: E402
-from theory_t1 import chat_vector, logits_and_jvp, position_metrics  # noqa: E402
-from theory_t2 import delta_alignment, group_of, same_prompts  # noqa: E402
+from analysis import theory_t1, theory_t2, theory_t3, theory_t4  # noqa: E402
+from analysis.theory_common import spearman  # noqa: E402
+from analysis.theory_t1 import chat_vector, logits_and_jvp, measure, position_metrics  # noqa: E402
+from analysis.theory_t2 import delta_alignment, group_of, same_prompts  # noqa: E402
 from tiny import make_model, make_tokenizer  # noqa: E402
 
 SMALL = dict(vocab_size=64, hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32)
@@ -63,29 +68,78 @@ def test_position_metrics_exact_and_unrelated():
     assert m2["cos"].abs().mean() < 0.5 and m2["kl_codit_lin"].mean() > 0.1
 
 
-def test_t1_run_on_a_small_chat_vector(tmp_path):
-    """A post model that is base + a small Δ: the first-order picture must hold (cosine near 1)."""
-    import theory_t1
-
+def _small_pair(zoo: Path, scale: float = 0.02):
+    """A world-shaped directory: source-base, source-post = base + scale·(other − base), prompts/eval.jsonl."""
     tok = make_tokenizer(vocab_size=120)
-    zoo = tmp_path / "zoo"
-    base = make_model(zoo / "source-base", arch="mistral", vocab_size=len(tok), hidden=16, layers=2, heads=2,
-                      kv_heads=1, intermediate=32, tokenizer=tok)
-    other = make_model(arch="mistral", vocab_size=len(tok), hidden=16, layers=2, heads=2, kv_heads=1,
-                       intermediate=32, seed=3)
+    kw = dict(arch="mistral", vocab_size=len(tok), hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32)
+    base = make_model(zoo / "source-base", tokenizer=tok, **kw)
+    other = make_model(seed=3, **kw)
     with torch.no_grad():
         for p, q in zip(base.parameters(), other.parameters()):
-            p.add_(0.02 * (q - p))
+            p.add_(scale * (q - p))
     base.save_pretrained(zoo / "source-post")
     tok.save_pretrained(zoo / "source-post")
     (zoo / "prompts").mkdir()
     (zoo / "prompts" / "eval.jsonl").write_text("".join(json.dumps({"instruction": t}) + "\n" for t in
                                                          ["answer in json", "the quick brown fox", "write lowercase"]))
-    res = theory_t1.run(zoo, tmp_path / "out", n_prompts=3, max_new_tokens=6, batch_size=2)
+    return zoo
+
+
+def test_t1_run_on_a_small_chat_vector(tmp_path):
+    """A post model that is base + a small Δ: the first-order picture must hold (cosine near 1)."""
+    zoo = _small_pair(tmp_path / "zoo")
+    res = theory_t1.run_t1(zoo / "source-base", zoo / "source-post", zoo / "prompts" / "eval.jsonl",
+                           tmp_path / "out", limit=3, max_new_tokens=6, batch_size=2, chunk_tokens=4)
     table = {r["key"]: r for r in res["table"]}
     assert table["cos"]["mean"] > 0.95 and table["kl_codit_lin"]["mean"] < 0.05
     for ext in ("md", "csv", "json", "png"):
         assert (tmp_path / "out" / f"t1_linearisation.{ext}").exists()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_jvp_equals_unchunked(one_thread, tie):
+    """Body once + head and metrics in chunks of 3 positions = the whole model's logits and J·Δ at
+    once, for every metric and λ point (float64; padded rows of different lengths; tied head)."""
+    kw = dict(SMALL, tie=tie)
+    g = torch.Generator().manual_seed(0)
+    seqs = [(torch.randint(4, 64, (n,), generator=g).tolist(), start) for n, start in ((9, 4), (6, 2), (11, 7))]
+    results = []
+    for chunk in (0, 3):
+        base = make_model(**kw).double()
+        post = _shifted(base, {k: v - p for (k, v), p in zip(make_model(**kw, seed=1).double().named_parameters(),
+                                                              base.parameters())}, 0.3)
+        results.append(measure(base, post, seqs, alpha=0.1, batch_size=2, lambdas=(0.25, 0.5), chunk_tokens=chunk))
+    whole, chunked = results
+    assert list(whole) == list(chunked) and "cos@0.25" in whole
+    assert len(whole["cos"]) == sum(len(s) - start for s, start in seqs)
+    for key in whole:
+        assert torch.allclose(torch.tensor(chunked[key]), torch.tensor(whole[key]), rtol=1e-9, atol=1e-10), key
+
+
+def test_t1_explicit_models_give_the_zoo_numbers(tmp_path, one_thread):
+    zoo = _small_pair(tmp_path / "zoo", scale=0.3)
+    elsewhere = tmp_path / "models"  # the same models and prompts outside any world layout
+    shutil.copytree(zoo / "source-base", elsewhere / "b")
+    shutil.copytree(zoo / "source-post", elsewhere / "p")
+    (elsewhere / "prompts.jsonl").write_text("".join(  # chat `messages` rows: the same one-turn prompts
+        json.dumps({"messages": [{"role": "user", "content": json.loads(x)["instruction"]}]}) + "\n"
+        for x in (zoo / "prompts" / "eval.jsonl").read_text().splitlines()))
+    common = ["--max-new-tokens", "5", "--batch-size", "2", "--chunk-tokens", "4", "--lambdas", "0.5"]
+    assert theory_t1.main(["--zoo", str(zoo), "--out", str(tmp_path / "a"), "--prompts", "2", *common]) == 0
+    assert theory_t1.main(["--base", str(elsewhere / "b"), "--post", str(elsewhere / "p"), "--prompts",
+                           str(elsewhere / "prompts.jsonl"), "--limit", "2", "--out", str(tmp_path / "b"),
+                           *common]) == 0
+    a, b = (json.loads((tmp_path / d / "t1_linearisation.json").read_text())["rows"] for d in "ab")
+    assert a == b and a[0]["positions"] == 10  # two prompts, 5 response tokens each
+
+
+def test_scripts_say_what_they_need(capsys):
+    for module in (theory_t1, theory_t2, theory_t3, theory_t4):
+        with pytest.raises(SystemExit) as exc:
+            module.main([])
+        assert exc.value.code == 2
+        assert "give --zoo ZOO (a world directory) or the explicit inputs; missing: --base --post" in \
+            capsys.readouterr().err
 
 
 def test_delta_alignment_per_layer(tmp_path):
@@ -128,3 +182,92 @@ def test_t2_trains_every_dataset_on_the_prompts_all_of_them_kept(tmp_path):
     for name, path in paths.items():
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert [r["id"] for r in rows] == ["a", "d"] and rows[0]["response"] == f"{name} answer a"
+
+
+# --- T2-T4 on the micro world: explicit models give the numbers of the --zoo form ---------------
+
+def _perturbed_copy(src: Path, dst: Path, seed: int) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    g = torch.Generator().manual_seed(seed)
+    w = load_file(str(dst / "model.safetensors"))
+    save_file({k: (v + 0.05 * torch.randn(v.shape, generator=g)).contiguous() for k, v in w.items()},
+              str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def micro_run(micro_zoo, tmp_path_factory):
+    """A recipe-run-shaped directory on the micro world: data/{codit,direct} (made-up responses to
+    its synthesis prompts) and models/{codit,direct}-seed{0,1} (perturbed copies of target-base);
+    plus `explicit`: copies of the world's models and files outside its layout."""
+    run = tmp_path_factory.mktemp("micro-run")
+    prompts = [json.loads(x) for x in (micro_zoo / "prompts" / "synthesis.jsonl").read_text().splitlines()][:10]
+    for k, method in enumerate(("codit", "direct")):
+        (run / "data" / method / "data").mkdir(parents=True)
+        (run / "data" / method / "data" / "train.jsonl").write_text("".join(json.dumps(
+            {"id": p["id"], "instruction": p["instruction"], "response": f"answer {k}: {p['task'].lower()}",
+             "repetitive": i == 3}) + "\n" for i, p in enumerate(prompts)))
+        for seed in (0, 1):
+            _perturbed_copy(micro_zoo / "target-base", run / "models" / f"{method}-seed{seed}", 10 * k + seed)
+    explicit = run / "explicit"
+    for name in ("source-base", "source-post", "target-base"):
+        shutil.copytree(micro_zoo / name, explicit / name.replace("-", "_"))
+    for rel in ("prompts/eval.jsonl", "prompts/synthesis.jsonl", "knowledge/questions.jsonl", "text/heldout.jsonl"):
+        shutil.copy(micro_zoo / rel, explicit / rel.replace("/", "_"))
+    return run
+
+
+def _models(run: Path, *names) -> list[str]:
+    flags = {"source_base": "--base", "source_post": "--post", "target_base": "--target"}
+    return [x for n in names for x in (flags[n], str(run / "explicit" / n))]
+
+
+def test_t3_explicit_models_give_the_zoo_numbers(micro_zoo, micro_run, tmp_path, one_thread):
+    assert theory_t3.main(["--zoo", str(micro_zoo), "--run-dir", str(micro_run), "--out", str(tmp_path / "a"),
+                           "--pairs", "12"]) == 0
+    m = micro_run / "models"
+    assert theory_t3.main([*_models(micro_run, "source_base", "source_post", "target_base"),
+                           "--texts", f"codit={micro_run / 'data' / 'codit'}",
+                           "--texts", f"direct={micro_run / 'data' / 'direct' / 'data' / 'train.jsonl'}",
+                           "--tuned", f"codit={m / 'codit-seed0'},{m / 'codit-seed1'}",
+                           "--tuned", f"direct={m / 'direct-seed0'},{m / 'direct-seed1'}",
+                           "--out", str(tmp_path / "b"), "--pairs", "12"]) == 0
+    a, b = (json.loads((tmp_path / d / "t3_text_correlation.json").read_text()) for d in "ab")
+    assert a["rows"] == b["rows"] and a["s_src"] == b["s_src"] and len(a["s_src"]) == 12
+    assert [r["tuned target"] for r in a["rows"]][1:5] == ["codit-seed0", "codit-seed1", "direct-seed0", "direct-seed1"]
+
+
+def test_t3_pairs_file_takes_instructions_or_conversations(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"instruction": "Say hi.", "response": "hi"}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "Say yo."}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    pairs = theory_t3.fixed_pairs(f, n=8)
+    assert pairs == [([{"role": "user", "content": "Say hi."}], "hi"), ([{"role": "user", "content": "Say yo."}], "yo")]
+
+
+def test_t2_explicit_models_give_the_zoo_numbers(micro_zoo, micro_run, tmp_path, one_thread):
+    common = ["--epochs", "1", "--limit", "4", "--eval-limit", "4", "--max-new-tokens", "4", "--batch-size", "4"]
+    assert theory_t2.main(["--zoo", str(micro_zoo), "--run-dir", str(micro_run), "--out", str(tmp_path / "a"),
+                           *common]) == 0
+    assert theory_t2.main([*_models(micro_run, "source_base", "source_post"),
+                           "--prompts", str(micro_run / "explicit" / "prompts_eval.jsonl"),
+                           "--codit", str(micro_run / "data" / "codit"), "--direct", str(micro_run / "data" / "direct"),
+                           "--out", str(tmp_path / "b"), *common]) == 0
+    a, b = (json.loads((tmp_path / d / "t2_alignment.json").read_text()) for d in "ab")
+    assert a["rows"] == b["rows"] and a["if"] == b["if"] and set(a["if"]) == {"base", "post", "codit", "direct"}
+
+
+def test_t4_explicit_models_give_the_zoo_numbers(micro_zoo, micro_run, tmp_path, one_thread):
+    common = ["--betas", "1", "--alphas", "", "--limit", "4", "--epochs", "1", "--eval-limit", "4",
+              "--max-new-tokens", "4", "--batch-size", "4"]
+    assert theory_t4.main(["--zoo", str(micro_zoo), "--out", str(tmp_path / "a"), *common]) == 0
+    e = micro_run / "explicit"
+    assert theory_t4.main([*_models(micro_run, "source_base", "source_post", "target_base"),
+                           "--prompts", str(e / "prompts_synthesis.jsonl"),
+                           "--eval-prompts", str(e / "prompts_eval.jsonl"),
+                           "--questions", str(e / "knowledge_questions.jsonl"), "--out", str(tmp_path / "b"),
+                           *common]) == 0
+    a, b = (json.loads((tmp_path / d / "t4_sweeps.json").read_text())["rows"] for d in "ab")
+    assert a == b and len(a) == 1 and a[0]["IF prompt strict"] is not None and a[0]["knowledge own"] is not None
