@@ -281,7 +281,8 @@ class ContrastiveDecoder:
             if reason not in self._engine_warned:
                 self._engine_warned.add(reason)
                 log.warning("using the eager engine: the fast engine cannot run this model (%s); the eager engine "
-                            "is typically several times slower per token on a GPU (see BENCHMARKS.md)", reason)
+                            "steps Hugging Face's own forward per token as `generate` does, several times slower "
+                            "than the fast engine on a GPU (BENCHMARKS.md, CoDIT decoding)", reason)
             self.engine_reason = reason
         from distill.eager_decoder import EagerPair
 

@@ -89,3 +89,15 @@ def test_published_recipe_runs_end_to_end_on_stand_ins(name, eval_dir, tmp_path)
     assert main(args) == 0  # a rerun reuses every stage
     assert json.loads((run_dir / "stages.json").read_text()) == done | {"report": json.loads(
         (run_dir / "stages.json").read_text())["report"]}
+
+
+def test_a_recipe_whose_pair_cannot_be_decoded_together_stops_before_any_stage(eval_dir, tmp_path, capsys):
+    post, _ = make_pair("llama3.1", tmp_path / "models")
+    _, other_base = make_pair("qwen2.5", tmp_path / "models")  # another vocabulary
+    run_dir = tmp_path / "run"
+    rc = main(["run", str(ROOT / "recipes" / "llama3.1-8b-to-qwen2.5-7b.yaml"), "--set", f"run_dir={run_dir}",
+               "--set", f"source.post={post}", "--set", f"source.base={other_base}", "--set",
+               f"target.base={other_base}", "--set", f"prompts.synthesis={eval_dir / 'prompts.jsonl'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "source.post and source.base cannot be decoded together" in err
+    assert "token -> id maps of" in err and not run_dir.exists()
