@@ -23,10 +23,13 @@ import re
 import time
 from pathlib import Path
 
+from distill.theory.inputs import dataset_rows
+from distill.theory.tables import write_table
+
 try:  # imported as analysis.theory_t2
-    from .theory_common import add_model_args, dataset_rows, pyplot, resolve_models, save_figure, write_table
+    from .theory_common import add_model_args, pyplot, resolve_models, save_figure
 except ImportError:  # run as a file: python analysis/theory_t2.py
-    from theory_common import add_model_args, dataset_rows, pyplot, resolve_models, save_figure, write_table
+    from theory_common import add_model_args, pyplot, resolve_models, save_figure
 
 log = logging.getLogger("theory.t2")
 

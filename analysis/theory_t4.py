@@ -22,10 +22,12 @@ import logging
 import time
 from pathlib import Path
 
+from distill.theory.tables import write_table
+
 try:  # imported as analysis.theory_t4
-    from .theory_common import ZOO_LAYOUT, add_model_args, pyplot, resolve_models, save_figure, write_table
+    from .theory_common import ZOO_LAYOUT, add_model_args, pyplot, resolve_models, save_figure
 except ImportError:  # run as a file: python analysis/theory_t4.py
-    from theory_common import ZOO_LAYOUT, add_model_args, pyplot, resolve_models, save_figure, write_table
+    from theory_common import ZOO_LAYOUT, add_model_args, pyplot, resolve_models, save_figure
 
 log = logging.getLogger("theory.t4")
 

@@ -1,7 +1,10 @@
 """`distill run RECIPE.yaml`: the whole pipeline, stage by stage, with caching.
 
-zoo → preflight → chat-vector → weight-arithmetic → synthesize-{codit,direct[,direct-masked]}
-    → train-{method}-seed{s} → evaluate-{model} → report
+zoo → preflight → chat-vector → weight-arithmetic [→ theory-t1] → synthesize-{codit,direct[,direct-masked]}
+    → train-{method}-seed{s} [→ theory-t3] → evaluate-{model} → report
+
+(theory-t1 and theory-t3, the theory experiments of `distill.theory`, run when the recipe's
+`theory.t1` / `theory.t3` are true; both are off by default.)
 
 Every stage writes into the run directory. A stage records a key (a hash of its settings
 and of the keys of the stages it reads) in `stages.json` when it finishes; on a rerun a
@@ -227,6 +230,68 @@ class Pipeline:
                  max_new_tokens=e.max_new_tokens, limit=e.limit, device=e.device)
         return {"scores": str(out)}
 
+    def stage_theory_t1(self) -> dict:
+        """T1 on the source pair: the first theory.prompts_limit synthesis prompts (as prompts.*
+        selects and renders them for synthesis; prompts.sample aside), synthesis' alpha and template."""
+        from distill.prompt_sets import load_prompt_set
+        from distill.theory.linearise import run_t1
+
+        r, th, s = self.recipe, self.recipe.theory, self.recipe.synthesis
+        p, out = r.prompts, self.run_dir / "theory" / "t1"
+        limit = self._t1_prompts()
+        rows = load_prompt_set(p.synthesis, layout=p.layout, turns=p.turns, max_prompt_chars=p.max_prompt_chars,
+                               dedupe=p.dedupe, limit=limit).rows
+        res = run_t1(r.source.base, r.source.post, rows, out, limit=limit, max_new_tokens=th.max_new_tokens,
+                     alpha=s.alpha, batch_size=th.batch_size, chunk_tokens=th.chunk_tokens,
+                     lambdas=tuple(th.lambdas), device=th.device, dtype=th.dtype or "auto",
+                     chat_template=s.chat_template, chat_template_kwargs=s.chat_template_kwargs,
+                     prompts_name=f"{p.synthesis}, the first {limit}")
+        if not res["sequences"]:
+            log.warning("theory-t1: no prompt got a non-empty response from source.post; %s says so", res["md"])
+        return {"table": res["md"], "numbers": str(out / "t1_linearisation.json")}
+
+    def stage_theory_t3(self) -> dict:
+        """T3 on the source pair, the target base, this run's synthesized datasets and tuned targets."""
+        from distill.theory.text_ratio import run_t3
+
+        r, th, s = self.recipe, self.recipe.theory, self.recipe.synthesis
+        out = self.run_dir / "theory" / "t3"
+        texts = {m: self._output_of(f"synthesize-{m}", "data", self.run_dir / "data" / m) for m in s.methods}
+        tuned = {m: [self._output_of(f"train-{m}-seed{sd}", "model", self.run_dir / "models" / f"{m}-seed{sd}")
+                     for sd in r.train.seeds] for m in s.methods}
+        res = run_t3(r.source.base, r.source.post, r.target.base, texts, tuned, out, n=th.t3_n,
+                     batch_size=th.batch_size, device=th.device, dtype=th.dtype or "auto",
+                     chat_template=s.chat_template, chat_template_kwargs=s.chat_template_kwargs)
+        return {"table": res["md"], "numbers": str(out / "t3_text_correlation.json")}
+
+    def _output_of(self, stage: str, key: str, default: Path) -> str:
+        path = self.state.output(stage).get(key) or str(default)
+        if not Path(path).exists():
+            raise DistillError(f"{stage} has not written {path}; run it first (distill run ... --only {stage})")
+        return path
+
+    def _t1_prompts(self) -> int:
+        """How many synthesis prompts T1 reads: theory.prompts_limit, at most the prompts.limit synthesis reads."""
+        p, th = self.recipe.prompts, self.recipe.theory
+        return min(th.prompts_limit, p.limit) if p.limit else th.prompts_limit
+
+    def _theory_settings(self, test: str) -> dict:
+        """What changes one theory stage's numbers: the pair, its prompt rendering, and its own
+        keys of the theory section (not the other test's, nor the t1/t3 switches)."""
+        r, s = self.recipe, as_dict(self.recipe)
+        own = {"t1": ("prompts_limit", "max_new_tokens", "chunk_tokens", "lambdas"), "t3": ("t3_n",)}[test]
+        settings = {"source": s["source"], "chat_template": r.synthesis.chat_template,
+                    "chat_template_kwargs": r.synthesis.chat_template_kwargs,
+                    "theory": {k: s["theory"][k] for k in own + ("batch_size", "device", "dtype")}}
+        if test == "t1":
+            p = r.prompts
+            settings.update(alpha=r.synthesis.alpha, prompts={
+                "synthesis": p.synthesis, "limit": self._t1_prompts(),
+                "layout": p.layout, "turns": p.turns, "max_prompt_chars": p.max_prompt_chars, "dedupe": p.dedupe})
+        else:
+            settings["target"] = s["target"]
+        return settings
+
     # -- plan -----------------------------------------------------------------------------
 
     def plan(self) -> list[Stage]:
@@ -243,6 +308,8 @@ class Pipeline:
             models["weight-arithmetic"] = str(self.run_dir / "models" / "weight-arithmetic")
         else:
             self.notes.append(f"Weight-arithmetic route skipped: {why}.")
+        if r.theory.t1:  # the source pair alone: before synthesis, so a pair T1 cannot take fails early
+            stages.append(Stage("theory-t1", self._theory_settings("t1"), self.stage_theory_t1))
         for method in r.synthesis.methods:  # all data first, then all training
             # The method list itself is not a setting of one method's data: adding a method reuses the others.
             synthesis = {k: v for k, v in s["synthesis"].items() if k != "methods"}
@@ -255,6 +322,9 @@ class Pipeline:
                 stages.append(Stage(name, settings, lambda m=method, sd=seed: self.stage_train(m, sd),
                                     [f"synthesize-{method}"]))
                 models[f"{method}-seed{seed}"] = str(self.run_dir / "models" / f"{method}-seed{seed}")
+        if r.theory.t3:  # every synthesized dataset and tuned target of the run
+            reads = [st.name for st in stages if st.name.startswith(("synthesize-", "train-"))]
+            stages.append(Stage("theory-t3", self._theory_settings("t3"), self.stage_theory_t3, reads))
         if r.evaluate.zoo:
             for row, model in models.items():
                 producer = [st.name for st in stages if st.name.endswith(row)]
@@ -262,8 +332,8 @@ class Pipeline:
                                     lambda rw=row, md=model: self.stage_evaluate(rw, md), producer))
         else:
             self.notes.append("Evaluation skipped: set evaluate.zoo to a directory with the world's layout.")
-        evals = [st.name for st in stages if st.name.startswith("evaluate-")]
-        stages.append(Stage("report", {"version": __version__}, self.stage_report, evals))
+        reads = [st.name for st in stages if st.name.startswith(("evaluate-", "theory-"))]
+        stages.append(Stage("report", {"version": __version__}, self.stage_report, reads))
         self.models = models
         return stages
 

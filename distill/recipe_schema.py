@@ -113,6 +113,25 @@ class EvaluateConfig:
 
 
 @dataclass
+class TheoryConfig:
+    """The theory experiments as recipe stages (`distill.theory`; off by default; each adds loads of
+    the models it reads). theory-t1: the source pair linearised along Δ on the synthesis prompts
+    (the first `prompts_limit`), into RUN/theory/t1/. theory-t3: the tuned targets' log-ratios
+    against the source's on `t3_n` of the run's synthesized responses, into RUN/theory/t3/."""
+
+    t1: bool = False
+    t3: bool = False
+    prompts_limit: int = 32  # T1: the first N synthesis prompts (prompts.* selects and renders them)
+    max_new_tokens: int = 48  # T1: length of the post model's greedy responses
+    chunk_tokens: int = 256  # T1: response positions per head/metric chunk (bounds V-sized memory); 0: unchunked
+    lambdas: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])  # T1: points θ_base + λΔ
+    t3_n: int = 128  # T3: fixed responses, drawn equally from each synthesized dataset (>= 3)
+    batch_size: int = 4  # sequences per forward pass (T1 and T3)
+    device: Optional[str] = None  # default: CUDA when present
+    dtype: Optional[str] = None  # auto (null) | float32 | bfloat16 | float16
+
+
+@dataclass
 class Recipe:
     name: str = "recipe"
     run_dir: str = "runs/${name}"
@@ -124,6 +143,7 @@ class Recipe:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     train: TrainStageConfig = field(default_factory=TrainStageConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    theory: TheoryConfig = field(default_factory=TheoryConfig)
 
 
 def _check(value: Any, tp: Any, key: str, where: str) -> Any:
@@ -236,6 +256,13 @@ def _check_values(recipe: Recipe, where: str) -> None:
                               truncation=t.truncation, repetitive=t.repetitive))
     except DistillError as exc:
         raise DistillError(f"{where}: train: {exc}") from None
+    th = recipe.theory
+    for key, low in (("prompts_limit", 1), ("max_new_tokens", 1), ("chunk_tokens", 0), ("t3_n", 3),
+                     ("batch_size", 1)):
+        if getattr(th, key) < low:
+            raise DistillError(f"{where}: theory.{key} must be >= {low}, got {getattr(th, key)}")
+    if th.dtype not in (None, "auto", "float32", "bfloat16", "float16"):
+        raise DistillError(f"{where}: theory.dtype must be auto, float32, bfloat16 or float16, got {th.dtype!r}")
 
 
 def resolve_references(recipe: Recipe, zoo: str | None) -> Recipe:

@@ -1,7 +1,9 @@
-"""The run's `report.md`: the comparison table, its figure, the notes, the settings, the timings."""
+"""The run's `report.md`: the comparison table, its figure, the theory tables (when they ran), the
+notes, the settings, the timings."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -25,6 +27,7 @@ def write_report(run_dir: Path, recipe: Recipe, recipe_path: Path, stages: dict[
         lines += [f"CSV: `{Path(result['csv']).relative_to(run_dir)}`.", ""]
     else:
         lines += ["No scores: evaluation did not run (see notes).", ""]
+    lines += _theory(run_dir, recipe, stages)
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Stages", "", "| stage | seconds | outputs |", "| --- | ---: | --- |"]
@@ -37,3 +40,42 @@ def write_report(run_dir: Path, recipe: Recipe, recipe_path: Path, stages: dict[
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _theory(run_dir: Path, recipe: Recipe, stages: dict[str, dict]) -> list[str]:
+    """A "Theory" section: a link to each theory stage's table (of the stages this recipe runs and
+    that finished), with its headline numbers."""
+    items = []
+    for stage, on, what in (("theory-t1", recipe.theory.t1, "T1, the source pair linearised along Δ"),
+                            ("theory-t3", recipe.theory.t3, "T3, tuned-target vs source log-ratios on the same texts")):
+        outputs = stages.get(stage, {}).get("outputs", {})
+        table = Path(outputs.get("table", ""))
+        if not on or not outputs.get("table") or not table.is_file():
+            continue
+        rel = table.relative_to(run_dir) if table.is_relative_to(run_dir) else table
+        try:
+            headline = _headline(stage, json.loads(Path(outputs["numbers"]).read_text()))
+        except (KeyError, OSError, ValueError, TypeError):
+            headline = ""
+        items.append(f"- {what}: [{rel}]({rel}){headline}")
+    return ["## Theory", ""] + items + [""] if items else []
+
+
+def _num(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _headline(stage: str, data: dict) -> str:
+    if stage == "theory-t1":
+        rows = {r["key"]: r for r in data["rows"]}
+        if "cos" not in rows:
+            return " (no response positions to measure)"
+        cos = rows["cos"]
+        return (f". Centred cosine(lp_post − lp_base, J·Δ) {_num(cos['mean'])} over {cos['positions']} positions;"
+                f" KL(CoDIT ‖ softmax(J·Δ)) {_num(rows['kl_codit_lin']['mean'])} against"
+                f" KL(CoDIT ‖ direct) {_num(rows['kl_codit_direct']['mean'])}.")
+    rows = data["rows"]
+    control = [r for r in rows if r.get("method") == "control"]
+    means = [r for r in rows if "spearman std" in r]  # the per-method means over seeds
+    parts = [f"{r['method']} {_num(r.get('spearman'))}" for r in control + means]
+    return f". Spearman with the source's log-ratio: {', '.join(parts)}." if parts else ""

@@ -15,8 +15,8 @@ if str(ROOT) not in sys.path:  # `analysis` is a directory of the checkout, not 
     sys.path.insert(0, str(ROOT))
 
 from analysis import theory_t1, theory_t2, theory_t3, theory_t4  # noqa: E402
-from analysis.theory_common import spearman  # noqa: E402
-from analysis.theory_t1 import chat_vector, logits_and_jvp, measure, position_metrics  # noqa: E402
+from distill.theory.stats import spearman  # noqa: E402
+from distill.theory.linearise import chat_vector, logits_and_jvp, measure, position_metrics  # noqa: E402
 from analysis.theory_t2 import delta_alignment, group_of, same_prompts  # noqa: E402
 from tiny import make_model, make_tokenizer  # noqa: E402
 
@@ -54,6 +54,40 @@ def test_jvp_restores_attention_implementation():
     before = base.config._attn_implementation
     logits_and_jvp(base, {k: torch.zeros_like(v) for k, v in base.named_parameters()}, torch.tensor([[1, 2, 3]]))
     assert base.config._attn_implementation == before
+
+
+def test_jvp_runs_where_deepspeed_zero3_replaced_linear(monkeypatch):
+    """ZeRO-3 training in the same process (a recipe's train stage) leaves F.linear a custom
+    autograd.Function without forward-mode AD; T1 puts the original back while it runs."""
+    import types
+
+    import torch.nn.functional as F
+
+    original = F.linear
+
+    class NoJvp(torch.autograd.Function):  # like deepspeed's LinearFunctionForZeroStage3
+        @staticmethod
+        def forward(x, w, b=None):
+            return original(x, w, b)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+    monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.partition_parameters", types.SimpleNamespace(
+        InsertPostInitMethodToModuleSubClasses=types.SimpleNamespace(linear_bk=original)))
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: NoJvp.apply(x, w, b))
+    patched = F.linear
+    base = make_model(**SMALL)
+    zero = {k: torch.zeros_like(v) for k, v in base.named_parameters()}
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(NotImplementedError):  # what T1 met after a ZeRO-3 stage
+        torch.func.jvp(lambda t: base(inputs_embeds=t).logits, (torch.ones(1, 3, 16),), (torch.ones(1, 3, 16),))
+    _, jd = logits_and_jvp(base, zero, ids)
+    assert jd.abs().max() == 0 and F.linear is patched  # measured, and left as found
+    seqs = [([1, 5, 6, 7], 2)]
+    assert len(measure(base, make_model(**SMALL, seed=1), seqs, lambdas=(), chunk_tokens=2)["cos"]) == 2
+    assert F.linear is patched
 
 
 def test_position_metrics_exact_and_unrelated():

@@ -261,3 +261,102 @@ def test_multi_gpu_training_goes_through_the_deepspeed_launcher_with_parseable_f
     args = parser.parse_args(["train", *cmd[5:], "--local_rank=0"])
     assert args.deepspeed == "zero3" and args.seed == 1 and args.packing and args.max_length == 256
     assert args.out == str(tmp_path / "models" / "codit-seed1")
+
+
+THEORY_ON = ["theory.t1=true", "theory.t3=true"]
+
+
+def test_theory_stages_are_planned_only_when_enabled_and_keyed_by_their_settings(stand_ins, tmp_path):
+    from distill.recipe import Pipeline
+    from distill.recipe_schema import resolve_references
+
+    def plan(overrides=()):
+        recipe = resolve_references(load_recipe(MISTRAL_TO_QWEN, _overrides(stand_ins, tmp_path)[1::2]
+                                                + list(overrides)), None)
+        pipeline = Pipeline(recipe, MISTRAL_TO_QWEN)
+        pipeline.preflight()
+        return {st.name: st for st in pipeline.plan()}
+
+    off = list(plan())
+    assert not [n for n in off if n.startswith("theory")]  # off by default, in every recipe
+    for name in ("tiny", "mistral-to-qwen", "llama3.1-8b-to-qwen2.5-7b", "qwen3-8b-to-llama3.1-8b"):
+        theory = load_recipe(ROOT / "recipes" / f"{name}.yaml").theory
+        assert not theory.t1 and not theory.t3, name
+    assert [n for n in plan(["theory.t1=true"]) if n.startswith("theory")] == ["theory-t1"]
+    stages = plan(THEORY_ON)
+    names = list(stages)
+    # T1 reads the source pair alone: right after the parameter-space stages, before any synthesis;
+    # T3 reads every dataset and tuned target: right after the last training stage.
+    assert names[:3] == ["chat-vector", "weight-arithmetic", "theory-t1"] and names[3] == "synthesize-codit"
+    last_train = max(i for i, n in enumerate(names) if n.startswith("train-"))
+    assert names[last_train + 1] == "theory-t3" and names[last_train + 2].startswith("evaluate-")
+    assert stages["theory-t3"].inputs == ["synthesize-codit", "synthesize-direct", "train-codit-seed0",
+                                          "train-direct-seed0"]
+    assert {"theory-t1", "theory-t3"} <= set(stages["report"].inputs)
+    assert [n for n in names if n not in ("theory-t1", "theory-t3")] == off  # the rest is unchanged
+
+    # Cached like the other stages: rerun only when what they read changes.
+    run = tmp_path / "run"
+    assert {"theory-t1", "theory-t3"} <= set(_dry_run(stand_ins, run, THEORY_ON))
+    assert _dry_run(stand_ins, run, THEORY_ON) == ["report"]
+    for change, rerun in ((["theory.max_new_tokens=8"], ["theory-t1"]),
+                          (["theory.lambdas=[0.5]"], ["theory-t1"]),
+                          (["theory.chunk_tokens=0"], ["theory-t1"]),
+                          (["theory.t3_n=64"], ["theory-t3"]),
+                          (["theory.batch_size=2"], ["theory-t1", "theory-t3"]),
+                          (["synthesis.chat_template_kwargs={enable_thinking: false}"],
+                           ["theory-t1", "synthesize-codit", "synthesize-direct", "train-codit-seed0",
+                            "train-direct-seed0", "theory-t3", "evaluate-codit-seed0", "evaluate-direct-seed0"])):
+        assert _dry_run(stand_ins, run, THEORY_ON + change) == rerun + ["report"], change
+        assert _dry_run(stand_ins, run, THEORY_ON) == rerun + ["report"], change  # and back
+    # a retrained target is a new input of T3, not of T1; turning a test off leaves the other as it is
+    assert _dry_run(stand_ins, run, THEORY_ON + ["train.lr=3e-4"]) == [
+        "train-codit-seed0", "train-direct-seed0", "theory-t3", "evaluate-codit-seed0", "evaluate-direct-seed0",
+        "report"]
+    assert _dry_run(stand_ins, run, ["theory.t1=true", "train.lr=3e-4"]) == ["report"]
+
+
+def test_theory_settings_are_checked_when_the_recipe_loads():
+    r = load_recipe(MISTRAL_TO_QWEN, ["theory.t1=true", "theory.lambdas=[1, 0.5]", "theory.dtype=bfloat16"])
+    assert r.theory.t1 and not r.theory.t3 and r.theory.lambdas == [1.0, 0.5] and r.theory.prompts_limit == 32
+    with pytest.raises(DistillError, match=r"unknown key theory.t5; known keys: .*theory.t3_n"):
+        load_recipe(MISTRAL_TO_QWEN, ["theory.t5=true"])
+    with pytest.raises(DistillError, match=r"mistral-to-qwen.yaml: theory.t3_n must be >= 3, got 1"):
+        load_recipe(MISTRAL_TO_QWEN, ["theory.t3_n=1"])
+    with pytest.raises(DistillError, match=r"theory.dtype must be auto, float32, bfloat16 or float16, got 'fp8'"):
+        load_recipe(MISTRAL_TO_QWEN, ["theory.dtype=fp8"])
+
+
+def test_theory_stages_run_on_the_stand_ins_and_the_report_links_them(stand_ins, tmp_path, one_thread):
+    """T1 and T3 for real, on the pipeline's own synthesized data and tuned targets (a few seconds)."""
+    import math
+
+    run_dir = tmp_path / "run"
+    sets = {"evaluate.zoo": "null", "prompts.limit": 4, "train.deepspeed": "null", "train.max_steps": 1,
+            "theory.t1": "true", "theory.t3": "true", "theory.prompts_limit": 2, "theory.max_new_tokens": 4,
+            "theory.t3_n": 6, "theory.lambdas": "[0.5]", "theory.dtype": "float32"}
+    args = ["run", str(MISTRAL_TO_QWEN)] + _overrides(stand_ins, run_dir)
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    assert main(args) == 0
+    t1, t3 = (json.loads((run_dir / "theory" / d / f"{name}.json").read_text())
+              for d, name in (("t1", "t1_linearisation"), ("t3", "t3_text_correlation")))
+    for d, name in (("t1", "t1_linearisation"), ("t3", "t3_text_correlation")):
+        for ext in ("md", "csv", "json"):
+            assert (run_dir / "theory" / d / f"{name}.{ext}").is_file()
+    rows = {r["key"]: r for r in t1["rows"]}
+    assert {"cos", "kl_codit_lin", "cos@0.5"} <= set(rows) and rows["cos"]["positions"] == 8  # 2 prompts x 4
+    assert all(math.isfinite(r[c]) for r in t1["rows"] for c in ("mean", "median", "p10", "p90"))
+    assert [r["tuned target"] for r in t3["rows"]][:3] == ["control: −log p_target_base(y)", "codit-seed0",
+                                                           "direct-seed0"]
+    assert len(t3["s_src"]) == 6 and all(math.isfinite(x) for x in t3["s_src"])
+    assert all(math.isfinite(r[c]) for r in t3["rows"] for c in ("pearson", "spearman", "pearson per word"))
+    report = (run_dir / "report.md").read_text()
+    assert "## Theory" in report
+    for rel in ("theory/t1/t1_linearisation.md", "theory/t3/t3_text_correlation.md"):
+        assert f"[{rel}]({rel})" in report
+    # A rerun with the same settings reuses both tables.
+    before = json.loads((run_dir / "stages.json").read_text())
+    assert main(args) == 0
+    after = json.loads((run_dir / "stages.json").read_text())
+    assert {n: after[n] for n in after if n != "report"} == {n: before[n] for n in before if n != "report"}
