@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def data_table(runs: list[tuple[Path, dict]]) -> str:
 
     lines = ["| training data | synthesis seed | rows | IF prompt strict | IF instr. strict | mean words | repetitive |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    prompts = [{row["id"]: row for _, row in iter_jsonl(Path(recipe["prompts"]["synthesis"]), "prompts")}
+    # recipe.json keeps an environment reference as written (${DISTILL_PROMPTS}): the shell's value now
+    prompts = [{row["id"]: row for _, row in iter_jsonl(Path(os.path.expandvars(recipe["prompts"]["synthesis"])),
+                                                        "prompts")}
                for _, recipe in runs]  # once per run, not per dataset
     for key in ("direct", ROW, "codit"):
         for (run_dir, recipe), by_id in zip(runs, prompts):

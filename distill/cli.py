@@ -60,6 +60,18 @@ def _accept_verbose_anywhere(parser: argparse.ArgumentParser) -> None:
                 _accept_verbose_anywhere(child)
 
 
+# Commands whose rerun continues where an interrupted run stopped (the others rewrite their output whole).
+RESUMING = ("synthesize", "train", "run")
+
+
+def _output_of(args) -> str | None:
+    """The output a command writes, named in a storage error whose exception carries no path."""
+    for key in ("out", "merge"):
+        if getattr(args, key, None):
+            return str(getattr(args, key))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -75,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except DistillError as exc:
         print(f"distill {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - disk full / permissions: one line; anything else re-raised
+        from distill.validate import storage_error
+
+        err = storage_error(exc, _output_of(args), resumes=args.command in RESUMING)
+        if err is None:
+            raise
+        print(f"distill {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"distill {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -175,6 +175,9 @@ class DecodingConfig:
         return attention, compiled, gpu if self.concurrent_models is None else self.concurrent_models
 
     def validate(self) -> None:
+        from distill.validate import finite
+
+        finite(alpha=self.alpha, beta=self.beta, temperature=self.temperature, top_p=self.top_p)
         if not 0.0 <= self.alpha <= 1.0:
             raise DistillError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:

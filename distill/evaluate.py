@@ -56,16 +56,37 @@ class EvaluateConfig:
     lm_eval_tasks: list[str] = field(default_factory=list)
     save_responses: bool = True
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, where: str = "") -> None:
+        """Value checks that need no file, before anything loads (recipes run them when they load)."""
+        from distill.validate import at_least
+
+        at_least(1, where, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+                 max_length=self.max_length, limit=self.limit)
+        bad = [s for s in self.suites if s not in SUITES]
+        if bad:
+            raise DistillError(f"{where}unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
+
 
 def read_jsonl(path: Path, need: tuple[str, ...], limit: int | None = None) -> list[dict]:
     """Rows of a JSONL file; a missing file or field is an error naming the line and the fix."""
+    if path.is_dir():
+        raise DistillError(f"{path} is a directory; pass a .jsonl file (one JSON object per line)")
     if not path.is_file():
         raise DistillError(f"{path} not found; build the world with `distill zoo build` or pass the file's path")
     rows = []
     for n, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise DistillError(f"{path}:{n}: a {type(row).__name__}, not a JSON object; each row needs {list(need)}")
         missing = [k for k in need if k not in row]
         if missing:
             raise DistillError(f"{path}:{n}: row lacks {missing}; each row needs {list(need)} (docs/CONTRACTS.md)")
+        wrong = [k for k in need if not isinstance(row[k], (list, type(None)) if k == "constraints" else str)]
+        if wrong:
+            raise DistillError(f"{path}:{n}: {wrong[0]} is {row[wrong[0]]!r}, not a "
+                               f"{'list' if wrong[0] == 'constraints' else 'string'}; fix or remove the row")
         rows.append(row)
         if limit and len(rows) >= limit:
             break
@@ -151,12 +172,13 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     from distill.evaluate_generate import resolve_device_dtype
     from distill.models import load_causal_lm, load_tokenizer, resolve_model
 
-    bad = [s for s in cfg.suites if s not in SUITES]
-    if bad:
-        raise DistillError(f"unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
+    from distill.validate import check_model_dir
+
+    cfg.validate()
     if cfg.family not in (None, *[f for f in OWN_SPLITS if f]):
         raise DistillError(f"--family must be 'source' or 'target', got {cfg.family!r}")
     model_dir = resolve_model(cfg.model)
+    check_model_dir(model_dir)  # config.json and every shard's header, before an input is read or a weight loaded
     zoo = Path(cfg.zoo) if cfg.zoo else None
     suites = tuple(cfg.suites) if zoo or cfg.prompts or cfg.questions or cfg.heldout else ()
     if zoo is not None and not zoo.is_dir():
@@ -182,6 +204,11 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         inputs["ppl"] = read_jsonl(path(cfg.heldout, "text", "heldout.jsonl"), ("text",), cfg.limit)
 
     out = Path(cfg.out) if cfg.out else default_scores_path(cfg.model, model_dir)
+    from distill.validate import guard_path
+
+    guard_path(out, "scores")
+    if out.is_dir():
+        raise DistillError(f"scores path {out} is a directory; pass --out FILE.json")
     if not os.access(out.parent if out.parent.exists() else out.parent.parent, os.W_OK):
         raise DistillError(f"cannot write scores to {out}: pass --out to a writable path")
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)

@@ -47,18 +47,21 @@ def load_causal_lm(ref, dtype=None, device=None, trust_remote_code: bool = False
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model(ref, what)
-    if not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        hint = f" (found pickle files {pickles}; convert them to safetensors with a trusted tool first)" if pickles else ""
-        raise DistillError(f"{what} {path} has no *.safetensors weights{hint}; distill never unpickles weights")
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype if dtype is not None else torch.float32,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        local_files_only=True,
-    )
+    from distill.validate import check_model_dir
+
+    # config.json parses and every shard's header is complete (the check chat-vector makes), so a
+    # broken checkpoint is one line naming its file, never a traceback from deep inside transformers.
+    path = check_model_dir(ref, what).path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype if dtype is not None else torch.float32,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,
+        )
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise _load_error(exc, what, path) from None
     if device is not None:
         model.to(device)
     model.eval()
@@ -69,7 +72,39 @@ def load_tokenizer(ref, trust_remote_code: bool = False, what: str = "tokenizer"
     from transformers import AutoTokenizer
 
     path = resolve_model(ref, what)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    _check_config(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises its own types for a damaged tokenizer.json
+        if isinstance(exc, DistillError):
+            raise
+        raise _load_error(exc, what, path) from None
+
+
+def _check_config(path: Path) -> None:
+    """config.json, where present, is a JSON object (transformers reads it for the tokenizer too)."""
+    import json
+
+    config = path / "config.json"
+    if not config.exists():
+        return
+    try:
+        value = json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DistillError(f"{config} is not valid JSON ({exc}); repair or replace it") from None
+    if not isinstance(value, dict):
+        raise DistillError(f"{config} is not a JSON object of model settings; repair or replace it")
+
+
+def _load_error(exc: BaseException, what: str, path: Path) -> Exception:
+    """A failure inside transformers as one line naming the directory (storage errors pass through)."""
+    from distill.validate import storage_error
+
+    if storage_error(exc) is not None:
+        return exc
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return DistillError(f"cannot load {what} from {path}: {first}; check its files (config.json, the "
+                        f"tokenizer and *.safetensors) or copy the model again")
 
 
 def stop_token_ids(tokenizer, model=None, generation_config=None) -> list[int]:

@@ -196,7 +196,13 @@ def check_pair(expert: str, amateur: str | None = None, trust_remote_code: bool 
     """
     from distill.models import load_tokenizer, resolve_model, stop_token_ids
 
-    e_dir = resolve_model(expert, "expert")
+    from distill.validate import check_model_dir
+
+    # config.json and every shard's header of both models, the check chat-vector makes: a broken
+    # checkpoint is one line naming its file now, not a traceback once the models load.
+    e_dir = check_model_dir(expert, "expert").path
+    if amateur:
+        check_model_dir(amateur, "amateur")
     tok = load_tokenizer(expert, trust_remote_code, what="expert")
     source = resolve_chat_template(tok, expert, chat_template)
     kwargs, kwargs_how = template_kwargs(tok, chat_template_kwargs)

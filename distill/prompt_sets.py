@@ -146,8 +146,13 @@ def describe_stats(stats: dict) -> str:
     if stats.get("limited"):
         text += f" Reading stopped at the first {stats['limited']:,} usable rows (limit)."
     if stats.get("sampled"):
-        text += (f" Then {stats['kept']:,} of the {stats['eligible']:,} usable rows were drawn at random "
+        text += (f" Then {stats.get('selected', stats['kept']):,} of the {stats['eligible']:,} usable rows were drawn "
+                 f"at random "
                  f"(`random.Random({stats['seed']})`), kept in source order.")
+    if stats.get("dropped_over_positions"):  # distill.validate.fit_prompts, policy --long-prompts drop
+        text += (f" {stats['dropped_over_positions']:,} prompts were dropped because their rendered tokens plus "
+                 f"max_new_tokens ({stats['max_new_tokens']:,}) exceed the models' {stats['positions']:,} positions "
+                 f"(--long-prompts drop).")
     return text
 
 

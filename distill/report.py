@@ -10,7 +10,7 @@ import yaml
 
 from distill.evaluate_compare import collect_run_dir, compare
 from distill.fsutil import atomic_write_text
-from distill.recipe_schema import Recipe, as_dict
+from distill.recipe_schema import Recipe, saved_dict
 
 
 def write_report(run_dir: Path, recipe: Recipe, recipe_path: Path, stages: dict[str, dict], notes: list[str]) -> Path:
@@ -36,7 +36,7 @@ def write_report(run_dir: Path, recipe: Recipe, recipe_path: Path, stages: dict[
         lines.append(f"| {name} | {entry.get('seconds', '')} | {outs} |")
     total = sum(float(e.get("seconds", 0)) for e in stages.values())
     lines += ["", f"Total stage time: {total / 60:.1f} min.", "", "## Settings", "", "```yaml",
-              yaml.safe_dump(as_dict(recipe), sort_keys=False).strip(), "```", ""]
+              yaml.safe_dump(saved_dict(recipe), sort_keys=False).strip(), "```", ""]  # no environment values
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

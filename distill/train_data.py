@@ -88,6 +88,7 @@ def load_rows(data: str | Path, cache_dir: str | Path | None = None):
     if not path.exists():
         raise DistillError(f"training data {path} does not exist; pass a dataset directory written by "
                            "`distill synthesize` or a .jsonl file with instruction+response rows")
+    _check_not_empty(path)
     try:
         if path.is_dir() and (path / "state.json").exists():
             ds = datasets.load_from_disk(str(path))
@@ -125,9 +126,32 @@ def load_rows(data: str | Path, cache_dir: str | Path | None = None):
     return ds
 
 
+def _check_not_empty(path: Path) -> None:
+    """A saved dataset or synthesis output without rows: one line, not datasets' IndexError."""
+    if not path.is_dir():
+        return
+    state = path / "state.json"
+    if state.exists():
+        try:
+            files = json.loads(state.read_text()).get("_data_files")
+        except (OSError, ValueError, AttributeError):
+            return  # datasets reports its own unreadable state.json
+        if files == []:
+            raise DistillError(f"training data {path} is a saved dataset with no rows; it needs at least one")
+        return
+    data = sorted(path.glob("data/*.jsonl")) + sorted(path.glob("*.jsonl"))
+    if data and all(f.stat().st_size == 0 or not f.open("rb").read(4096).strip() for f in data):
+        raise DistillError(f"training data {path} has no rows (its {', '.join(f.name for f in data)} "
+                           f"{'is' if len(data) == 1 else 'are'} empty); it needs at least one")
+
+
 def row_to_messages(row: dict) -> list[dict] | None:
     """A chat for one row, or None when it has nothing to learn from."""
     if row.get("messages"):
+        for i, m in enumerate(row["messages"]):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DistillError(f"turn {i} of 'messages' has no 'role' and 'content' strings (got {m!r}); "
+                                   f"every turn needs both; fix or remove the row")
         msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
         return msgs if any(m["role"] == "assistant" and m["content"] for m in msgs) else None
     instruction, response = row.get("instruction"), row.get("response")
@@ -188,7 +212,10 @@ def _read_chats(ds, data, repetitive: str, stats: DataStats):
             stats.dropped_repetitive = before - len(ds)
         else:
             stats.kept_repetitive = stats.flagged_repetitive
-    ds = ds.map(lambda r: {"messages": row_to_messages(r)}, remove_columns=ds.column_names, desc="building chats")
+    try:
+        ds = ds.map(lambda r: {"messages": row_to_messages(r)}, remove_columns=ds.column_names, desc="building chats")
+    except DistillError as exc:
+        raise DistillError(f"training data {data}: a row's {exc}") from None
     before = len(ds)
     ds = ds.filter(lambda r: r["messages"] is not None)
     stats.dropped_empty = before - len(ds)
