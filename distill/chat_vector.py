@@ -24,7 +24,7 @@ import torch
 
 from distill import DistillError
 from distill.checkpoints import Checkpoint, ShardedWriter, copy_through, dtype_from_name, dtype_name
-from distill.fsutil import atomic_dir
+from distill.fsutil import atomic_dir, fault_point
 from distill.progress import progress_bar
 from distill.streaming import pipelined, row_chunks
 
@@ -59,6 +59,11 @@ class ExtractConfig:
     device: str = "cpu"  # where the arithmetic runs; reading and writing stay on the CPU
     workers: int = 2  # row chunks in flight at once (reads, arithmetic and writes overlap)
 
+    def __post_init__(self):  # before anything is opened or written (distill.validate)
+        from distill.validate import at_least
+
+        at_least(1, workers=self.workers)
+
 
 @dataclass
 class ApplyConfig:
@@ -73,6 +78,13 @@ class ApplyConfig:
     progress: bool = True
     device: str = "cpu"
     workers: int = 2
+
+    def __post_init__(self):  # before anything is opened or written: a nan scale made an all-NaN model
+        from distill.validate import at_least, finite
+
+        for i, (_, scale) in enumerate(self.vectors):
+            finite(**{"scale" if len(self.vectors) == 1 else f"scale {i + 1}": scale})
+        at_least(1, workers=self.workers)
 
 
 def _name_diff(a: set[str], b: set[str], a_label: str, b_label: str) -> str:
@@ -172,10 +184,11 @@ def run_extract(cfg: ExtractConfig) -> Path:
             out = p.to(torch.float32, copy=True).sub_(b).to(out_dtype)
         del p, b
         writer.write(name, out, start)
+        fault_point("chat_vector.chunk")
         return out.nbytes
 
     jobs = [(name, start, stop) for name, shape, _ in plan for start, stop in row_chunks(shape)]
-    with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+    with atomic_dir(cfg.out, overwrite=cfg.overwrite, what="chat vector output") as tmp:
         with ShardedWriter(tmp, plan, cfg.max_shard_size, metadata={"distill": FORMAT}) as writer, \
                 _progress(writer.total_size, "extract", cfg.progress) as bar:
             for nbytes in pipelined(work, jobs, cfg.workers):
@@ -280,10 +293,11 @@ def run_apply(cfg: ApplyConfig) -> Path:
             del todo, delta
             tensor = tensor.to(dtype)
         writer.write(name, tensor, start)
+        fault_point("chat_vector.chunk")
         return tensor.nbytes
 
     jobs = [(name, start, stop) for name, shape, _ in plan for start, stop in row_chunks(shape)]
-    with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+    with atomic_dir(cfg.out, overwrite=cfg.overwrite, what="model output") as tmp:
         with ShardedWriter(tmp, plan, cfg.max_shard_size) as writer, \
                 _progress(writer.total_size, "apply", cfg.progress) as bar:
             for nbytes in pipelined(work, jobs, cfg.workers):

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 from distill import DistillError, __version__
-from distill.fsutil import atomic_write_json
-from distill.recipe_schema import Recipe, as_dict, load_recipe, resolve_references
+from distill.fsutil import atomic_write_json, fault_point
+from distill.recipe_schema import Recipe, as_dict, load_recipe, resolve_references, saved_dict
 
 log = logging.getLogger("distill.recipe")
 
@@ -96,8 +96,11 @@ class Pipeline:
         """Every model and prompt file must be on disk before any work starts."""
         from distill.models import resolve_model
 
+        from distill.recipe_schema import undefined_lines
+
         r = self.recipe
-        missing = []
+        undefined = undefined_lines(r, skip=("prompts.synthesis",))  # ${VAR}s nothing defines, by key
+        missing = [f"  {line}" for line in undefined.values()]
         refs = [("source.base", r.source.base), ("source.post", r.source.post), ("target.base", r.target.base)]
         if r.weight_arithmetic.target:
             refs.append(("weight_arithmetic.target", r.weight_arithmetic.target))
@@ -105,6 +108,8 @@ class Pipeline:
         for key, ref in refs:
             if not ref:
                 missing.append(f"  {key}: not set (add it to {self.recipe_path} or pass --set {key}=PATH)")
+                continue
+            if key in undefined:
                 continue
             try:
                 resolved[key] = str(resolve_model(ref, key))
@@ -128,6 +133,8 @@ class Pipeline:
                 load_prompt_set(prompts, layout=r.prompts.layout, turns=r.prompts.turns, limit=1)
             except DistillError as exc:
                 missing.append(f"  prompts.synthesis: {exc}")
+        if len(missing) == 1 and "\n" not in missing[0]:  # one problem: one line
+            raise DistillError(f"recipe {self.recipe_path} cannot start: {missing[0].strip()}")
         if missing:
             raise DistillError(
                 f"recipe {self.recipe_path} cannot start; these inputs are not on disk:\n" + "\n".join(missing)
@@ -378,6 +385,7 @@ class Pipeline:
             log.info("[%d/%d] %s ...", i, total, stage.name)
             t0 = time.time()
             outputs = stage.run()
+            fault_point("run.stage")
             self.state.record(stage, outputs, time.time() - t0)
             log.info("[%d/%d] %s done in %.1f s", i, total, stage.name, time.time() - t0)
         return self.run_dir / "report.md"
@@ -394,11 +402,16 @@ def run_recipe(path: str | os.PathLike, overrides: list[str] = (), start_from: s
 
         log.info("[zoo] building or reusing the embedded world (preset %s)", recipe.world.preset)
         zoo = str(build_zoo(recipe.world.preset))
-    recipe = resolve_references(recipe, zoo)
+    recipe = resolve_references(recipe, zoo, undefined="keep")  # the preflight lists every undefined ${VAR}
     pipeline = Pipeline(recipe, path)
     pipeline.preflight()
-    atomic_write_json(Path(recipe.run_dir) / "recipe.json", as_dict(recipe))
-    return pipeline.run(start_from=start_from, only=only)
+    from distill.locking import output_lock
+
+    # One `distill run` per run directory at a time: a second one is refused, naming the first.
+    with output_lock(recipe.run_dir, "run directory"):
+        pipeline.state = StageState(pipeline.run_dir)  # what is finished, read under the lock
+        atomic_write_json(Path(recipe.run_dir) / "recipe.json", saved_dict(recipe))  # no environment values
+        return pipeline.run(start_from=start_from, only=only)
 
 
 def add_cli(sub, summary: str | None = None) -> None:

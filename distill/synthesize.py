@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill import DistillError, __version__
+from distill.fsutil import fault_point
 from distill.prompt_sets import LAYOUTS, load_prompt_set
 from distill.synth_records import (ShardWriter, finished_rows, merge, repetition_rule,
                                    shard_path)
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # What a run recorded before a setting existed meant: rows flagged by our n-gram rule, not "public".
 LEGACY_DEFAULTS = {"repetition_rule": "ngram"}
-SELECTION_KEYS = ("limit", "sample", "prompt_layout", "prompt_turns", "max_prompt_chars", "dedupe")
+SELECTION_KEYS = ("limit", "sample", "prompt_layout", "prompt_turns", "max_prompt_chars", "dedupe", "long_prompts")
 # Settings that change the rows; a resumed run must match them (batch size, device do not).
 RESUME_KEYS = ("expert", "amateur", "prompts", "method", "alpha", "beta", "temperature", "top_p",
                "max_new_tokens", "seed", "chat_template", "chat_template_kwargs", "token_logprobs", "repetition_rule",
@@ -62,6 +63,9 @@ class SynthesizeConfig:
     prompt_turns: str = "first"  # first: the first user turn; all: every turn up to the last user turn
     max_prompt_chars: int | None = 16000
     dedupe: bool = True
+    # A prompt whose rendered tokens + max_new_tokens exceed the models' positions (config.json's
+    # max_position_embeddings): "drop" it, counted in the card, or "error" (distill.validate.fit_prompts).
+    long_prompts: str = "drop"
     device: str = "auto"  # auto = cuda:LOCAL_RANK if available, else cpu
     dtype: str = "auto"  # auto = distill.models.default_dtype: bfloat16 on cuda, float32 on cpu
     engine: str = "auto"  # auto | eager | fast (see distill.decoding.DecodingConfig)
@@ -97,6 +101,10 @@ class SynthesizeConfig:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise DistillError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         repetition_rule(self.repetition_rule, self.repetition_ngram, self.repetition_threshold)  # raises if bad
+        from distill.validate import LONG_PROMPT_POLICIES
+
+        if self.long_prompts not in LONG_PROMPT_POLICIES:
+            raise DistillError(f"long_prompts must be drop or error, got {self.long_prompts!r}")
         from distill.decoding import DecodingConfig
         from distill.pair import template_kwargs
 
@@ -143,14 +151,24 @@ def _prepare_out(cfg: SynthesizeConfig, prompt_ids: list[str], record: dict) -> 
                                    f"same settings to resume, or pass --overwrite, or choose another --out")
             if changed:
                 _discard_rows(out)
-        elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        elif out.exists() and not _only_skeleton(out) and not cfg.overwrite:
             raise DistillError(f"output {out} exists and is not a synthesis run; choose another --out or --overwrite")
         (out / "shards").mkdir(parents=True, exist_ok=True)
         atomic_write_json(prov, {"distill_version": __version__, "settings": cfg.settings(), **record,
                                  "prompt_ids": prompt_ids, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     except OSError as exc:
-        raise DistillError(f"cannot write to {out} ({exc.strerror}); choose a writable --out") from exc
+        from distill.validate import storage_error
+
+        raise storage_error(exc, out) or DistillError(f"cannot write to {out} ({exc.strerror}); choose a writable "
+                                                      f"--out") from None
     return out
+
+
+def _only_skeleton(out: Path) -> bool:
+    """D holds nothing but what a run killed before its provenance was in place leaves: an empty
+    shards/ and the temporary copy of provenance.json (removed when it is written again)."""
+    return all((p.name == "shards" and p.is_dir() and not any(p.iterdir()))
+               or p.name.startswith(".provenance.json.tmp-") for p in out.iterdir())
 
 
 def _check_pair(cfg: SynthesizeConfig):
@@ -213,7 +231,43 @@ def _changed_prompts(done: dict[str, dict], prompts: list[dict], cfg: Synthesize
 
 
 def synthesize(cfg: SynthesizeConfig) -> Path:
-    """Run (or resume) one synthesis; returns the dataset directory D."""
+    """Run (or resume) one synthesis; returns the dataset directory D.
+
+    One writer per D (`distill.locking`): another run on D is refused at once while this one
+    runs, naming it; the ranks of one launch share the lock. A run that fails before its first
+    row removes the D it created, so a failure leaves no empty skeleton behind."""
+    from distill.locking import output_lock
+
+    out = Path(cfg.out)
+    with output_lock(out, "synthesis output") as lock:
+        created = not out.exists()
+        empty = created or (out.is_dir() and not any(out.iterdir()))
+        try:
+            return _synthesize(cfg, lock)
+        except BaseException:
+            if empty and _rank()[1] == 1:  # one process: nobody else can be writing into D
+                _remove_skeleton(out, created)
+            raise
+
+
+def _remove_skeleton(out: Path, created: bool) -> None:
+    """D was empty or absent when this run began: if it still holds no row, remove what the run
+    put there (and D itself if the run made it)."""
+    import shutil
+
+    try:
+        if not out.is_dir() or finished_rows(out):
+            return
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+            return
+        for p in out.iterdir():
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    except (DistillError, OSError):  # a corrupt or unreadable shard: keep it for the user to see
+        pass
+
+
+def _synthesize(cfg: SynthesizeConfig, lock) -> Path:
     from distill.decoding import ContrastiveDecoder, DecodingConfig, Request, derive_seed
     from distill.pair import render_prompt
     from distill.progress import progress_bar
@@ -224,7 +278,15 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
                                  seed=cfg.seed, dedupe=cfg.dedupe)
     prompts = prompt_set.rows
     tokenizer, pair = _check_pair(cfg)
+    from distill.validate import fit_prompts
+
+    # Before anything is written: prompts longer than the models' positions (with the response) are
+    # dropped and counted, or refused (--long-prompts error).
+    prompts = fit_prompts(prompts, tokenizer, pair.chat_template_kwargs,
+                          [(cfg.expert, "expert"), (cfg.amateur, "amateur")], cfg.max_new_tokens, cfg.long_prompts,
+                          prompt_set.stats)
     out = _prepare_out(cfg, [p["id"] for p in prompts], {"pair": pair.as_dict(), "prompt_set": prompt_set.stats})
+    fault_point("synthesize.prepared")
     done = finished_rows(out)
     if _changed_prompts(done, prompts, cfg):
         _discard_rows(out)
@@ -265,6 +327,7 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
                               "repetition_rule": rep.rule,
                               **provenance, "engine": getattr(decoder, "engine_used", None),
                               "row_seed": derive_seed(cfg.seed, p["id"]), **result.extra})
+                fault_point("synthesize.row")
                 if i % cfg.batch_size == 0:
                     writer.sync()
                 bar.update(1)
@@ -275,11 +338,18 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
             writer.close()
     else:
         writer.close()
-    if merge(out) is None:
+    with lock.critical():  # one merge at a time: the ranks of a launch may finish together
+        fault_point("synthesize.merge")
+        merged = merge(out)
+    if merged is not None:
+        log.info("dataset written to %s", out)
+    elif world > 1:
         log.info("rank %d finished; other ranks still running; the last one to finish writes the dataset "
                  "(or run `distill synthesize --merge %s`)", rank, out)
-    else:
-        log.info("dataset written to %s", out)
+    else:  # one process answered every prompt: rows can only be missing if something else removed them
+        missing = len({p["id"] for p in prompts} - set(finished_rows(out)))
+        raise DistillError(f"{out}: {missing} prompt(s) have no row after this run answered them all (its shards "
+                           f"were changed while it ran); rerun the same command to generate them")
     return out
 
 
@@ -329,6 +399,10 @@ def add_cli(subparsers, summary: str | None = None) -> None:
                         "all: every turn up to the last user turn (default: first)")
     p.add_argument("--max-prompt-chars", type=int, default=d["max_prompt_chars"].default,
                    help="drop prompts longer than this many characters, counted in the card (default: %(default)s)")
+    p.add_argument("--long-prompts", choices=["drop", "error"], default=d["long_prompts"].default,
+                   help="a prompt whose rendered tokens + --max-new-tokens exceed the models' positions "
+                        "(max_position_embeddings): drop it, counted in the card, or stop with an error "
+                        "(default: %(default)s)")
     p.add_argument("--no-dedupe", dest="dedupe", action="store_false",
                    help="keep prompts whose normalised text repeats (default: keep the first of each)")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
@@ -377,7 +451,11 @@ def add_cli(subparsers, summary: str | None = None) -> None:
 
 def _main(args) -> int:
     if args.merge:
-        if merge(Path(args.merge)) is None:
+        from distill.locking import output_lock
+
+        with output_lock(args.merge, "synthesis output") as lock, lock.critical():
+            merged = merge(Path(args.merge))
+        if merged is None:
             raise DistillError(f"{args.merge}: some prompts have no row yet; rerun the synthesis to finish them")
         print(args.merge)
         return 0

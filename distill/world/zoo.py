@@ -3,7 +3,9 @@
 Layout (docs/CONTRACTS.md): source-base/ source-post/ source-cp/ target-base/,
 prompts/{sft,synthesis,eval}.jsonl, knowledge/questions.jsonl, text/heldout.jsonl,
 quality.json, README.md, world.json. The directory is built under a temporary name and
-renamed, so a cache entry either is complete or does not exist.
+renamed, so a cache entry either is complete or does not exist; the temporary directory of a
+killed build is removed by the next build of the same directory (`distill.fsutil.atomic_dir`),
+and two builds of one directory never run at once (`distill.locking`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import time
 from pathlib import Path
 
 from distill import DistillError
-from distill.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from distill.fsutil import atomic_dir, atomic_write_json, atomic_write_text, fault_point
+from distill.locking import output_lock
 from distill.world import jobs, knowledge, quality
 from distill.world.config import ZooConfig, get_preset
 from distill.world.instructions import make_sets
@@ -55,8 +58,14 @@ def build_zoo(preset: str = "tiny", out: str | os.PathLike | None = None, force:
         raise DistillError(f"{target} exists but is not a zoo built from preset {cfg.preset!r} with this code; "
                            f"pass --force to rebuild it there, or choose another --out")
     start = time.time()
-    with atomic_dir(target, overwrite=True) as tmp, _quiet_and_threaded(_device(cfg)):
-        _build(cfg, key, tmp)
+    # One builder per directory. A cache entry is shared: a second build of it waits for the first
+    # and reuses what it made; an explicit --out is refused while another process builds it.
+    with output_lock(target, "zoo", wait=out is None):
+        if not force and _is_complete(target, key):
+            log.info("[zoo] reusing %s (built by another process meanwhile)", target)
+            return target
+        with atomic_dir(target, overwrite=True, what="zoo") as tmp, _quiet_and_threaded(_device(cfg)):
+            _build(cfg, key, tmp)
     log.info("[zoo] built %s in %.0f s", target, time.time() - start)
     return target
 
@@ -155,6 +164,7 @@ def _build(cfg: ZooConfig, key: str, out: Path) -> None:
                     for r, resp in list(zip(sets["eval"], responses))[:20]]
         log.info("[zoo] %-12s if_strict %.3f  knowledge %.3f", name, if_acc, know)
         del model
+        fault_point("zoo.quality")
     atomic_write_json(out / "quality.json", table)
     _write_jsonl(out / "quality_samples.jsonl", samples)
     world = {"cache_key": key, "preset": cfg.preset, "config": cfg.to_dict(), "entities": len(entities),
