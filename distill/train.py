@@ -9,6 +9,11 @@ exception is ZeRO-2's reduce bucket: 5e8 elements, DeepSpeed's own default, not 
 
 Runs as one process (no launcher needed), under `deepspeed --num_gpus N`, or multi-node with
 `deepspeed --hostfile H`; every rank runs this same code.
+
+Resume: a rerun continues from the newest complete checkpoint in `<out>.checkpoints/` (complete:
+its manifest, written last, is there and every file matches it; `distill.train_outputs`), to
+exactly the step budget, however the run was stopped. Nothing is unpickled outside
+`weights_only=True` and an allow-list (`distill.train_runtime.weights_only_loads`).
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from distill.fsutil import check_output_dir, scratch_dir
 from distill.models import resolve_model, stop_token_ids
 from distill.progress import trainer_progress_callback
 from distill.train_fused import compile_layers, fused_loss_trainer
-from distill.train_outputs import prepare_checkpoints, save_final
-from distill.train_runtime import (checkpointing_kwarg, ensure_distributed_env, is_zero3,
+from distill.train_outputs import (checkpoint_manifest_callback, finished_leftover, mean_train_loss,
+                                   newest_complete, prepare_checkpoints, save_final, training_finished)
+from distill.train_runtime import (checkpointing_kwarg, ensure_distributed_env, install_fault_points, is_zero3,
                                    load_deepspeed_config, release_deepspeed_shm_callback,
-                                   use_bf16)
+                                   use_bf16, weights_only_loads)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,10 @@ def checkpoint_dir(out: Path) -> Path:
 
 def validate(cfg: TrainConfig) -> None:
     """Value checks that need no file: `train` runs them first, recipes when they load."""
+    from distill.validate import finite
+
+    finite(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+           eval_fraction=cfg.eval_fraction)
     for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_steps", "eval_steps"):
         if getattr(cfg, name) < 1:
             raise DistillError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -117,15 +127,37 @@ def validate(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, callbacks=()) -> Path:
     """Fine-tune `cfg.model` on `cfg.data`; returns the final model directory.
 
-    Rerunning an interrupted run resumes from its last checkpoint in `<out>.checkpoints/`.
+    Rerunning an interrupted run resumes from its newest complete checkpoint in
+    `<out>.checkpoints/` (the module docstring); one killed after its final save returns at once.
     `callbacks` are extra `transformers.TrainerCallback`s (tests use them to interrupt).
     """
     validate(cfg)
+    from distill.locking import output_lock
+    from distill.validate import guard_path
+
+    guard_path(Path(cfg.out))  # `--out a-file/sub`: say so before the lock makes its parent
+
+    # One writer per output: the lock covers OUT, OUT.checkpoints/ and the temporary names beside
+    # them; the ranks of one launch share it.
+    with output_lock(cfg.out, "training output"):
+        return _train(cfg, callbacks)
+
+
+def _train(cfg: TrainConfig, callbacks) -> Path:
     out = Path(cfg.out)
+    if finished_leftover(cfg, out, checkpoint_dir(out)):  # killed after its final save: that is the result
+        with scratch_dir(out, "data"):
+            pass  # entering it removes the data caches that the killed process left
+        return out
     # Cheap checks first, so bad input fails before DeepSpeed spends seconds starting up.
     model_path = resolve_model(cfg.model, "target model")
-    if not any(model_path.glob("*.safetensors")):
-        raise DistillError(f"target model {model_path} has no *.safetensors weights; distill never unpickles")
+    from distill.validate import check_model_dir, guard_path
+
+    check_model_dir(model_path, "target model")  # config.json and every shard's header: one line naming the file
+    from distill.models import load_tokenizer
+
+    load_tokenizer(model_path, cfg.trust_remote_code, "target model")  # a damaged tokenizer, before anything is written
+    guard_path(out)  # `--out a-file/sub`: an error, not a FileExistsError
     ds_config = load_deepspeed_config(cfg.deepspeed)
     stats = td.DataStats()
     check_output_dir(out, cfg.overwrite)
@@ -147,9 +179,8 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
     ckpt = checkpoint_dir(out)
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
     if ds_config is not None:
         ensure_distributed_env()
@@ -193,13 +224,17 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
         disable_tqdm=False,
     )
 
-    # Before the model loads: a checkpoint from other settings is an error worth raising early.
+    # Before the model loads: a checkpoint from other settings, or one whose files changed, is an
+    # error worth raising early. The other ranks pick the checkpoint rank 0 verified.
     with args.main_process_first(local=False, desc="checking checkpoints"):
         if args.process_index == 0:
-            prepare_checkpoints(cfg, ckpt)
+            last = prepare_checkpoints(cfg, ckpt)
+        else:
+            last = newest_complete(ckpt) if cfg.resume else None
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True,
-                                              trust_remote_code=cfg.trust_remote_code)
+    from distill.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, "target model")  # a damaged one: one line
     td.ensure_chat_template(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -242,14 +277,37 @@ def _run_trainer(cfg: TrainConfig, out: Path, model_path: Path, ds_config, chats
     trainer.remove_callback(ProgressCallback)  # its bar redraws every step, even into a log file
     trainer.add_callback(trainer_progress_callback())
     trainer.add_callback(release_deepspeed_shm_callback())
-    last = get_last_checkpoint(str(ckpt)) if cfg.resume and ckpt.is_dir() else None
+    trainer.add_callback(checkpoint_manifest_callback())
+    install_fault_points(trainer)  # tests only: inert unless DISTILL_FAULT_AT is set
+    finished = last is not None and training_finished(last)
+    if finished:
+        # The Trainer would take one more optimizer step before it checks the budget: load the
+        # checkpoint through its usual path, then stop before the first step.
+        class StopBeforeTheFirstStep(transformers.TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                raise _AlreadyTrained
+
+        trainer.add_callback(StopBeforeTheFirstStep())
     if last:
-        log.info("resuming from %s", last)
-    result = trainer.train(resume_from_checkpoint=last)
-    if eval_ds is not None and trainer.state.global_step % cfg.eval_steps:
+        log.info("resuming from %s%s", last, " (its training is complete; the final save remains)" if finished else "")
+    resume = str(last) if last else None
+    try:
+        with weights_only_loads():
+            result = trainer.train(resume_from_checkpoint=resume)
+        train_loss = result.training_loss if resume is None else mean_train_loss(trainer.state.log_history)
+    except _AlreadyTrained:
+        trainer.is_in_train = False
+        trainer.control = trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)
+        train_loss = mean_train_loss(trainer.state.log_history)
+    step = trainer.state.global_step
+    if eval_ds is not None and not any("eval_loss" in h and h.get("step") == step for h in trainer.state.log_history):
         trainer.evaluate()  # the held-out loss at the final weights, unless the last step just logged it
-    save_final(trainer, cfg, out, ckpt, stats, last, result)
+    save_final(trainer, cfg, out, ckpt, stats, resume, train_loss)
     return out
+
+
+class _AlreadyTrained(Exception):
+    """Raised at train begin of a finished run: the checkpoint, optimizer and state are loaded by then."""
 
 
 def _prepare_data(chats, tokenizer, cfg: TrainConfig, stats: td.DataStats):
@@ -376,6 +434,14 @@ def main(argv=None) -> int:
         return _run(args)
     except DistillError as exc:
         print(f"distill train: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - disk full / permissions: one line (as distill.cli.main); else raised
+        from distill.validate import storage_error
+
+        err = storage_error(exc, args.out)
+        if err is None:
+            raise
+        print(f"distill train: error: {err}", file=sys.stderr)
         return 2
 
 

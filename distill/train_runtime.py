@@ -1,10 +1,21 @@
 """What `distill train` sets up around the Trainer: DeepSpeed configs, the single-process
-distributed environment, precision, and the TrainingArguments spellings of this transformers."""
+distributed environment, precision, the TrainingArguments spellings of this transformers, the
+one way checkpoint state is loaded (`weights_only_loads`) and the test-only fault points.
+
+Unpickling rule: while `distill train` trains (and resumes), every `torch.load` in the process
+(the Trainer's optimizer.pt, scheduler.pt, rng_state*.pth and DeepSpeed's global_step*/*.pt) runs
+with `weights_only=True` and an explicit allow-list (`PICKLE_ALLOW_LIST`): tensors, containers,
+numbers, strings and the few DeepSpeed/numpy state classes named there, nothing else; a file that
+needs more is refused with a DistillError naming it, its payload never runs. Before that, the
+checkpoint's sha256 manifest is verified (`distill.train_outputs`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import socket
 from importlib import resources
 from pathlib import Path
@@ -101,3 +112,132 @@ def checkpointing_kwarg(args_cls, enabled: bool) -> dict:
 
 def is_zero3(ds_config) -> bool:
     return (ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+# "module.Name" of every class (besides tensors and plain containers) a checkpoint file may hold:
+# DeepSpeed's ZeRO optimizer states (stages 1-3, fp32/bf16/fp16) and the numpy RNG state in the
+# Trainer's rng_state*.pth. Each is data-only: rebuilding one calls no code of the file's choosing.
+PICKLE_ALLOW_LIST = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+)
+
+
+def _allowed_globals() -> list:
+    """The allow-list as objects, for those of its modules installed here (numpy's dtype classes
+    included: a dtype pickles as its class, e.g. numpy.dtypes.UInt32DType)."""
+    import importlib
+
+    found = []
+    for dotted in PICKLE_ALLOW_LIST:
+        module, name = dotted.rsplit(".", 1)
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    try:
+        import numpy as np
+
+        found += sorted({type(np.dtype(t)) for t in np.sctypeDict.values()}, key=str)
+    except ImportError:
+        pass
+    return found
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside: every `torch.load` is `weights_only=True` with `PICKLE_ALLOW_LIST`, whatever its
+    caller passed (DeepSpeed passes weights_only=False); a file that needs anything else is
+    refused with a DistillError naming it. Also sets TORCH_FORCE_WEIGHTS_ONLY_LOAD for any caller
+    that kept a reference to the original function."""
+    import pickle
+
+    import torch
+    import torch.serialization as ser
+
+    real, real_torch = ser.load, torch.load
+    allowed = _allowed_globals()
+
+    def load(f, *args, **kwargs):
+        args = args[:1]  # map_location; weights_only uses torch's own restricted unpickler, no pickle_module
+        kwargs["weights_only"] = True
+        kwargs.pop("pickle_module", None)
+        try:
+            with ser.safe_globals(allowed):
+                return real(f, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            needs = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            needs = f"it needs {needs.group(1)}, which is" if needs else "it holds something that is"
+            raise DistillError(f"refusing to unpickle {f}: {needs} neither a tensor nor one of the state classes "
+                               "distill allows (PICKLE_ALLOW_LIST in distill/train_runtime.py), so this training run "
+                               "did not write it. Delete its checkpoint directory, or rerun with --no-resume to "
+                               "start over") from None
+
+    old_env = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    torch.load = ser.load = load
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        torch.load, ser.load = real_torch, real
+        if old_env is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old_env
+
+
+# ----------------------------------------------------------------------------- fault points (tests only)
+
+# Where `DISTILL_FAULT_AT=train.POINT.STEP:1` (or `train.final-model:1`, ...) kills a training
+# process with SIGKILL, in the order a run passes them (`distill.fsutil.fault_point`, the shared hook):
+# after optimizer step N | checkpoint N: the model weights written | DeepSpeed's first state file
+# written | the optimizer/DeepSpeed state written | every file but the manifest written | the final
+# model complete in its temporary directory | renamed into place, checkpoints not yet removed.
+FAULT_POINTS = ("step", "ckpt-model", "ckpt-ds", "ckpt-optim", "ckpt-manifest", "final-model", "final-commit")
+
+
+def fault_point(name: str, step: int | None = None) -> None:
+    """Test hook, inert unless DISTILL_FAULT_AT is set: the point `train.NAME[.STEP]`."""
+    from distill.fsutil import fault_point as shared
+
+    shared(f"train.{name}" if step is None else f"train.{name}.{step}")
+
+
+def install_fault_points(trainer) -> None:
+    """Wire `fault_point` into a Trainer's checkpoint write (only when DISTILL_FAULT_AT is set)."""
+    if not os.environ.get("DISTILL_FAULT_AT") and not os.environ.get("DISTILL_FAULT_TRACE"):
+        return
+    from transformers import TrainerCallback
+
+    def before(method, name):
+        def wrapped(*args, **kwargs):
+            fault_point(name, trainer.state.global_step)
+            return method(*args, **kwargs)
+        return wrapped
+
+    trainer._save_optimizer_and_scheduler = before(trainer._save_optimizer_and_scheduler, "ckpt-model")
+    trainer._save_rng_state = before(trainer._save_rng_state, "ckpt-optim")
+
+    class Faults(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            engine = getattr(trainer.model_wrapped, "checkpoint_engine", None)  # DeepSpeed's
+            if engine is not None:
+                save = engine.save
+
+                def save_then_fault(*a, **kw):
+                    save(*a, **kw)
+                    fault_point("ckpt-ds", state.global_step)
+                engine.save = save_then_fault
+
+        def on_step_end(self, args, state, control, **kwargs):
+            fault_point("step", state.global_step)
+
+    trainer.add_callback(Faults())
