@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from distill import DistillError
+from distill.locking import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _host() -> str:
 def _dead_here(name: str, prefix: str) -> bool:
     """`name` is PREFIX + "<pid>" or PREFIX + "<pid>-..." and that pid is not running here."""
     pid = name[len(prefix):].split("-", 1)[0]
-    return pid.isdigit() and not _pid_alive(int(pid))
+    return pid.isdigit() and not pid_alive(int(pid))
 
 
 @contextlib.contextmanager
@@ -71,15 +72,6 @@ def scratch_dir(beside: Path, tag: str) -> Iterator[Path]:
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
 
 
 # mkdtemp's random part (tempfile's alphabet): the name an older distill gave its temporary outputs
@@ -106,7 +98,7 @@ def remove_leftovers(out: Path) -> list[Path]:
             elif kind == "tmp":
                 stale = bool(_LEGACY_TMP.fullmatch(rest))
             else:
-                stale = rest.isdigit() and not _pid_alive(int(rest))  # older distill: .OUT.old-PID
+                stale = rest.isdigit() and not pid_alive(int(rest))  # older distill: .OUT.old-PID
             if stale and path.is_dir() and not path.is_symlink():
                 log.info("removing %s, left by a killed run", path)
                 shutil.rmtree(path, ignore_errors=True)
@@ -160,7 +152,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     mine = f"{base}{_host()}-"
     for old in path.parent.glob(base + "*"):
         rest = old.name[len(base):]
-        if (_dead_here(old.name, mine) if old.name.startswith(mine) else rest.isdigit() and not _pid_alive(int(rest))) \
+        if (_dead_here(old.name, mine) if old.name.startswith(mine) else rest.isdigit() and not pid_alive(int(rest))) \
                 and old.is_file():
             old.unlink(missing_ok=True)
     tmp = path.with_name(f"{mine}{os.getpid()}")

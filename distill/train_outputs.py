@@ -33,6 +33,7 @@ from pathlib import Path
 from distill import DistillError
 from distill import train_data as td
 from distill.fsutil import atomic_write_json, atomic_write_text, replace_dir
+from distill.locking import pid_alive
 from distill.train_runtime import fault_point
 
 log = logging.getLogger("distill.train")
@@ -142,18 +143,10 @@ def sweep_removals(ckpt: Path) -> None:
             continue
         for path in folder.glob(f".*{mine}*"):
             pid = path.name.rsplit(mine, 1)[1]
-            if pid.isdigit() and not _pid_alive(int(pid)) and path.is_dir() and not path.is_symlink():
+            if pid.isdigit() and not pid_alive(int(pid)) and path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def newest_complete(ckpt: Path) -> Path | None:
