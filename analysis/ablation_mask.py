@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from distill import DistillError  # noqa: E402
-from distill.evaluate_compare import ROW_LABELS, compare, pool_run_dirs  # noqa: E402
+from distill.recipe.compare import ROW_LABELS, compare, pool_run_dirs  # noqa: E402
 
 ROW = "direct-masked"
 
@@ -54,9 +54,9 @@ def pooled_comparison(run_dirs: list[Path], out: Path) -> dict:
 def data_table(runs: list[tuple[Path, dict]]) -> str:
     """How well each training set itself follows its prompts' constraints (the teacher's samples,
     before any fine-tuning): what the student can learn at best."""
-    from distill.fsutil import iter_jsonl
-    from distill.metrics import instruction_following
-    from distill.world.constraints import check_loose, check_strict
+    from distill.io.files import iter_jsonl
+    from distill.evaluate.metrics import instruction_following
+    from distill.evaluate.checkers import check_loose, check_strict
 
     lines = ["| training data | synthesis seed | rows | IF prompt strict | IF instr. strict | mean words | repetitive |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]

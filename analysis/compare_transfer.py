@@ -15,7 +15,7 @@
 Rows of every source merge. --prompts are IF prompts with verifiable `constraints` (the world's
 prompts/eval.jsonl layout); --questions the world's cloze facts; --heldout texts for perplexity.
 As functions: `evaluate_models({row key: [models]}, out, ...)` writes the scores;
-`distill.evaluate_compare.compare({row: [paths]}, out_dir)` the table.
+`distill.recipe.compare.compare({row: [paths]}, out_dir)` the table.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from distill import DistillError
-from distill.evaluate_compare import ROW_LABELS, compare, pool_run_dirs
+from distill.recipe.compare import ROW_LABELS, compare, pool_run_dirs
 
 # whose facts are "own" for the knowledge suite, per row key (tuned rows are target-family)
 FAMILY = {"target-base": "target", "source-post": "source", "weight-arithmetic": "source"}
@@ -33,10 +33,10 @@ FAMILY = {"target-base": "target", "source-post": "source", "weight-arithmetic":
 
 def evaluate_models(models: dict[str, list[str]], out, *, zoo=None, prompts=None, questions=None, heldout=None,
                     suites: tuple[str, ...] | None = None, **settings) -> dict[str, list[str]]:
-    """Evaluate each model ({row key: [models, one per seed]}) with `distill.evaluate` into
+    """Evaluate each model ({row key: [models, one per seed]}) with `distill.evaluate.run` into
     <out>/scores/<key>[-seedN].json; returns {row label: [scores paths]} for `compare`.
     `settings` are EvaluateConfig fields (limit, max_new_tokens, batch_size, device, dtype)."""
-    from distill.evaluate import evaluate
+    from distill.evaluate.run import evaluate
 
     given = {"if": prompts or (zoo and Path(zoo, "prompts", "eval.jsonl")),
              "knowledge": questions or (zoo and Path(zoo, "knowledge", "questions.jsonl")),

@@ -114,9 +114,9 @@ def run_t2(base, post, datasets: dict[str, Path], out, work, *, eval_prompts=Non
            dtype: str | None = None) -> dict:
     """T2 on explicit models: fine-tune `base` on each dataset {name: dir or .jsonl} (same prompts),
     compare each delta with Δ = post − base; IF on `eval_prompts` when given. Writes t2_alignment.*"""
-    from distill.evaluate import evaluate
-    from distill.models import resolve_model
-    from distill.train import TrainConfig, train
+    from distill.evaluate.run import evaluate
+    from distill.io.models import resolve_model
+    from distill.train.run import TrainConfig, train
 
     t0, out_dir, work = time.time(), Path(out), Path(work)
     base_dir, post_dir = resolve_model(base, "source base"), resolve_model(post, "source post")

@@ -42,9 +42,9 @@ def run_t4(base, post, target, prompts, out, work, points: list[tuple[float, flo
            batch_size: int = 16, max_length: int = 256, eval_limit: int | None = None, seed: int = 0,
            device: str | None = None, dtype: str | None = None) -> dict:
     """T4 on explicit models; IF on `eval_prompts`, knowledge on `questions` (each when given)."""
-    from distill.evaluate import evaluate
-    from distill.synthesize import SynthesizeConfig, synthesize
-    from distill.train import TrainConfig, train
+    from distill.evaluate.run import evaluate
+    from distill.synthesize.run import SynthesizeConfig, synthesize
+    from distill.train.run import TrainConfig, train
 
     t0, out_dir, work = time.time(), Path(out), Path(work)
     suites = tuple(s for s, f in (("if", eval_prompts), ("knowledge", questions)) if f)

@@ -44,7 +44,7 @@ def build(args, work: Path) -> dict:
     """Write base, post = base + small update, cp = base + another update (sharded, streamed)."""
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    from distill.checkpoints import ShardedWriter
+    from distill.io.checkpoints import ShardedWriter
 
     cfg = MistralConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
@@ -142,7 +142,7 @@ def measure(cmd: list[str], label: str) -> dict:
 
 def compare(a: Path, b: Path, sample: int) -> float:
     """Max |a − b| over `sample` tensors spread across the model (float32)."""
-    from distill.checkpoints import Checkpoint
+    from distill.io.checkpoints import Checkpoint
 
     ca, cb = Checkpoint.open(a, require_config=False), Checkpoint.open(b, require_config=False)
     names = sorted(ca.tensors)
@@ -174,7 +174,7 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoints for the next run")
     p.add_argument("--naive", nargs="+", metavar="ARG", help=argparse.SUPPRESS)  # child-process entry
     args = p.parse_args()
-    from distill.checkpoints import parse_size
+    from distill.io.checkpoints import parse_size
 
     if args.naive:
         return naive(args.naive[0], args.naive[1:], args.scale, args.device)
@@ -192,7 +192,7 @@ def main() -> None:
     # Each tool's start-up RSS (imports only), so the tables can show what the work itself adds.
     # distill's own chat-vector CLI without the top-level dispatcher, which imports every stage
     # (the GPU image lacks some of their dependencies, e.g. deepspeed)
-    cli = [py, "-c", "import argparse, sys; from distill import chat_vector as cv; p = argparse.ArgumentParser(); "
+    cli = [py, "-c", "import argparse, sys; from distill.chat_vector import cli as cv; p = argparse.ArgumentParser(); "
                      "cv.add_cli(p.add_subparsers()); a = p.parse_args(); sys.exit(a.func(a))", "chat-vector"]
     floors = {"distill": measure([*cli, "extract", "--help"], "distill start-up"),
               "naive": measure([py, "-c", "import torch, safetensors.torch"], "python + torch start-up")}

@@ -11,7 +11,7 @@ every row generates exactly --new-tokens). Compared:
 - hf-direct:    `model.generate(do_sample=True)` of the expert (DynamicCache), the usual way;
 - hf-contrast:  the same with a contrastive `LogitsProcessor` that steps the amateur with its
                 own KV cache: the peer a user would write;
-- ours-direct / ours-codit: `distill.decoding.ContrastiveDecoder` with beta 0 / beta 1.
+- ours-direct / ours-codit: `distill.decoding.engine.ContrastiveDecoder` with beta 0 / beta 1.
 
 tokens/s = rows x new tokens / wall time of the generation (prefill included; for our engine the
 one-off cache allocation and CUDA-graph capture are reported separately as setup_s). Peak GPU
@@ -42,8 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.decoding import ContrastiveDecoder, DecodingConfig, Request, contrastive_scores  # noqa: E402
-from distill.eager_decoder import _cache_kwarg  # noqa: E402
+from distill.decoding.engine import ContrastiveDecoder, DecodingConfig, Request  # noqa: E402
+from distill.decoding.step import contrastive_scores  # noqa: E402
+from distill.decoding.eager import _cache_kwarg  # noqa: E402
 
 # The published configs' shapes and quirks (hard-coded: nothing is downloaded), random-initialised.
 _LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -237,7 +238,7 @@ def compare_configs(args, dtype, device_name) -> None:
 
 def check_levers_compiled():
     """A line whose compiled levers fell back to eager kernels would measure something else: fail it."""
-    from distill.compiled import fell_back_to_eager
+    from distill.decoding.compiled import fell_back_to_eager
 
     if fell_back_to_eager():
         raise RuntimeError(f"torch.compile fell back to eager for {', '.join(fell_back_to_eager())} "
@@ -307,7 +308,7 @@ def check_fast_engine(expert, args):
     """Print how far the fast engine's logits are from Hugging Face's (prefill and 3 decode steps)."""
     from transformers import DynamicCache
 
-    from distill.fast_decoder import FastPair
+    from distill.decoding.fast import FastPair
 
     ids = prompts(4, 16, args.vocab, 2).to(args.device)
     pair = FastPair([expert], 4, 32, cuda_graphs=not args.no_cuda_graphs)
@@ -361,7 +362,7 @@ def main():
                          "(default 4x the mean)")
     ap.add_argument("--rows", type=int, default=None, help="mixed: prompts per line (default 4 x the batch)")
     ap.add_argument("--attention-bucket", type=int, default=None,
-                    help="fast engine: attention width step in cache columns (default: distill.fast_decoder's 256); "
+                    help="fast engine: attention width step in cache columns (default: distill.decoding.fast's 256); "
                          "smaller reads less padding per step but captures one CUDA graph per width")
     ap.add_argument("--compare-configs", default=None,
                     help="instead of the lines above: our CoDIT at --batches for each of these configs (comma list, "
@@ -378,7 +379,7 @@ def main():
     # CPU); the product runs one or two per process, this script a dozen with the largest-batch search.
     torch._dynamo.config.recompile_limit = 256
     if args.attention_bucket:
-        import distill.fast_decoder as fast_decoder
+        import distill.decoding.fast as fast_decoder
 
         fast_decoder.ATTENTION_BUCKET = args.attention_bucket
     cuda = args.device.startswith("cuda")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.train_fused import IGNORE_INDEX, linear_cross_entropy  # noqa: E402
+from distill.train.fused import IGNORE_INDEX, linear_cross_entropy  # noqa: E402
 
 
 def plain(h, w, y):

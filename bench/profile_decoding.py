@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decoding_bench import build_model  # noqa: E402
-from distill.decoding import DecodingConfig, next_token  # noqa: E402
-from distill.fast_decoder import FastPair  # noqa: E402
+from distill.decoding.engine import DecodingConfig  # noqa: E402
+from distill.decoding.step import next_token  # noqa: E402
+from distill.decoding.fast import FastPair  # noqa: E402
 
 
 def sync():

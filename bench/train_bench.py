@@ -5,14 +5,14 @@ GPU (one H100; under 8 minutes):
   a random-init Qwen2.5-1.5B-configuration target, 2048-token rows, bf16, each configuration in
   its own subprocess (clean peak memory, no compile cache shared):
     plain        the anchor: HF model, fused torch AdamW, bf16 weights, HF loss (full logits)
-    fast         same, plus the levers: chunked linear+CE (distill.train_fused), regional
+    fast         same, plus the levers: chunked linear+CE (distill.train.fused), regional
                  torch.compile of the decoder layers
     fast-packed  `fast` on packed rows (4 documents per row, position ids restart, so
                  transformers builds a block-diagonal mask for SDPA)
     fast-packed-flex  the same with attn_implementation="flex_attention": the packed documents'
                  block mask as a FlexAttention BlockMask, so blocks across documents are skipped
                  instead of masked (no backward on CPU: a GPU-only lever)
-    zero2        `distill.train.train`: Trainer + DeepSpeed ZeRO-2, packing, --fused-loss
+    zero2        `distill.train.run.train`: Trainer + DeepSpeed ZeRO-2, packing, --fused-loss
     zero2-compile  zero2 plus --compile-layers (any `distill train` configuration takes -compile)
     zero2-autobucket  zero2 with HF's "auto" reduce bucket (hidden² elements) instead of the shipped
                    5e8 (DeepSpeed's own default)
@@ -25,8 +25,8 @@ GPU (one H100; under 8 minutes):
                  suffixes combine: zero2-compile-flex, zero2-compile-autobucket
     -eagerloss   (fast, zero2, trainer lines) the fused loss's chunks eagerly, as before the
                  torch.compile'd chunk became the CUDA default: that lever's A/B
-    trainer      `distill.train.train` without DeepSpeed (`--deepspeed none`), packing, --fused-loss
-    zero3        `distill.train.train`: Trainer + DeepSpeed ZeRO-3, packing (HF loss)
+    trainer      `distill.train.run.train` without DeepSpeed (`--deepspeed none`), packing, --fused-loss
+    zero3        `distill.train.run.train`: Trainer + DeepSpeed ZeRO-3, packing (HF loss)
   NAME@B runs a configuration at batch B: `--configs plain,fast,fast@8` puts the chunked loss's
   memory saving to use beside the anchor, in the same run.
   MFU = tokens/s x (6 N + 12 L d T) / 989e12, N all parameters (tied embedding once), T = 2048:

@@ -1,7 +1,7 @@
 """The workers of bench/train_bench.py: each configuration runs in its own process, as
 `python bench/train_bench.py --worker NAME ...`, and prints one `RESULT {json}` line.
 
-GPU (the mfu suite): the hand loop (plain, fast, fast-packed[-flex]) and `distill.train.train`
+GPU (the mfu suite): the hand loop (plain, fast, fast-packed[-flex]) and `distill.train.run.train`
 (zero2, zero3, trainer, with -compile, -flex, -eagerloss, and for zero2 the ZERO2_LEVERS). CPU (the trl suite):
 `distill train` and TRL's SFTTrainer on the same small target and rows.
 """
@@ -39,9 +39,9 @@ def _result(**kw):
 
 
 def _fallbacks() -> dict:
-    """A compiled lever that fell back to eager (distill.compiled logs why), such as the fused loss's
+    """A compiled lever that fell back to eager (distill.decoding.compiled logs why), such as the fused loss's
     chunk (compiled by default on CUDA), measures something else: the row says so."""
-    compiled = sys.modules.get("distill.compiled")  # not imported (TRL's worker): nothing of ours compiled
+    compiled = sys.modules.get("distill.decoding.compiled")  # not imported (TRL's worker): nothing of ours compiled
     failed = compiled.fell_back_to_eager() if compiled else []
     return {"fell_back_to_eager": failed} if failed else {}
 
@@ -88,7 +88,7 @@ def worker_manual(args):
     """plain / fast / fast-packed[-flex]: a hand loop, so the anchor has no framework overhead."""
     import torch
 
-    from distill.train_fused import causal_lm_loss
+    from distill.train.fused import causal_lm_loss
 
     device = args.device
     base, *levers = args.worker.split("-")
@@ -138,10 +138,10 @@ def worker_manual(args):
 
 
 def worker_distill(args):
-    """zero2 / zero3 on GPU: the real `distill.train.train` on a synthetic dataset."""
+    """zero2 / zero3 on GPU: the real `distill.train.run.train` on a synthetic dataset."""
     import torch
 
-    from distill.train import TrainConfig, train
+    from distill.train.run import TrainConfig, train
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
@@ -186,8 +186,7 @@ def _eager_loss_if_asked(levers):
     if "eagerloss" in levers:
         import functools
 
-        from distill import train_fused
-
+        from distill.train import fused as train_fused
         # causal_lm_loss looks the function up at each call, so this reaches the Trainer's loss too
         train_fused.linear_cross_entropy = functools.partial(train_fused.linear_cross_entropy, compiled=False)
 
@@ -205,7 +204,7 @@ def _zero2_variant(tmp: Path, levers) -> str:
     - nocheck: bf16.check_grad_overflow off. With it on (DeepSpeed's default), every step reduces
       each gradient tensor twice (amax, amin: ~680 small kernels for 339 tensors) and reads the
       flag back to the host; bf16 has fp32's range, and the Trainer without DeepSpeed checks nothing."""
-    from distill.train import load_deepspeed_config
+    from distill.train.run import load_deepspeed_config
 
     cfg = load_deepspeed_config("zero2")
     if "autobucket" in levers:
@@ -226,8 +225,7 @@ def _tokenizer(chatml: bool):
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny import make_tokenizer
 
-    from distill import train_data as td
-
+    from distill.train import data as td
     tok = make_tokenizer(chat_template=None, vocab_size=250)
     if chatml:
         td.ensure_chat_template(tok)
@@ -260,7 +258,7 @@ def prepare_cpu(workdir: Path):
 
 
 def worker_cpu_distill(args):
-    from distill.train import TrainConfig, train
+    from distill.train.run import TrainConfig, train
 
     work = Path(args.workdir)
     stage = args.worker.split(":")[1]

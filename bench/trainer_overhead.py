@@ -40,7 +40,7 @@ def main(argv=None):
     from tiny import make_model, make_tokenizer
     from transformers import AutoModelForCausalLM, TrainerCallback
 
-    from distill.train import TrainConfig, train
+    from distill.train.run import TrainConfig, train
     from train_workers import ZERO2_LEVERS, _zero2_variant
 
     torch.set_num_threads(1)

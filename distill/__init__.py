@@ -1,7 +1,7 @@
 """distill: move instruction-following between model families.
 
-Two routes, side by side: the chat vector in parameter space (`distill.chat_vector`) and
-CoDIT contrastive-decoding data in text space (`distill.synthesize` + `distill.train`).
+Two routes, side by side: the chat vector in parameter space (`distill.chat_vector.core`) and
+CoDIT contrastive-decoding data in text space (`distill.synthesize.run` + `distill.train.run`).
 """
 
 __version__ = "0.1.0"

@@ -12,18 +12,17 @@ import logging
 import sys
 
 from distill import DistillError, __version__
-
 # (command, module, one-line summary) in pipeline order. Only the module of the command being
 # run is imported, so `distill --help` lists the stages without importing torch.
 STAGES = [
-    ("chat-vector", "distill.chat_vector", "extract / apply / inspect chat vectors (parameter space)"),
+    ("chat-vector", "distill.chat_vector.cli", "extract / apply / inspect chat vectors (parameter space)"),
     ("zoo", "distill.world.cli", "the embedded synthetic world and its tiny model zoo"),
-    ("synthesize", "distill.synthesize", "write an instruction dataset by CoDIT contrastive decoding "
+    ("synthesize", "distill.synthesize.cli", "write an instruction dataset by CoDIT contrastive decoding "
                                          "(or direct sampling)"),
-    ("train", "distill.train", "fine-tune a target on a dataset with the HF Trainer + DeepSpeed"),
-    ("evaluate", "distill.evaluate", "score a model: instruction following, knowledge, perplexity "
+    ("train", "distill.train.cli", "fine-tune a target on a dataset with the HF Trainer + DeepSpeed"),
+    ("evaluate", "distill.evaluate.cli", "score a model: instruction following, knowledge, perplexity "
                                      "(and lm-eval tasks)"),
-    ("run", "distill.recipe", "run a recipe end to end (chat vector, synthesis, training, evaluation, report)"),
+    ("run", "distill.recipe.pipeline", "run a recipe end to end (chat vector, synthesis, training, evaluation, report)"),
 ]
 
 
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - disk full / permissions: one line; anything else re-raised
-        from distill.validate import storage_error
+        from distill.io.validate import storage_error
 
         err = storage_error(exc, _output_of(args), resumes=args.command in RESUMING)
         if err is None:

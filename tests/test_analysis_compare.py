@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from distill import DistillError
-from distill.evaluate_compare import COLUMNS, ROW_LABELS, collect_run_dir, compare, verdict
+from distill.recipe.compare import COLUMNS, ROW_LABELS, collect_run_dir, compare, verdict
 
 RUN = Path(__file__).parent / "fixtures" / "run_dirs" / "recipe"
 
@@ -53,7 +53,7 @@ def test_verdict_rules():
 
 
 def test_missing_and_nan_values_do_not_count():
-    from distill.evaluate_compare import _stats
+    from distill.recipe.compare import _stats
 
     assert _stats([0.5, float("nan"), None, 0.7]) == pytest.approx({"n": 2, "mean": 0.6, "std": 0.1414},
                                                                    rel=1e-3)

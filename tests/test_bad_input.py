@@ -27,7 +27,7 @@ UNDEF = "DISTILL_TEST_UNDEFINED_VARIABLE"
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
     """Tiny models (post/base share a tokenizer, `other` has another) and every bad input file."""
-    from distill.chat_vector import extract
+    from distill.chat_vector.core import extract
 
     d = tmp_path_factory.mktemp("bad-input")
     tok = make_tokenizer()
@@ -168,7 +168,7 @@ ROWS = [
     ("syn-out-is-file", "synthesize --expert {w}/post --amateur {w}/base --prompts {w}/prompts.jsonl "
      "--out {w}/afile --max-new-tokens 2", "output {w}/afile is a file"),
     ("syn-disk-full", SYN + " --max-new-tokens 2", "disk full at {w}/out/syn; free space and rerun: it resumes",
-     lambda mp, w: mp.setattr("distill.synth_records.ShardWriter.write",
+     lambda mp, w: mp.setattr("distill.synthesize.records.ShardWriter.write",
                               _raise(OSError(errno.ENOSPC, "No space left on device"))), "{w}/out/syn"),
     ("syn-read-only", SYN + " --max-new-tokens 2", "is on a read-only file system", _replace_fails(errno.EROFS),
      "{w}/out/syn"),
@@ -279,7 +279,7 @@ def test_bad_input_is_one_line_naming_the_file_or_flag_and_nothing_is_written(
     for fragment in (expect,) if isinstance(expect, str) else expect:
         assert fragment.format(w=w) in lines[-1], lines[-1]
     # Nothing written: no output, no run directory, no temporary file beside them (the one-writer
-    # lock files of distill.locking aside: bookkeeping, not output).
+    # lock files of distill.io.locking aside: bookkeeping, not output).
     leftovers = [p for p in (w / "out").rglob("*") if ".lock" not in p.name
                  and (may_exist is None or not str(p).startswith(may_exist.format(w=w)))]
     assert leftovers == [], leftovers
@@ -301,7 +301,7 @@ def test_an_environment_value_is_not_saved_in_the_run_directory(w, tmp_path, mon
     for text in (saved, report):
         assert "${DISTILL_TEST_PROMPTS}" in text and "private-home" not in text
         assert str(w / "post") in text  # written literally: saved as written
-    from distill.recipe_schema import load_recipe, resolve_references
+    from distill.recipe.schema import load_recipe, resolve_references
 
     assert resolve_references(load_recipe(recipe), None).prompts.synthesis == str(secret)  # the stages get the value
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from distill import DistillError
-from distill import chat_vector as cv
-from distill.checkpoints import Checkpoint
-from distill.chat_vector_stats import stats
+from distill.chat_vector import core as cv
+from distill.io.checkpoints import Checkpoint
+from distill.chat_vector.stats import stats
 from distill.cli import main
 from tiny import make_model, make_tokenizer
 
@@ -165,10 +165,10 @@ def test_several_vectors_with_negative_and_fractional_scales(zoo, tmp_path):
 
 def test_vocab_rows_differ_shared_rows_only_and_skip_embeddings(tmp_path, caplog, monkeypatch):
     # tiny row chunks, so that chunks straddle the end of the shared vocabulary (row 200)
-    monkeypatch.setattr("distill.streaming.CHUNK_ELEMENTS", 7 * 32)
+    monkeypatch.setattr("distill.io.streaming.CHUNK_ELEMENTS", 7 * 32)
     make_model(tmp_path / "base", vocab_size=200)
     _finetune(make_model(vocab_size=200), tmp_path / "post", seed=3, resize=208)  # added chat tokens
-    with caplog.at_level(logging.INFO, logger="distill.chat_vector"):
+    with caplog.at_level(logging.INFO, logger="distill.chat_vector.core"):
         vec = cv.extract(tmp_path / "base", tmp_path / "post", tmp_path / "v")
     assert "shared rows" in caplog.text
     assert _state(vec)["model.embed_tokens.weight"].shape == (200, 32)
@@ -206,7 +206,7 @@ def test_tied_target_takes_the_embedding_delta_only(zoo, tmp_path, caplog):
     target = make_model(tmp_path / "t", tie=True, seed=6)
     delta = _state(zoo / "cv")
     assert "lm_head.weight" in delta and "lm_head.weight" not in _state(tmp_path / "t")
-    with caplog.at_level(logging.WARNING, logger="distill.chat_vector"):
+    with caplog.at_level(logging.WARNING, logger="distill.chat_vector.core"):
         out = _state(cv.apply(tmp_path / "t", [(zoo / "cv", 1.0)], tmp_path / "m"))
     assert "ties lm_head" in caplog.text
     assert "lm_head.weight" not in out  # still tied
@@ -288,9 +288,8 @@ def test_cli_extract_apply_stats(zoo, tmp_path, capsys):
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch
     from pathlib import Path
-    from distill.checkpoints import ShardedWriter
-    from distill import chat_vector as cv
-
+    from distill.io.checkpoints import ShardedWriter
+    from distill.chat_vector import core as cv
     root, n_tensors, numel = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 
     def model(name, n, numel, seed):

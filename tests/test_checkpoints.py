@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill import DistillError
-from distill.checkpoints import INDEX_NAME, Checkpoint, ShardedWriter, copy_through, parse_size
-from distill.fsutil import atomic_dir
+from distill.io.checkpoints import INDEX_NAME, Checkpoint, ShardedWriter, copy_through, parse_size
+from distill.io.files import atomic_dir
 from tiny import make_model, make_tokenizer
 
 
@@ -142,7 +142,7 @@ def test_atomic_output_gets_a_plain_directory_mode(tmp_path):
 
 
 def test_row_chunks_cover_every_row_once():
-    from distill.streaming import row_chunks
+    from distill.io.streaming import row_chunks
 
     assert row_chunks((10, 4), max_elements=12) == [(0, 3), (3, 6), (6, 9), (9, 10)]
     assert row_chunks((10, 4), stop=7, max_elements=100) == [(0, 7)]
@@ -153,7 +153,7 @@ def test_row_chunks_cover_every_row_once():
 def test_pipelined_keeps_order_and_raises():
     import time
 
-    from distill.streaming import pipelined
+    from distill.io.streaming import pipelined
 
     def slow_square(x):
         time.sleep(0.01 * max(0, 5 - x))  # later jobs finish first
@@ -167,7 +167,7 @@ def test_pipelined_keeps_order_and_raises():
 
 
 def test_writer_accepts_row_chunks_from_threads(tmp_path):
-    from distill.streaming import pipelined, row_chunks
+    from distill.io.streaming import pipelined, row_chunks
 
     t = torch.randn(37, 5)
     with ShardedWriter(tmp_path, [("t", t.shape, t.dtype)]) as w:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from distill import DistillError
-from distill.decoding import (ContrastiveDecoder, DecodingConfig, Request,
-                              contrastive_scores, row_uniform, next_token, plausibility_mask, select_next,
-                              top_p_filter)
+from distill.decoding.engine import ContrastiveDecoder, DecodingConfig, Request
+from distill.decoding.step import (contrastive_scores, next_token, plausibility_mask, row_uniform, select_next,
+                                   top_p_filter)
 from tiny import make_model, make_tokenizer
 
 TEXTS = ["the quick brown fox", "answer", "write the response in lowercase letters and end with the word",
@@ -344,7 +344,7 @@ def test_compiled_layer_functions_give_the_plain_fast_engine_scores(setup, arch)
     compiled, compiled_scores = run_with_scores(*models, len(tok), prompts, compile_layers=True, **kw)
     assert compiled == plain
     assert_same_scores(compiled_scores, plain_scores)
-    from distill import decode_layers, fast_decoder  # and the flag did reach the layers (else the above proves nothing)
+    from distill.decoding import fast as fast_decoder, layers as decode_layers  # and the flag did reach the layers (else the above proves nothing)
 
     pair = fast_decoder.FastPair(models, 2, 32, compile_layers=True)
     assert pair.lms[0].decode_attention_in is not decode_layers.decode_attention_in
@@ -366,17 +366,17 @@ def test_flex_decode_attention_gives_the_sdpa_scores(setup):
 
 
 def test_a_failed_compile_falls_back_to_the_eager_function(caplog):
-    from distill.compiled import CompiledOrEager
+    from distill.decoding.compiled import CompiledOrEager
 
     def double(x):
         torch._dynamo.graph_break()  # fullgraph=True cannot compile this
         return x * 2
 
     fn = CompiledOrEager(double, "a test function")
-    with caplog.at_level("WARNING", logger="distill.compiled"):
+    with caplog.at_level("WARNING", logger="distill.decoding.compiled"):
         assert torch.equal(fn(torch.ones(3)), torch.full((3,), 2.0))
     assert fn.failed and "torch.compile of a test function failed" in caplog.text
-    from distill.compiled import fell_back_to_eager
+    from distill.decoding.compiled import fell_back_to_eager
 
     assert "a test function" in fell_back_to_eager()  # what the benchmarks report against a line
     assert torch.equal(fn(torch.ones(2)), torch.full((2,), 2.0))  # and stays eager, without raising
@@ -398,7 +398,7 @@ def test_flex_decode_attention_honours_a_sliding_window(setup):
 
 
 def test_fast_attention_width_buckets(setup, monkeypatch):
-    import distill.fast_decoder as fast
+    import distill.decoding.fast as fast
 
     tok, expert, amateur, prompts = setup
     kw = dict(temperature=0.0, max_new_tokens=20, batch_size=2, check_every=3)
@@ -412,7 +412,7 @@ def test_fast_attention_width_buckets(setup, monkeypatch):
 
 
 def test_fast_prefill_in_chunks_equals_one_pass(setup):
-    from distill.fast_decoder import FastPair
+    from distill.decoding.fast import FastPair
 
     tok, expert, amateur, prompts = setup
     whole, chunked = FastPair([expert, amateur], 6, 64), FastPair([expert, amateur], 6, 64)
@@ -430,7 +430,7 @@ def test_model_still_saves_and_reloads_after_the_fast_engine_fused_its_weights(t
     # mistake the shared storage for tied weights and drop any of them.
     from transformers import AutoModelForCausalLM
 
-    from distill.fast_decoder import FastLM
+    from distill.decoding.fast import FastLM
 
     model = make_model(arch="mistral", vocab_size=120)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -465,8 +465,7 @@ def test_sliding_window_with_left_padding_and_refills_matches_a_no_cache_referen
 
 def test_defaults_on_cpu_are_sdpa_and_plain_layers(setup):
     # "auto" picks FlexAttention, compiled layers and a second stream on a GPU only: the tiny models on CPU run faster without
-    from distill import decode_layers
-
+    from distill.decoding import layers as decode_layers
     assert DecodingConfig().levers_on(gpu=False) == ("sdpa", False, False)
     assert DecodingConfig().levers_on(gpu=True) == ("flex", True, True)
     tok, expert, amateur, _ = setup
@@ -483,8 +482,10 @@ def test_defaults_on_cpu_are_sdpa_and_plain_layers(setup):
 def test_flex_that_does_not_compile_falls_back_to_sdpa_only_when_chosen_by_auto(setup, monkeypatch, caplog, fallback):
     from torch.nn.attention.flex_attention import flex_attention
 
-    from distill import fast_decoder, flex_decode
-    from distill.compiled import CompiledOrEager
+    from distill.decoding import fast as fast_decoder
+
+    from distill.decoding import flex as flex_decode
+    from distill.decoding.compiled import CompiledOrEager
 
     def flex_with_graph_break(*args, **kwargs):
         torch._dynamo.graph_break()  # fullgraph=True cannot compile this: as Triton without a GPU kernel for it
@@ -514,7 +515,7 @@ def test_flex_that_does_not_compile_falls_back_to_sdpa_only_when_chosen_by_auto(
 def test_flex_decode_block_mask_lists_exactly_the_visible_blocks(window):
     # Row b sees columns max(0, length - window + 1) .. length: the mask must list every block
     # that holds one of them (or the scores change) and no other (or the row reads needless cache).
-    from distill.flex_decode import BLOCK, FlexDecodeAttention
+    from distill.decoding.flex import BLOCK, FlexDecodeAttention
 
     lengths = torch.tensor([0, 5, 127, 128, 147, 148, 300, 511])
     flex = FlexDecodeAttention(lengths, 512, window)

@@ -4,7 +4,7 @@ Needs the optional extra `lm-eval[ifeval]`; skipped cleanly without it. IFEval's
 counters need nltk's punkt_tab data, which nothing here downloads: kinds whose IFEval checker
 cannot run offline are reported and skipped, the others must agree on every response.
 
-One deliberate difference (distill/world/constraints.py): IFEval's case checkers also demand
+One deliberate difference (distill/evaluate/checkers.py): IFEval's case checkers also demand
 that langdetect call the text English, which made-up world words and short strings fail at
 random; the comparison pins language detection to "en" so the case rules themselves are compared.
 """
@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from distill.world.constraints import CONSTRAINTS, check_loose, check_strict
+from distill.evaluate.checkers import CONSTRAINTS, check_loose, check_strict
 
 ifeval = pytest.importorskip("lm_eval.tasks.ifeval.utils", reason="lm-evaluation-harness (lm-eval[ifeval]) not installed")
 

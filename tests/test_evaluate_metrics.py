@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from distill.metrics import (METRICS_DIR, answer_matches, instruction_following, knowledge_accuracy, length_stats,
+from distill.evaluate.metrics import (METRICS_DIR, answer_matches, instruction_following, knowledge_accuracy, length_stats,
                              perplexity)
-from distill.world.constraints import check_loose, check_strict
+from distill.evaluate.checkers import check_loose, check_strict
 
 ROWS = [
     {"id": "a", "constraints": [{"kind": "lowercase", "kwargs": {}}, {"kind": "no_comma", "kwargs": {}}]},

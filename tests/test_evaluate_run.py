@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from distill import DistillError
-from distill.evaluate import default_scores_path, evaluate, responses_path
-from distill.metrics import instruction_following, knowledge_accuracy
-from distill.world.constraints import check_loose, check_strict
+from distill.evaluate.run import default_scores_path, evaluate, responses_path
+from distill.evaluate.metrics import instruction_following, knowledge_accuracy
+from distill.evaluate.checkers import check_loose, check_strict
 from tiny import make_model, make_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "eval_zoo"

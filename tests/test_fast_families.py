@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distill import DistillError
-from distill.decoding import ContrastiveDecoder, DecodingConfig, Request
+from distill.decoding.engine import ContrastiveDecoder, DecodingConfig, Request
 from family_models import FAMILIES, FAST_FAMILIES, WINDOW, make_family_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,8 +91,7 @@ def eager_flex(monkeypatch):
     (the GPU test runs it compiled); eager flex is dense but computes the same thing."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from distill import flex_decode
-
+    from distill.decoding import flex as flex_decode
     monkeypatch.setattr(flex_decode, "_flex_attention", lambda: flex_attention)
 
 
@@ -110,7 +109,7 @@ def test_fast_engine_matches_eager_codit(case, attention, eager_runs, request):
 
 
 def test_fast_families_are_the_supported_ones():
-    from distill.fast_decoder import unsupported_reason
+    from distill.decoding.fast import unsupported_reason
 
     for family in FAMILIES:
         reason = unsupported_reason(make_family_model(family, vocab_size=VOCAB))
@@ -119,7 +118,7 @@ def test_fast_families_are_the_supported_ones():
 
 def test_family_quirks_are_really_there():
     # the stand-ins carry what the tests above are meant to exercise
-    from distill.fast_families import family_of, layer_windows, read_weights
+    from distill.decoding.families import family_of, layer_windows, read_weights
 
     gemma = make_family_model("gemma3", vocab_size=VOCAB)
     assert set(layer_windows(gemma.config)) == {WINDOW, None}
@@ -147,7 +146,7 @@ def test_final_logit_softcapping_matches_eager(eager_runs):
 
 
 def test_attention_softcapping_is_rejected_with_a_reason():
-    from distill.fast_decoder import unsupported_reason
+    from distill.decoding.fast import unsupported_reason
 
     model = make_family_model("gemma3", vocab_size=VOCAB, attn_logit_softcapping=50.0)
     assert "attn_logit_softcapping" in unsupported_reason(model)
@@ -163,7 +162,7 @@ def test_qwen3_moe_runs_on_the_eager_engine_and_says_why(monkeypatch, caplog):
     # On a GPU, auto falls back with one warning that names the reason and the cost. A device
     # object of type cuda is enough: the choice is made before anything touches the device.
     monkeypatch.setattr(dec, "device", torch.device("cuda"))
-    with caplog.at_level(logging.WARNING, logger="distill.decoding"):
+    with caplog.at_level(logging.WARNING, logger="distill.decoding.engine"):
         for _ in range(2):  # two generate calls on one decoder: still one warning
             backend, batch = dec._backend(3, 64)
     assert type(backend).__name__ == "EagerPair" and batch == 3

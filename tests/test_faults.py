@@ -2,7 +2,7 @@
 
 Each stage (synthesize, chat-vector extract / apply, zoo build, `distill run` up to its training
 stages) first runs uninterrupted with DISTILL_FAULT_TRACE, which lists every fault point it passes
-(distill.fsutil.fault_point). Five (point, n) pairs are then drawn with a fixed seed, always
+(distill.io.files.fault_point). Five (point, n) pairs are then drawn with a fixed seed, always
 including the renames of an atomic output (the moments a killed run leaked its full temporary
 directory), and the stage is killed (SIGKILL, DISTILL_FAULT_AT=point:n) there and rerun without
 faults. The rerun's output must equal the uninterrupted run's (rows; tensors to float
@@ -41,8 +41,8 @@ KILLS = 5
 RENAMES = ("atomic_dir.filled", "replace_dir.swap")
 TALLY: dict[str, dict] = {}  # stage -> {"tried": n, "killed": n, "failed": n}
 
-PRELOAD = ["torch", "transformers", "safetensors.torch", "distill.cli", "distill.chat_vector", "distill.synthesize",
-           "distill.decoding", "distill.recipe", "distill.world.zoo", "distill.world.training",
+PRELOAD = ["torch", "transformers", "safetensors.torch", "distill.cli", "distill.chat_vector.core", "distill.synthesize.run",
+           "distill.decoding.engine", "distill.recipe.pipeline", "distill.world.zoo", "distill.world.training",
            "transformers.models.mistral.modeling_mistral", "transformers.models.qwen2.modeling_qwen2"]
 
 # ----------------------------------------------------------------------------- running a command
@@ -445,7 +445,7 @@ def test_distill_run_killed_anywhere_resumes_to_the_uninterrupted_run(models, tm
 def test_what_an_older_distills_killed_run_left_is_removed_by_the_next_run(models, tmp_path):
     """Before host and pid were in the names: `.OUT.tmp-XXXXXXXX` (mkdtemp's) with full shards, and
     `.OUT.old-PID` from a replace killed between its two renames. Removed under the output's lock."""
-    from distill.chat_vector import extract
+    from distill.chat_vector.core import extract
 
     out = tmp_path / "vector"
     legacy = tmp_path / ".vector.tmp-k2x_9qzb"

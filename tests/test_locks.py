@@ -1,4 +1,4 @@
-"""One writer per output (distill.locking): a second writer is refused at once naming the first,
+"""One writer per output (distill.io.locking): a second writer is refused at once naming the first,
 a killed writer's lock is taken over, and the ranks of one launch are not second writers."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from distill import DistillError
-from distill.locking import holders, launch_identity, output_lock
+from distill.io.locking import holders, launch_identity, output_lock
 from test_faults import Run, assert_same_synthesis, leftovers, models, run, synth_args  # noqa: F401 (fixture)
 
 HOST = socket.gethostname()
@@ -101,7 +101,7 @@ def test_ranks_of_one_launch_share_the_output_and_other_launches_are_refused(mod
 
 HOLD = textwrap.dedent("""
     import os, sys, time
-    from distill.locking import output_lock
+    from distill.io.locking import output_lock
     lock = output_lock(sys.argv[1], "test output")
     lock.__enter__()
     if sys.argv[2] == "fork":  # a forked child (a data loader worker) inherits the lock's fd
@@ -195,10 +195,10 @@ def test_launch_identity():
 def test_a_single_process_missing_rows_is_an_error_not_other_ranks(models, tmp_path, monkeypatch, caplog):
     """Rows can only go missing under a single process if something else removed them: an error
     saying so, never "other ranks still running"."""
-    from distill.synthesize import SynthesizeConfig, synthesize
+    from distill.synthesize.run import SynthesizeConfig, synthesize
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr("distill.synthesize.merge", lambda out: None)
+    monkeypatch.setattr("distill.synthesize.run.merge", lambda out: None)
     cfg = SynthesizeConfig(expert=str(models / "post"), amateur=str(models / "base"),
                            prompts=str(models / "prompts.jsonl"), out=str(tmp_path / "data"), max_new_tokens=4,
                            limit=2, progress=False)
@@ -208,12 +208,12 @@ def test_a_single_process_missing_rows_is_an_error_not_other_ranks(models, tmp_p
 
 
 def test_a_failed_synthesis_leaves_no_skeleton(models, tmp_path, monkeypatch):
-    from distill.synthesize import SynthesizeConfig, synthesize
+    from distill.synthesize.run import SynthesizeConfig, synthesize
 
     def broken(*args):
         raise DistillError("expert model is truncated")
 
-    monkeypatch.setattr("distill.synthesize._load", broken)
+    monkeypatch.setattr("distill.synthesize.run._load", broken)
     out = tmp_path / "made" / "data"
     cfg = SynthesizeConfig(expert=str(models / "post"), amateur=str(models / "base"),
                            prompts=str(models / "prompts.jsonl"), out=str(out), max_new_tokens=4, limit=2,
@@ -233,7 +233,7 @@ def test_a_failed_synthesis_leaves_no_skeleton(models, tmp_path, monkeypatch):
 ZOO_HOLD = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from distill.locking import output_lock
+    from distill.io.locking import output_lock
     with output_lock(sys.argv[1], "zoo"):
         print("held", flush=True)
         time.sleep(1.0)
@@ -267,7 +267,7 @@ def test_a_zoo_is_built_by_one_process_others_wait_for_the_cache_or_are_refused(
 
 
 def test_a_second_training_on_one_output_is_refused_while_the_first_holds_it(tmp_path):
-    from distill.train import TrainConfig, train
+    from distill.train.run import TrainConfig, train
     from tiny import make_model, make_tokenizer
 
     make_model(tmp_path / "m", tokenizer=make_tokenizer())

@@ -9,7 +9,7 @@ import torch
 
 from distill import DistillError
 from distill.cli import main
-from distill.pair import check_pair, render_prompt
+from distill.decoding.pair import check_pair, render_prompt
 from family_models import FAST_FAMILIES
 from family_pairs import PAIR_FAMILIES, make_pair, write_prompts
 from tiny import make_model, make_tokenizer
@@ -133,7 +133,7 @@ def test_true_mismatches_are_errors_before_any_model_loads(root, tmp_path, monke
     expert, amateur = make_pair("qwen2.5", root)
     prompts = str(root / "prompts.jsonl")
     loads = []
-    monkeypatch.setattr("distill.models.load_causal_lm", lambda *a, **k: loads.append(a) or None)
+    monkeypatch.setattr("distill.io.models.load_causal_lm", lambda *a, **k: loads.append(a) or None)
     # another vocabulary: ids mean other tokens
     other = tmp_path / "other"
     make_model(other, vocab_size=120, tokenizer=make_tokenizer(vocab_size=120))

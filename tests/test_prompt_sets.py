@@ -1,4 +1,4 @@
-"""distill.prompt_sets: the chat-data layouts users hold, read into prompt rows with counted drops."""
+"""distill.synthesize.prompt_sets: the chat-data layouts users hold, read into prompt rows with counted drops."""
 
 import json
 import logging
@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from distill import DistillError
-from distill.prompt_sets import describe_stats, load_prompt_set
+from distill.synthesize.prompt_sets import describe_stats, load_prompt_set
 
 U, A, S = "user", "assistant", "system"
 
@@ -31,7 +31,7 @@ LMSYS = [  # conversation_id + conversation, as LMSYS-Chat-1M; WildChat's turns 
 
 def test_conversation_layout_first_and_all_turns(tmp_path, caplog):
     path = write_jsonl(tmp_path / "lmsys.jsonl", LMSYS)
-    with caplog.at_level(logging.INFO, logger="distill.prompt_sets"):
+    with caplog.at_level(logging.INFO, logger="distill.synthesize.prompt_sets"):
         first = load_prompt_set(path)
     assert first.stats["layout"] == "conversation"
     assert [r.getMessage() for r in caplog.records].count(
@@ -217,7 +217,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_load_prompts_keeps_its_shape(tmp_path):
-    from distill.synth_records import load_prompts
+    from distill.synthesize.records import load_prompts
 
     path = write_jsonl(tmp_path / "lmsys.jsonl", LMSYS)
     rows = load_prompts(path)

@@ -8,7 +8,7 @@ import pytest
 
 from distill import DistillError
 from distill.cli import main
-from distill.recipe_schema import load_recipe
+from distill.recipe.schema import load_recipe
 from tiny import make_model, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def _overrides(root: Path, run_dir: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_mistral_to_qwen_recipe_runs_end_to_end_with_stand_ins_and_resumes(stand_ins, tmp_path, monkeypatch):
-    import distill.recipe as recipe_mod
+    import distill.recipe.pipeline as recipe_mod
 
     run_dir = tmp_path / "run"
     args = ["run", str(MISTRAL_TO_QWEN)] + _overrides(stand_ins, run_dir)
@@ -181,8 +181,8 @@ def test_mistral_to_qwen_recipe_runs_end_to_end_with_stand_ins_and_resumes(stand
 
 
 def test_cross_architecture_weight_arithmetic_is_skipped_and_said(stand_ins, tmp_path):
-    from distill.recipe import Pipeline
-    from distill.recipe_schema import resolve_references
+    from distill.recipe.pipeline import Pipeline
+    from distill.recipe.schema import resolve_references
 
     recipe = resolve_references(load_recipe(MISTRAL_TO_QWEN, _overrides(stand_ins, tmp_path)[1::2]), None)
     recipe.weight_arithmetic.target = str(stand_ins / "qwen-base")
@@ -195,8 +195,8 @@ def test_cross_architecture_weight_arithmetic_is_skipped_and_said(stand_ins, tmp
 
 def _dry_run(stand_ins, run_dir, overrides=(), **run_kw) -> list[str]:
     """Pipeline.run with every stage's work replaced by a no-op: the names of the stages that ran."""
-    from distill.recipe import Pipeline
-    from distill.recipe_schema import resolve_references
+    from distill.recipe.pipeline import Pipeline
+    from distill.recipe.schema import resolve_references
 
     recipe = resolve_references(load_recipe(MISTRAL_TO_QWEN, _overrides(stand_ins, run_dir)[1::2] + list(overrides)),
                                 None)
@@ -243,9 +243,9 @@ def test_multi_gpu_training_goes_through_the_deepspeed_launcher_with_parseable_f
     import argparse
     import subprocess
 
-    import distill.recipe as recipe_mod
-    from distill.train import add_cli
-    from distill.recipe_schema import resolve_references
+    import distill.recipe.pipeline as recipe_mod
+    from distill.train.cli import add_cli
+    from distill.recipe.schema import resolve_references
 
     recipe = resolve_references(load_recipe(MISTRAL_TO_QWEN, _overrides(stand_ins, tmp_path)[1::2]), None)
     recipe.train.num_gpus = 8
@@ -267,8 +267,8 @@ THEORY_ON = ["theory.t1=true", "theory.t3=true"]
 
 
 def test_theory_stages_are_planned_only_when_enabled_and_keyed_by_their_settings(stand_ins, tmp_path):
-    from distill.recipe import Pipeline
-    from distill.recipe_schema import resolve_references
+    from distill.recipe.pipeline import Pipeline
+    from distill.recipe.schema import resolve_references
 
     def plan(overrides=()):
         recipe = resolve_references(load_recipe(MISTRAL_TO_QWEN, _overrides(stand_ins, tmp_path)[1::2]

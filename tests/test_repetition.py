@@ -1,4 +1,4 @@
-"""The repetition rules (distill.repetition): the public CoDIT rule, ours, and where they act:
+"""The repetition rules (distill.synthesize.repetition): the public CoDIT rule, ours, and where they act:
 rows and card of `distill synthesize`, and the drop/keep policy of `distill train`."""
 
 import collections
@@ -8,11 +8,11 @@ import random
 import pytest
 
 from distill import DistillError
-from distill import train_data as td
+from distill.train import data as td
 from distill.cli import main
-from distill.repetition import (PUBLIC_TOP_NGRAM_FRACTION, ngram_repetition, public_measures, public_repetition,
+from distill.synthesize.repetition import (PUBLIC_TOP_NGRAM_FRACTION, ngram_repetition, public_measures, public_repetition,
                                 public_violations, repetition_fraction, repetition_rule)
-from distill.synthesize import SynthesizeConfig, synthesize
+from distill.synthesize.run import SynthesizeConfig, synthesize
 from test_synthesize import cfg, rows, zoo  # noqa: F401 - the tiny models and prompts of the synthesize tests
 
 U = [chr(0x4E00 + i) for i in range(2000)]  # distinct characters, none of them 'a'..'d' or whitespace
@@ -162,7 +162,7 @@ def test_ngram_rule_unchanged():
     assert not ngram_repetition("abcabc", 3, 0.5).repetitive  # "more than" the threshold
     v = ngram_repetition("abcabc", 3, 0.49)
     assert v.repetitive and v.score == 0.5 and v.rule == "ngram"
-    from distill.synth_records import repetition_fraction as old_import
+    from distill.synthesize.records import repetition_fraction as old_import
 
     assert old_import is repetition_fraction
 
@@ -248,8 +248,9 @@ def test_train_policy_drop_or_keep_is_counted(tmp_path):
 def test_train_config_cli_and_recipe_carry_the_policy(tmp_path, monkeypatch):
     import argparse
 
-    from distill.recipe_schema import load_recipe
-    from distill.train import TrainConfig, add_cli, validate
+    from distill.recipe.schema import load_recipe
+    from distill.train.cli import add_cli
+    from distill.train.run import TrainConfig, validate
 
     assert TrainConfig(model="", data="", out="").repetitive == "drop"
     assert TrainConfig(model="", data="", out="", keep_repetitive=True).repetitive == "keep"
@@ -266,7 +267,7 @@ def test_train_config_cli_and_recipe_carry_the_policy(tmp_path, monkeypatch):
     # the recipe: a field of train, checked when the recipe loads, passed to the train command
     from pathlib import Path
 
-    import distill.recipe as recipe_mod
+    import distill.recipe.pipeline as recipe_mod
 
     monkeypatch.setenv("DISTILL_PROMPTS", str(tmp_path / "prompts.jsonl"))
     path = Path(__file__).parent.parent / "recipes" / "mistral-to-qwen.yaml"
@@ -279,11 +280,11 @@ def test_train_config_cli_and_recipe_carry_the_policy(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(recipe_mod.Pipeline, "_launch_train", lambda self, args, n: seen.append(args))
     pipeline.stage_train("codit", 0)
-    assert seen[0]["repetitive"] == "keep"
+    assert seen[0].repetitive == "keep"
 
 
 def test_trained_model_summary_counts_the_flagged_rows(tmp_path):
-    from distill.train import TrainConfig, train
+    from distill.train.run import TrainConfig, train
     from tiny import make_model, make_tokenizer
 
     tok = make_tokenizer(chat_template=None)
@@ -300,7 +301,7 @@ def test_trained_model_summary_counts_the_flagged_rows(tmp_path):
 
 
 def test_card_counts_flagged_rows_per_rule_even_when_a_resume_mixed_rules():
-    from distill.synth_records import _flagged_by_rule, _repetition_paragraph
+    from distill.synthesize.records import _flagged_by_rule, _repetition_paragraph
 
     rows = [{"repetitive": True}, {"repetitive": False},  # written before rows named their rule: ngram
             {"repetitive": True, "repetition_rule": "public"}, {"repetitive": False, "repetition_rule": "public"},

@@ -7,8 +7,8 @@ import pytest
 
 from distill import DistillError
 from distill.cli import main
-from distill.synth_records import repetition_fraction
-from distill.synthesize import SynthesizeConfig, synthesize
+from distill.synthesize.records import repetition_fraction
+from distill.synthesize.run import SynthesizeConfig, synthesize
 from tiny import make_model, make_tokenizer
 
 
@@ -81,7 +81,7 @@ def test_dataset_card_and_rows(full_run):
 def test_rows_match_the_decoder_tokens_and_the_repetition_filter(zoo, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    import distill.decoding
+    import distill.decoding.engine
 
     # Extra stop ids in generation_config (as Llama-3's <|eot_id|>), here ordinary word pieces, so
     # some rows stop and others run to max_new_tokens, and a kept stop token would show in the text.
@@ -91,14 +91,14 @@ def test_rows_match_the_decoder_tokens_and_the_repetition_filter(zoo, tmp_path, 
     stops = [2] + list(range(4, 170, 9))
     (expert / "generation_config.json").write_text(json.dumps(gen | {"eos_token_id": stops}))
     results = {}
-    real_generate = distill.decoding.ContrastiveDecoder.generate
+    real_generate = distill.decoding.engine.ContrastiveDecoder.generate
 
     def spy(self, requests):
         for result in real_generate(self, requests):
             results[result.key] = result
             yield result
 
-    monkeypatch.setattr(distill.decoding.ContrastiveDecoder, "generate", spy)
+    monkeypatch.setattr(distill.decoding.engine.ContrastiveDecoder, "generate", spy)
     # n = 3 and a threshold of 0.1 split these short responses (the default n = 20 finds no repeats in them)
     out = tmp_path / "stops"
     synthesize(cfg(zoo, out, expert=str(expert), repetition_rule="ngram", repetition_ngram=3,
@@ -137,7 +137,7 @@ def test_resume_after_torn_shard_equals_uninterrupted(zoo, full_run, monkeypatch
     shard = [json.loads(x) for x in (out / "shards" / "rank-00000.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in shard) == [f"q{i}" for i in range(7)]  # no duplicates, none lost
     shard_bytes = (out / "shards" / "rank-00000.jsonl").read_bytes()
-    monkeypatch.setattr("distill.synthesize._load", lambda *a: pytest.fail("all done: no model may be loaded"))
+    monkeypatch.setattr("distill.synthesize.run._load", lambda *a: pytest.fail("all done: no model may be loaded"))
     synthesize(cfg(zoo, out))  # all done: nothing to generate, same data
     assert rows(out) == rows(full_run)
     assert (out / "shards" / "rank-00000.jsonl").read_bytes() == shard_bytes  # no row generated twice
@@ -267,7 +267,7 @@ def test_repetition_fraction():
 def test_prompts_from_a_datasets_directory(tmp_path):
     import datasets
 
-    from distill.synth_records import load_prompts
+    from distill.synthesize.records import load_prompts
 
     rows = [{"instruction": "say hi", "messages": None},
             {"instruction": "", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
@@ -284,7 +284,7 @@ def test_prompts_from_card_directories_are_fresh_and_leave_the_hf_cache_alone(tm
     # by its name, and ranks loading one at once once built the same cache files together.
     import datasets
 
-    from distill.synth_records import load_prompts
+    from distill.synthesize.records import load_prompts
 
     shared = tmp_path / "hf-datasets-cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", shared)
@@ -300,7 +300,7 @@ def test_prompts_from_card_directories_are_fresh_and_leave_the_hf_cache_alone(tm
 
 
 def test_engine_levers_reach_the_decoder_from_the_cli(zoo, monkeypatch):
-    import distill.decoding as decoding
+    import distill.decoding.engine as decoding
 
     seen = []
     real = decoding.ContrastiveDecoder

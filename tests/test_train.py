@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from distill import DistillError
-from distill.train import TrainConfig, train
+from distill.train.run import TrainConfig, train
 from tiny import make_model, make_tokenizer
 
 ANSWER = "the lazy dog done"
@@ -206,7 +206,7 @@ def test_interrupted_run_resumes_to_the_same_step_count(world):
 RANK_PROBE = """
 import json, os, sys
 from transformers import TrainerCallback
-from distill.train import TrainConfig, train
+from distill.train.run import TrainConfig, train
 
 class Checksum(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kw):
@@ -276,8 +276,8 @@ def test_two_ranks_through_the_deepspeed_launcher(world, stage):
 
 def test_auto_precision_takes_native_bf16_only(monkeypatch):
     # On a V100 or T4 torch emulates bf16 (slowly) and says it is supported unless asked for native.
-    from distill.models import default_dtype
-    from distill.train import use_bf16
+    from distill.io.models import default_dtype
+    from distill.train.run import use_bf16
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)

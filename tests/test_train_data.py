@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from distill import DistillError
-from distill import train_data as td
-from distill.models import stop_token_ids
-from distill.train import TrainConfig, load_deepspeed_config, train
+from distill.train import data as td
+from distill.io.models import stop_token_ids
+from distill.train.run import TrainConfig, load_deepspeed_config, train
 from tiny import CHAT_TEMPLATE, make_model, make_tokenizer
 
 QA = [{"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "the lazy dog"}]
@@ -271,7 +271,7 @@ def test_a_saved_dataset_is_read_without_writing_into_its_folder(tmp_path):
     # into the run's private folder first, so two ranks never write into the user's folder together.
     import datasets
 
-    from distill.fsutil import scratch_dir
+    from distill.io.files import scratch_dir
 
     rows = [{"instruction": f"q{i}", "response": f"a{i}", "repetitive": i == 3} for i in range(5)]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
@@ -289,7 +289,7 @@ def test_scratch_dir_removes_only_this_hosts_leftovers_of_dead_processes(tmp_pat
     import subprocess
     import sys
 
-    from distill.fsutil import scratch_dir
+    from distill.io.files import scratch_dir
 
     host = socket.gethostname().replace(".", "_")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

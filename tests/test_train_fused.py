@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distill.train_fused import causal_lm_loss, linear_cross_entropy
+from distill.train.fused import causal_lm_loss, linear_cross_entropy
 from tiny import make_model
 
 
@@ -76,7 +76,7 @@ def test_the_compiled_chunk_matches_the_eager_one_and_compiles_once(dtype):
     # from one compile with a symbolic row count, not one per size and not a fallback to eager.
     from torch._dynamo.utils import counters
 
-    from distill.train_fused import _compiled_chunk_loss_and_grad
+    from distill.train.fused import _compiled_chunk_loss_and_grad
 
     torch._dynamo.reset()
     _compiled_chunk_loss_and_grad.cache_clear()

@@ -8,7 +8,7 @@ equal the reference's (step count, loss log, weights) and leave nothing beside t
 run is `distill.cli.main(["train", ...])` in a process of its own, forked from a driver
 interpreter that imported torch/transformers/DeepSpeed once (this file run as a script), so a run
 costs its training, not the imports. `DISTILL_FAULT_AT=train.POINT.STEP:1` kills it at that point
-(`distill.train_runtime.FAULT_POINTS`, through the shared hook `distill.fsutil.fault_point`).
+(`distill.train.runtime.FAULT_POINTS`, through the shared hook `distill.io.files.fault_point`).
 
 `DISTILL_SOAK=N` runs N more chains per mode with random seeds and 5 to 9 points each
 (`-k soak`; about 20-30 s per chain and mode on 2 cores).
@@ -48,7 +48,7 @@ def _drive(plan_file: str) -> None:
     from transformers.models.qwen2 import modeling_qwen2  # noqa: F401
 
     import distill.cli
-    import distill.train  # noqa: F401
+    import distill.train.run  # noqa: F401
 
     plan = json.loads(Path(plan_file).read_text())
     codes = []
@@ -107,7 +107,7 @@ def _argv(world: Path, out: Path, mode: str) -> list[str]:
 
 
 def _order(point: str) -> tuple[int, int]:
-    from distill.train_runtime import FAULT_POINTS
+    from distill.train.runtime import FAULT_POINTS
 
     name, _, step = point.partition(".")
     return (int(step) if step else MAX_STEPS + 1, FAULT_POINTS.index(name))
@@ -239,8 +239,8 @@ def test_a_tampered_deepspeed_checkpoint_is_refused_and_its_payload_never_runs(w
     from transformers import TrainerCallback
 
     from distill import DistillError
-    from distill.train import TrainConfig, train
-    from distill.train_outputs import MANIFEST, write_manifest
+    from distill.train.run import TrainConfig, train
+    from distill.train.outputs import MANIFEST, write_manifest
 
     class Stop(Exception):
         pass
@@ -294,7 +294,7 @@ def test_a_tampered_deepspeed_checkpoint_is_refused_and_its_payload_never_runs(w
 
 
 def test_the_loss_log_keeps_one_row_per_step_and_kind(tmp_path):
-    from distill.train_outputs import mean_train_loss, write_loss_log
+    from distill.train.outputs import mean_train_loss, write_loss_log
 
     history = [{"loss": 2.0, "step": 1}, {"loss": 1.0, "step": 3}, {"eval_loss": 1.5, "step": 3},
                {"loss": 1.1, "step": 3}, {"eval_loss": 1.4, "step": 3}, {"train_loss": 1.2, "step": 3}]
@@ -319,8 +319,8 @@ def test_a_full_disk_inside_a_checkpoint_write_resumes_from_the_one_before(world
 
     from transformers import Trainer
 
-    from distill.train import TrainConfig, train
-    from distill.train_outputs import MANIFEST
+    from distill.train.run import TrainConfig, train
+    from distill.train.outputs import MANIFEST
 
     cfg = TrainConfig(model=str(world / "target"), data=str(world / "train.jsonl"), out=str(tmp_path / "model"),
                       deepspeed="none", max_steps=3, save_steps=1, batch_size=4, max_length=64, eval_fraction=0.0,
@@ -339,7 +339,7 @@ def test_a_full_disk_inside_a_checkpoint_write_resumes_from_the_one_before(world
     ckpts = tmp_path / "model.checkpoints"
     assert (ckpts / "checkpoint-1" / MANIFEST).is_file()
     assert not (ckpts / "checkpoint-2" / "trainer_state.json").exists() and not (ckpts / "checkpoint-2" / MANIFEST).exists()
-    with caplog.at_level(logging.INFO, logger="distill.train"):
+    with caplog.at_level(logging.INFO, logger="distill.train.run"):
         train(cfg)
     assert "removing the incomplete checkpoint" in caplog.text and "checkpoint-2" in caplog.text
     summary = json.loads((tmp_path / "model" / "train_summary.json").read_text())

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from distill.world.config import get_preset
-from distill.world.constraints import CONSTRAINTS, check_strict
+from distill.evaluate.checkers import CONSTRAINTS, check_strict
 from distill.world.instructions import make_sets
 from distill.world.knowledge import answer_matches, documents, make_facts, question_rows
 from distill.world.tokenizers import train_source_tokenizer, train_target_tokenizer

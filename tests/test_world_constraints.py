@@ -5,7 +5,7 @@ import random
 import pytest
 
 from distill import DistillError
-from distill.world.constraints import CONSTRAINTS, check_loose, check_strict, compatible
+from distill.evaluate.checkers import CONSTRAINTS, check_loose, check_strict, compatible
 
 # kind -> list of (kwargs, response, expected)
 CASES = {

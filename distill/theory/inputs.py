@@ -7,13 +7,11 @@ import json
 from pathlib import Path
 
 from distill import DistillError
-
-
 def source_pair(base, post, chat_template: str | None = None, chat_template_kwargs=None):
-    """(tokenizer, template kwargs) of the source pair, by `distill.pair.check_pair(post, base)`:
+    """(tokenizer, template kwargs) of the source pair, by `distill.decoding.pair.check_pair(post, base)`:
     one token -> id map, a chat template (the post's, or `chat_template`), its kwargs. Raises
     DistillError on a pair that cannot share prompts and scores."""
-    from distill.pair import check_pair
+    from distill.decoding.pair import check_pair
 
     tok, pair = check_pair(str(post), str(base), chat_template=chat_template,
                            chat_template_kwargs=chat_template_kwargs)
@@ -22,20 +20,20 @@ def source_pair(base, post, chat_template: str | None = None, chat_template_kwar
 
 def device_dtype(device: str | None, dtype: str | None):
     """(device, torch dtype): CUDA when present, bfloat16 on it, float32 on CPU, unless told."""
-    from distill.evaluate_generate import resolve_device_dtype
+    from distill.evaluate.generate import resolve_device_dtype
 
     return resolve_device_dtype(device, dtype)
 
 
 def load_model(ref, device: str, dtype, what: str):
-    from distill.models import load_causal_lm
+    from distill.io.models import load_causal_lm
 
     return load_causal_lm(ref, dtype=dtype, device=device, what=what)
 
 
 def prompt_messages(path, limit: int | None = None) -> list[dict]:
-    """Rows {id, instruction, messages} of a prompts JSONL (`distill.synth_records.load_prompts`)."""
-    from distill.synth_records import load_prompts
+    """Rows {id, instruction, messages} of a prompts JSONL (`distill.synthesize.records.load_prompts`)."""
+    from distill.synthesize.records import load_prompts
 
     return load_prompts(path, limit)
 
@@ -45,7 +43,7 @@ def encode_prompt(tokenizer, messages: list[dict], kwargs: dict | None = None, o
     """(ids, start): a rendered prompt, with `response` tokenized after it as one string (the
     tokens SFT on it would see), and the index where the response starts.
 
-    own=False, the source pair's rule (`distill.pair`): the chat template with a generation
+    own=False, the source pair's rule (`distill.decoding.pair`): the chat template with a generation
     prompt and `kwargs`, tokenized without added specials, bos never twice. own=True, a model's
     own format: its chat template, or without one the last user turn + newline, specials added.
     """
@@ -66,7 +64,7 @@ def encode_prompt(tokenizer, messages: list[dict], kwargs: dict | None = None, o
 def response_logprobs(model, tokenizer, messages: list[list[dict]], responses: list[str], batch_size: int = 16,
                       kwargs: dict | None = None, own: bool = True) -> list[float]:
     """log p(response | prompt) per pair under `model` (prompt rendered by `encode_prompt`)."""
-    from distill.evaluate_generate import sum_logprobs
+    from distill.evaluate.generate import sum_logprobs
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     enc = [encode_prompt(tokenizer, m, kwargs, own, r) for m, r in zip(messages, responses)]

@@ -204,8 +204,8 @@ def position_metrics(logits_base: torch.Tensor, logits_post: torch.Tensor, jd: t
 def build_sequences(post, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int,
                     kwargs: dict | None = None):
     """Prompt (the pair's rendering: the post model's chat template) + the post model's greedy
-    response, stopped at its stop set (`distill.models.stop_token_ids`); [(ids, response start)]."""
-    from distill.evaluate_generate import generate_greedy
+    response, stopped at its stop set (`distill.io.models.stop_token_ids`); [(ids, response start)]."""
+    from distill.evaluate.generate import generate_greedy
 
     prompt_ids = [encode_prompt(tokenizer, p["messages"], kwargs)[0] for p in prompts]
     gens = generate_greedy(post, tokenizer, prompt_ids, max_new_tokens, batch_size, desc="t1 responses")
@@ -320,8 +320,8 @@ def run_t1(base, post, prompts, out, *, limit: int | None = 32, max_new_tokens: 
            device: str | None = None, dtype: str | None = "auto", chat_template: str | None = None,
            chat_template_kwargs=None, prompts_name: str | None = None) -> dict:
     """T1 on explicit models: base, post (paths or HF-cache ids; checked as a pair by
-    `distill.pair.check_pair`), prompts (a JSONL with `instruction` or `messages`, or prompt rows
-    already read: {id, instruction, messages}, as `distill.prompt_sets.load_prompt_set` gives them;
+    `distill.decoding.pair.check_pair`), prompts (a JSONL with `instruction` or `messages`, or prompt rows
+    already read: {id, instruction, messages}, as `distill.synthesize.prompt_sets.load_prompt_set` gives them;
     the first `limit` are used; `prompts_name` names them in the notes). Writes
     t1_linearisation.{md,csv,json} into `out`. Returns {"table": [rows], "sequences": n,
     "md": path, "metrics": {key: per-position values}} (the figure's input)."""

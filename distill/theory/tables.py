@@ -6,7 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-from distill.fsutil import atomic_write_json, atomic_write_text
+from distill.io.files import atomic_write_json, atomic_write_text
 
 
 def fmt(x, digits: int = 3) -> str:

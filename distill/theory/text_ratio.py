@@ -52,7 +52,7 @@ def fixed_pairs(texts, n: int, seed: int = 0) -> list[tuple[list[dict], str]]:
             pairs += [(_messages(r), _response(r)) for r in rows[: n // len(texts)]]
         random.Random(seed).shuffle(pairs)
         return pairs
-    from distill.synth_records import load_prompts
+    from distill.synthesize.records import load_prompts
 
     raw = [json.loads(x) for x in Path(texts).read_text(encoding="utf-8").splitlines() if x.strip()]
     prompts = load_prompts(texts)  # validates instruction / messages, drops a final assistant turn
@@ -84,7 +84,7 @@ def run_t3(base, post, target, texts, tuned: dict[str, list], out, *, n: int = 1
     src_tok, kwargs = source_pair(base, post, chat_template, chat_template_kwargs)
 
     def lp(ref, what, source=False):
-        from distill.models import load_tokenizer
+        from distill.io.models import load_tokenizer
 
         model = load_model(ref, device, torch_dtype, what)
         tok = src_tok if source else load_tokenizer(ref, what=what)

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill import DistillError
-
-
 @dataclass(frozen=True)
 class ModelSize:
     hidden: int = 160

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 
-from distill.world.constraints import CONSTRAINTS, check_strict, compatible
+from distill.evaluate.checkers import CONSTRAINTS, check_strict, compatible
 from distill.world.knowledge import RELATIONS, Fact, statement
 
 OPEN_TASKS = ["Tell me about {e}.", "Describe {e}.", "Write a short note about {e}."]

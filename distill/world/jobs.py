@@ -60,7 +60,7 @@ def run_job(job: Job, log_level: int = logging.INFO) -> dict:
                   text_fraction=job.text_fraction, pad_id=tok.pad_token_id)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(job.out, safe_serialization=True)
-    from distill.fsutil import fault_point
+    from distill.io.files import fault_point
 
     fault_point("zoo.model")
     stats["parameters"] = sum(p.numel() for p in model.parameters())

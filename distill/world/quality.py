@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.world.constraints import check_strict
+from distill.evaluate.checkers import check_strict
 from distill.world.knowledge import answer_matches
 
 # How a model without a chat template is prompted (the train stage gives the target ChatML).

@@ -4,8 +4,8 @@ Layout (docs/CONTRACTS.md): source-base/ source-post/ source-cp/ target-base/,
 prompts/{sft,synthesis,eval}.jsonl, knowledge/questions.jsonl, text/heldout.jsonl,
 quality.json, README.md, world.json. The directory is built under a temporary name and
 renamed, so a cache entry either is complete or does not exist; the temporary directory of a
-killed build is removed by the next build of the same directory (`distill.fsutil.atomic_dir`),
-and two builds of one directory never run at once (`distill.locking`).
+killed build is removed by the next build of the same directory (`distill.io.files.atomic_dir`),
+and two builds of one directory never run at once (`distill.io.locking`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from distill import DistillError
-from distill.fsutil import atomic_dir, atomic_write_json, atomic_write_text, fault_point
-from distill.locking import output_lock
+from distill.io.files import atomic_dir, atomic_write_json, atomic_write_text, fault_point
+from distill.io.locking import output_lock
 from distill.world import jobs, knowledge, quality
 from distill.world.config import ZooConfig, get_preset
 from distill.world.instructions import make_sets

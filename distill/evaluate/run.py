@@ -1,0 +1,293 @@
+"""`distill evaluate`: instruction following, knowledge and perplexity of one model on a world.
+
+A "zoo" here is any directory of the world's layout (docs/CONTRACTS.md): `prompts/eval.jsonl`
+(instructions with verifiable constraints), `knowledge/questions.jsonl` (cloze facts split into
+shared / source_only / target_only / conflict) and `text/heldout.jsonl` (pre-training-style text).
+
+- if: greedy responses with the model's OWN chat template (a model without one gets the bare
+  instruction, and the scores say so), scored strict and loose, prompt- and instruction-level
+  (IFEval's four numbers) and per constraint kind, plus response-length statistics;
+- knowledge: the greedy continuation of a bare cloze must start with the answer; per split, the
+  model's own facts (its family is recognised by its tokenizer), and for conflicting facts
+  whether it answers the source's way or the target's;
+- ppl: held-out perplexity and bits per byte (comparable across tokenizers).
+
+Scores go to `<model>/scores.json` (for a hub id from the HF cache: `scores/<org>--<name>.json`)
+unless `out` says otherwise, responses beside them (`*.responses.jsonl`); both are written
+atomically. `--lm-eval TASKS` passes the model to
+lm-evaluation-harness for real checkpoints whose task data is cached locally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+from pathlib import Path
+
+from distill import DistillError
+from distill.config import opt
+from distill.io.files import atomic_write_json, atomic_write_text, iter_jsonl
+from distill.evaluate.metrics import OWN_SPLITS, instruction_following, knowledge_accuracy, length_stats, perplexity
+
+log = logging.getLogger(__name__)
+
+SUITES = ("if", "knowledge", "ppl")
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """One model scored: the `distill evaluate` options and the recipe's `evaluate:` section."""
+
+    model: str = opt(help="model directory (or a hub id already in the local HF cache)")
+    zoo: Optional[str] = opt(None, "directory of the world's layout (prompts/eval.jsonl, knowledge/questions.jsonl, "
+                                   "text/heldout.jsonl), e.g. the output of `distill zoo build`; none runs lm-eval only")
+    suites: list[str] = opt(factory=lambda: list(SUITES), aliases=("--suite",),
+                            help=f"suites to run, of {', '.join(SUITES)} (space- or comma-separated)")
+    out: Optional[str] = opt(None, "scores JSON path (default: <model>/scores.json, or scores/<org>--<name>.json for "
+                                   "a hub id from the Hugging Face cache; responses go beside it)")
+    batch_size: int = opt(32, "rows per forward pass")
+    max_new_tokens: int = opt(256, "longest response generated for an instruction")
+    limit: Optional[int] = opt(None, "use only the first N rows of each file (a quick look)")
+    device: Optional[str] = opt(None, "torch device (default: cuda if available, else cpu)")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = opt(
+        None, "model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    family: Optional[Literal["source", "target"]] = opt(
+        None, "whose facts count as the model's own (default: recognised from the zoo's tokenizers)")
+    max_length: int = opt(1024, "held-out texts are truncated to this many tokens")
+    prompts: Optional[str] = opt(None, "instruction file instead of <zoo>/prompts/eval.jsonl")
+    questions: Optional[str] = opt(None, "knowledge file instead of <zoo>/knowledge/questions.jsonl")
+    heldout: Optional[str] = opt(None, "held-out text file instead of <zoo>/text/heldout.jsonl")
+    lm_eval_tasks: list[str] = opt(factory=list, aliases=("--lm-eval",), metavar="TASKS",
+                                   help="lm-evaluation-harness tasks to run too (space- or comma-separated; needs "
+                                        "`pip install 'distill[lmeval]'` and the tasks' data in the local HF "
+                                        "datasets cache)")
+    save_responses: bool = opt(True, "write the *.responses.jsonl file beside the scores (--no-responses: do not)")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, where: str = "") -> None:
+        """Value checks that need no file, before anything loads (recipes run them when they load)."""
+        from distill.io.validate import at_least
+
+        at_least(1, where, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+                 max_length=self.max_length, limit=self.limit)
+        bad = [s for s in self.suites if s not in SUITES]
+        if bad:
+            raise DistillError(f"{where}unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
+
+
+def read_jsonl(path: Path, need: tuple[str, ...], limit: int | None = None) -> list[dict]:
+    """Rows of a JSONL file; a missing file or field is an error naming the line and the fix."""
+    if path.is_dir():
+        raise DistillError(f"{path} is a directory; pass a .jsonl file (one JSON object per line)")
+    if not path.is_file():
+        raise DistillError(f"{path} not found; build the world with `distill zoo build` or pass the file's path")
+    rows = []
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise DistillError(f"{path}:{n}: a {type(row).__name__}, not a JSON object; each row needs {list(need)}")
+        missing = [k for k in need if k not in row]
+        if missing:
+            raise DistillError(f"{path}:{n}: row lacks {missing}; each row needs {list(need)} (docs/CONTRACTS.md)")
+        wrong = [k for k in need if not isinstance(row[k], (list, type(None)) if k == "constraints" else str)]
+        if wrong:
+            raise DistillError(f"{path}:{n}: {wrong[0]} is {row[wrong[0]]!r}, not a "
+                               f"{'list' if wrong[0] == 'constraints' else 'string'}; fix or remove the row")
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise DistillError(f"{path} has no rows")
+    return rows
+
+
+def detect_family(tokenizer, zoo: Path | None) -> str | None:
+    """'source' / 'target' when the model's vocabulary contains that zoo base's vocabulary (same ids).
+
+    Containment, not equality, so a target whose tokenizer gained ChatML tokens in SFT still counts.
+    """
+    if zoo is None:
+        return None
+    from distill.io.models import load_tokenizer
+
+    vocab = tokenizer.get_vocab()
+    best: tuple[int, str | None] = (0, None)
+    for name, family in (("source-base", "source"), ("target-base", "target")):
+        if (zoo / name / "config.json").exists():
+            try:
+                base = load_tokenizer(zoo / name).get_vocab()
+            except Exception:  # noqa: BLE001 - an unreadable zoo model just means "unknown"
+                continue
+            # The largest contained vocabulary wins: a small BPE vocabulary can be a subset of a larger one.
+            if all(vocab.get(t) == i for t, i in base.items()) and len(base) > best[0]:
+                best = (len(base), family)
+    return best[1]
+
+
+def _suite_if(model, tokenizer, rows, cfg) -> tuple[dict, list[dict]]:
+    from distill.evaluate.generate import encode_prompts, generate_greedy, render_prompt
+    from distill.evaluate.checkers import check_loose, check_strict
+
+    rendered = [render_prompt(tokenizer, r["instruction"]) for r in rows]
+    templated = rendered[0][1]
+    ids = encode_prompts(tokenizer, [t for t, _ in rendered], templated)
+    gens = generate_greedy(model, tokenizer, ids, cfg.max_new_tokens, cfg.batch_size, desc="if")
+    responses = [g["text"] for g in gens]
+    scores = instruction_following(responses, rows, check_strict, check_loose)
+    scores["prompt_format"] = "chat_template" if templated else "plain (the model has no chat template)"
+    scores["length"] = length_stats(responses, [g["tokens"] for g in gens], [g["finish_reason"] for g in gens])
+    records = [{"suite": "if", "id": r.get("id", str(i)), "response": g["text"], "tokens": g["tokens"],
+                "finish_reason": g["finish_reason"],
+                "strict": check_strict(r.get("constraints") or [], g["text"])}
+               for i, (r, g) in enumerate(zip(rows, gens))]
+    return scores, records
+
+
+def _suite_knowledge(model, tokenizer, rows, cfg, family) -> tuple[dict, list[dict]]:
+    from distill.evaluate.generate import encode_prompts, generate_greedy
+
+    # A cloze is plain text for every model (chat-tuned or not): it tests stored facts, not chat.
+    answers = [a for r in rows for a in (r.get("answer"), r.get("source_answer"), r.get("target_answer")) if a]
+    longest = max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in answers)
+    ids = encode_prompts(tokenizer, [r["prompt"] for r in rows], templated=False)
+    gens = generate_greedy(model, tokenizer, ids, longest + 2, cfg.batch_size, desc="knowledge")
+    conts = [g["text"] for g in gens]
+    scores = knowledge_accuracy(conts, rows, family)
+    records = [{"suite": "knowledge", "id": r.get("id", str(i)), "split": r.get("split"), "continuation": c}
+               for i, (r, c) in enumerate(zip(rows, conts))]
+    return scores, records
+
+
+def _suite_ppl(model, tokenizer, rows, cfg) -> dict:
+    from distill.evaluate.generate import sum_logprobs
+
+    seqs, n_bytes = [], 0
+    for r in rows:
+        ids = tokenizer(r["text"], add_special_tokens=True, truncation=True, max_length=cfg.max_length)["input_ids"]
+        seqs.append(ids)
+        n_bytes += len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sums = sum_logprobs(model, seqs, [1] * len(seqs), cfg.batch_size, pad)
+    scores = perplexity(-sum(s for s, _ in sums), sum(n for _, n in sums), n_bytes)
+    scores["texts"] = len(rows)
+    return scores
+
+
+def run_evaluation(cfg: EvaluateConfig) -> dict:
+    """Evaluate one model; returns the scores dict and writes it (and the responses) to disk."""
+    from distill.evaluate.generate import resolve_device_dtype
+    from distill.io.models import load_causal_lm, load_tokenizer, resolve_model
+
+    from distill.io.validate import check_model_dir
+
+    cfg.validate()
+    if cfg.family not in (None, *[f for f in OWN_SPLITS if f]):
+        raise DistillError(f"--family must be 'source' or 'target', got {cfg.family!r}")
+    model_dir = resolve_model(cfg.model)
+    check_model_dir(model_dir)  # config.json and every shard's header, before an input is read or a weight loaded
+    zoo = Path(cfg.zoo) if cfg.zoo else None
+    suites = tuple(cfg.suites) if zoo or cfg.prompts or cfg.questions or cfg.heldout else ()
+    if zoo is not None and not zoo.is_dir():
+        raise DistillError(f"zoo directory {zoo} not found; build one with `distill zoo build` or point --zoo at it")
+    if not suites and not cfg.lm_eval_tasks:
+        raise DistillError("nothing to evaluate: give --zoo DIR (the world's layout) and/or --lm-eval TASKS")
+
+    def path(override, *rel):
+        if override:
+            return Path(override)
+        if zoo is None:
+            raise DistillError(f"no zoo given for {'/'.join(rel)}: pass --zoo DIR")
+        return zoo.joinpath(*rel)
+
+    # Read every input before loading the model, so a bad file fails in a second, not a minute.
+    inputs = {}
+    if "if" in suites:
+        inputs["if"] = read_jsonl(path(cfg.prompts, "prompts", "eval.jsonl"), ("instruction", "constraints"), cfg.limit)
+    if "knowledge" in suites:
+        inputs["knowledge"] = read_jsonl(path(cfg.questions, "knowledge", "questions.jsonl"),
+                                         ("prompt", "answer"), cfg.limit)
+    if "ppl" in suites:
+        inputs["ppl"] = read_jsonl(path(cfg.heldout, "text", "heldout.jsonl"), ("text",), cfg.limit)
+
+    out = Path(cfg.out) if cfg.out else default_scores_path(cfg.model, model_dir)
+    from distill.io.validate import guard_path
+
+    guard_path(out, "scores")
+    if out.is_dir():
+        raise DistillError(f"scores path {out} is a directory; pass --out FILE.json")
+    if not os.access(out.parent if out.parent.exists() else out.parent.parent, os.W_OK):
+        raise DistillError(f"cannot write scores to {out}: pass --out to a writable path")
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    start = time.time()
+    scores: dict = {"model": str(model_dir), "zoo": str(zoo) if zoo else None, "suites": list(suites),
+                    "settings": {k: v for k, v in asdict(cfg).items() if k not in ("model", "zoo", "suites", "out")}}
+    scores["settings"].update(device=device, dtype=str(dtype).replace("torch.", ""))
+    records: list[dict] = []
+    if suites:
+        tokenizer = load_tokenizer(model_dir)
+        model = load_causal_lm(model_dir, dtype=dtype, device=device)
+        family = cfg.family or detect_family(tokenizer, zoo)
+        scores["family"] = family
+        scores["chat_template"] = bool(getattr(tokenizer, "chat_template", None))
+        if "if" in inputs:
+            scores["if"], recs = _suite_if(model, tokenizer, inputs["if"], cfg)
+            records += recs
+        if "knowledge" in inputs:
+            scores["knowledge"], recs = _suite_knowledge(model, tokenizer, inputs["knowledge"], cfg, family)
+            records += recs
+        if "ppl" in inputs:
+            scores["ppl"] = _suite_ppl(model, tokenizer, inputs["ppl"], cfg)
+        del model
+    if cfg.lm_eval_tasks:
+        from distill.evaluate.lm_eval import run_lm_eval
+
+        scores["lm_eval"] = run_lm_eval(model_dir, cfg.lm_eval_tasks, device, scores["settings"]["dtype"],
+                                        cfg.batch_size, cfg.limit)
+    scores["seconds"] = round(time.time() - start, 2)
+    atomic_write_json(out, scores)
+    if cfg.save_responses and records:
+        atomic_write_text(responses_path(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    log.info("scores written to %s", out)
+    return scores
+
+
+def default_scores_path(model_ref: str, model_dir: Path) -> Path:
+    """<model>/scores.json for a local directory; for a hub id resolved from the Hugging Face
+    cache, scores/<org>--<name>.json in the working directory: the cache is not ours to write
+    into (and is often read-only, shared)."""
+    if Path(os.path.expanduser(str(model_ref))).is_dir():
+        return model_dir / "scores.json"
+    return Path("scores") / (str(model_ref).replace("/", "--") + ".json")
+
+
+def responses_path(scores_json: Path) -> Path:
+    return scores_json.with_name(scores_json.stem + ".responses.jsonl")
+
+
+def evaluate(model, zoo=None, suites=SUITES, out=None, **settings) -> dict:
+    """Python entry point (docs/CONTRACTS.md); `settings` are EvaluateConfig fields."""
+    return run_evaluation(EvaluateConfig(model=str(model), zoo=str(zoo) if zoo else None, suites=list(suites),
+                                         out=str(out) if out else None, **settings))
+
+
+def summary_lines(scores: dict) -> list[str]:
+    lines = [f"model: {scores['model']} (family: {scores.get('family')}, chat template: {scores.get('chat_template')})"]
+    if "if" in scores:
+        s = scores["if"]
+        lines.append(f"if: prompt strict {s['prompt_level_strict']:.3f} loose {s['prompt_level_loose']:.3f}; "
+                     f"instruction strict {s['inst_level_strict']:.3f} loose {s['inst_level_loose']:.3f}; "
+                     f"mean words {s['length']['mean_words']:.1f}")
+    if "knowledge" in scores:
+        k = scores["knowledge"]
+        per = ", ".join(f"{n} {v['accuracy']:.3f}" for n, v in k["per_split"].items())
+        lines.append(f"knowledge: {per}; conflicts answered source's way {k['conflict']['source_way']}")
+    if "ppl" in scores:
+        lines.append(f"ppl: {scores['ppl']['perplexity']:.3f} ({scores['ppl']['bits_per_byte']:.4f} bits/byte)")
+    if "lm_eval" in scores:
+        lines.append(f"lm-eval: {json.dumps(scores['lm_eval'].get('results', {}))[:400]}")
+    return lines

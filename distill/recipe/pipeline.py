@@ -1,0 +1,420 @@
+"""`distill run RECIPE.yaml`: the whole pipeline, stage by stage, with caching.
+
+zoo → preflight → chat-vector → weight-arithmetic [→ theory-t1] → synthesize-{codit,direct[,direct-masked]}
+    → train-{method}-seed{s} [→ theory-t3] → evaluate-{model} → report
+
+(theory-t1 and theory-t3, the theory experiments of `distill.theory`, run when the recipe's
+`theory.t1` / `theory.t3` are true; both are off by default.)
+
+Every stage writes into the run directory. A stage records a key (a hash of its settings
+and of the keys of the stages it reads) in `stages.json` when it finishes; on a rerun a
+stage whose key is unchanged and whose outputs are still there is skipped. An interrupted
+stage simply runs again: synthesis appends and resumes, training resumes from its last
+checkpoint, the rest write atomically.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from distill import DistillError, __version__
+from distill.io.files import atomic_write_json, fault_point
+from distill.recipe.schema import (Recipe, apply_config, as_dict, evaluate_config, extract_config, load_recipe,
+                                   resolve_references, saved_dict, synthesize_config, train_config)
+
+log = logging.getLogger("distill.recipe.pipeline")
+
+
+@dataclass
+class Stage:
+    name: str
+    settings: dict  # everything that changes the stage's output
+    run: Callable[[], dict]  # returns what later stages and the report need (paths, notes)
+    inputs: list[str] = field(default_factory=list)  # names of the stages it reads
+
+
+class StageState:
+    """`stages.json` in the run directory: finished stages, their keys, outputs and timings."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "stages.json"
+        self.done: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def key(self, stage: Stage) -> str:
+        upstream = {name: self.done.get(name, {}).get("key") for name in stage.inputs}
+        blob = json.dumps({"settings": stage.settings, "inputs": upstream}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def is_current(self, stage: Stage) -> bool:
+        """Finished with these settings and inputs, and its outputs are still on disk."""
+        entry = self.done.get(stage.name)
+        return bool(entry) and entry["key"] == self.key(stage) and all(
+            Path(v).exists() for v in entry.get("outputs", {}).values() if isinstance(v, str))
+
+    def record(self, stage: Stage, outputs: dict, seconds: float) -> None:
+        self.done[stage.name] = {"key": self.key(stage), "outputs": outputs, "seconds": round(seconds, 1)}
+        atomic_write_json(self.path, self.done)
+
+    def forget(self, names: list[str]) -> None:
+        for name in names:
+            self.done.pop(name, None)
+        atomic_write_json(self.path, self.done)
+
+    def output(self, name: str) -> dict:
+        return self.done.get(name, {}).get("outputs", {})
+
+
+def _architecture(model_dir: str | Path) -> str:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
+
+
+class Pipeline:
+    """Builds the stage list of one recipe and runs it."""
+
+    def __init__(self, recipe: Recipe, recipe_path: Path):
+        self.recipe = recipe
+        self.recipe_path = recipe_path
+        self.run_dir = Path(recipe.run_dir)  # made by run(): a preflight failure leaves nothing behind
+        self.state = StageState(self.run_dir)
+        self.notes: list[str] = []
+        self.models: dict[str, str] = {}  # row name -> model directory to evaluate
+
+    # -- stages -------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Every model and prompt file must be on disk before any work starts."""
+        from distill.io.models import resolve_model
+
+        from distill.recipe.schema import undefined_lines
+
+        r = self.recipe
+        undefined = undefined_lines(r, skip=("prompts.synthesis",))  # ${VAR}s nothing defines, by key
+        missing = [f"  {line}" for line in undefined.values()]
+        refs = [("source.base", r.source.base), ("source.post", r.source.post), ("target.base", r.target.base)]
+        if r.weight_arithmetic.target:
+            refs.append(("weight_arithmetic.target", r.weight_arithmetic.target))
+        resolved = {}
+        for key, ref in refs:
+            if not ref:
+                missing.append(f"  {key}: not set (add it to {self.recipe_path} or pass --set {key}=PATH)")
+                continue
+            if key in undefined:
+                continue
+            try:
+                resolved[key] = str(resolve_model(ref, key))
+            except DistillError as exc:
+                missing.append(f"  {exc}\n    or override: --set {key}=/path/to/model")
+        prompts = r.prompts.synthesis
+        unset = re.fullmatch(r"\$\{(\w+)\}", prompts or "")
+        if unset:  # an environment variable the recipe reads, left unset
+            missing.append(f"  prompts.synthesis = {prompts}: the environment variable {unset.group(1)} is not set; "
+                           f"set it to a JSONL file or a `datasets` directory of prompts, or pass "
+                           f"--set prompts.synthesis=/path/prompts.jsonl")
+        elif not prompts or not (Path(prompts).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", prompts)):
+            missing.append(
+                f"  prompts.synthesis = {prompts or '(unset)'}: not found; point it to a JSONL file, a "
+                f"`datasets` directory or a cached hub dataset of prompts: --set prompts.synthesis=/path/prompts.jsonl"
+            )
+        else:  # the first usable row: the layout is readable (and a hub name is in the cache)
+            from distill.synthesize.prompt_sets import load_prompt_set
+
+            try:
+                load_prompt_set(prompts, layout=r.prompts.layout, turns=r.prompts.turns, limit=1)
+            except DistillError as exc:
+                missing.append(f"  prompts.synthesis: {exc}")
+        if len(missing) == 1 and "\n" not in missing[0]:  # one problem: one line
+            raise DistillError(f"recipe {self.recipe_path} cannot start: {missing[0].strip()}")
+        if missing:
+            raise DistillError(
+                f"recipe {self.recipe_path} cannot start; these inputs are not on disk:\n" + "\n".join(missing)
+                + "\nModels resolve to a local directory or the Hugging Face cache (HF_HOME / HF_HUB_CACHE); "
+                "nothing is downloaded at run time."
+            )
+        r.source.base, r.source.post = resolved["source.base"], resolved["source.post"]
+        r.target.base = resolved["target.base"]
+        if "weight_arithmetic.target" in resolved:
+            r.weight_arithmetic.target = resolved["weight_arithmetic.target"]
+        # The pair's tokenizers and configs (no weights): a pair CoDIT cannot decode stops the run now,
+        # not after the chat-vector stage.
+        from distill.decoding.pair import check_pair
+
+        s = r.synthesis
+        try:
+            check_pair(r.source.post, r.source.base, chat_template=s.chat_template,
+                       chat_template_kwargs=s.chat_template_kwargs)
+        except DistillError as exc:
+            raise DistillError(f"recipe {self.recipe_path}: source.post and source.base cannot be decoded "
+                               f"together: {exc}") from None
+
+    def stage_chat_vector(self) -> dict:
+        from distill.chat_vector.core import run_extract
+
+        out = self.run_dir / "chat_vector"
+        run_extract(extract_config(self.recipe, str(out)))
+        return {"vector": str(out)}
+
+    def stage_weight_arithmetic(self) -> dict:
+        from distill.chat_vector.core import run_apply
+
+        out = self.run_dir / "models" / "weight-arithmetic"
+        run_apply(apply_config(self.recipe, self.state.output("chat-vector")["vector"], str(out)))
+        return {"model": str(out)}
+
+    def stage_synthesize(self, method: str) -> dict:
+        from distill.synthesize.run import synthesize
+
+        out = self.run_dir / "data" / method
+        synthesize(synthesize_config(self.recipe, method, str(out)))
+        return {"data": str(out)}
+
+    def stage_train(self, method: str, seed: int) -> dict:
+        t = self.recipe.train
+        out = self.run_dir / "models" / f"{method}-seed{seed}"
+        cfg = train_config(self.recipe, self.state.output(f"synthesize-{method}")["data"], str(out), seed)
+        if t.num_gpus and t.num_gpus > 1:
+            self._launch_train(cfg, t.num_gpus)
+        else:
+            from distill.train.run import train
+
+            train(cfg)
+        return {"model": str(out)}
+
+    def _launch_train(self, cfg, num_gpus: int) -> None:
+        """Multi-GPU training goes through DeepSpeed's own launcher, one process per GPU."""
+        cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--module", "distill.train", *train_flags(cfg)]
+        log.info("launching: %s", shlex.join(cmd))
+        if subprocess.run(cmd).returncode != 0:
+            raise DistillError(f"training failed; the launcher command was: {shlex.join(cmd)}")
+
+    def stage_evaluate(self, row: str, model: str) -> dict:
+        from distill.evaluate.run import run_evaluation
+
+        out = self.run_dir / "scores" / f"{row}.json"
+        run_evaluation(evaluate_config(self.recipe, model, str(out)))
+        return {"scores": str(out)}
+
+    def stage_theory_t1(self) -> dict:
+        """T1 on the source pair: the first theory.prompts_limit synthesis prompts (as prompts.*
+        selects and renders them for synthesis; prompts.sample aside), synthesis' alpha and template."""
+        from distill.synthesize.prompt_sets import load_prompt_set
+        from distill.theory.linearise import run_t1
+
+        r, th, s = self.recipe, self.recipe.theory, self.recipe.synthesis
+        p, out = r.prompts, self.run_dir / "theory" / "t1"
+        limit = self._t1_prompts()
+        rows = load_prompt_set(p.synthesis, layout=p.layout, turns=p.turns, max_prompt_chars=p.max_prompt_chars,
+                               dedupe=p.dedupe, limit=limit).rows
+        res = run_t1(r.source.base, r.source.post, rows, out, limit=limit, max_new_tokens=th.max_new_tokens,
+                     alpha=s.alpha, batch_size=th.batch_size, chunk_tokens=th.chunk_tokens,
+                     lambdas=tuple(th.lambdas), device=th.device, dtype=th.dtype or "auto",
+                     chat_template=s.chat_template, chat_template_kwargs=s.chat_template_kwargs,
+                     prompts_name=f"{p.synthesis}, the first {limit}")
+        if not res["sequences"]:
+            log.warning("theory-t1: no prompt got a non-empty response from source.post; %s says so", res["md"])
+        return {"table": res["md"], "numbers": str(out / "t1_linearisation.json")}
+
+    def stage_theory_t3(self) -> dict:
+        """T3 on the source pair, the target base, this run's synthesized datasets and tuned targets."""
+        from distill.theory.text_ratio import run_t3
+
+        r, th, s = self.recipe, self.recipe.theory, self.recipe.synthesis
+        out = self.run_dir / "theory" / "t3"
+        texts = {m: self._output_of(f"synthesize-{m}", "data", self.run_dir / "data" / m) for m in s.methods}
+        tuned = {m: [self._output_of(f"train-{m}-seed{sd}", "model", self.run_dir / "models" / f"{m}-seed{sd}")
+                     for sd in r.train.seeds] for m in s.methods}
+        res = run_t3(r.source.base, r.source.post, r.target.base, texts, tuned, out, n=th.t3_n,
+                     batch_size=th.batch_size, device=th.device, dtype=th.dtype or "auto",
+                     chat_template=s.chat_template, chat_template_kwargs=s.chat_template_kwargs)
+        return {"table": res["md"], "numbers": str(out / "t3_text_correlation.json")}
+
+    def _output_of(self, stage: str, key: str, default: Path) -> str:
+        path = self.state.output(stage).get(key) or str(default)
+        if not Path(path).exists():
+            raise DistillError(f"{stage} has not written {path}; run it first (distill run ... --only {stage})")
+        return path
+
+    def _t1_prompts(self) -> int:
+        """How many synthesis prompts T1 reads: theory.prompts_limit, at most the prompts.limit synthesis reads."""
+        p, th = self.recipe.prompts, self.recipe.theory
+        return min(th.prompts_limit, p.limit) if p.limit else th.prompts_limit
+
+    def _theory_settings(self, test: str) -> dict:
+        """What changes one theory stage's numbers: the pair, its prompt rendering, and its own
+        keys of the theory section (not the other test's, nor the t1/t3 switches)."""
+        r, s = self.recipe, as_dict(self.recipe)
+        own = {"t1": ("prompts_limit", "max_new_tokens", "chunk_tokens", "lambdas"), "t3": ("t3_n",)}[test]
+        settings = {"source": s["source"], "chat_template": r.synthesis.chat_template,
+                    "chat_template_kwargs": r.synthesis.chat_template_kwargs,
+                    "theory": {k: s["theory"][k] for k in own + ("batch_size", "device", "dtype")}}
+        if test == "t1":
+            p = r.prompts
+            settings.update(alpha=r.synthesis.alpha, prompts={
+                "synthesis": p.synthesis, "limit": self._t1_prompts(),
+                "layout": p.layout, "turns": p.turns, "max_prompt_chars": p.max_prompt_chars, "dedupe": p.dedupe})
+        else:
+            settings["target"] = s["target"]
+        return settings
+
+    # -- plan -----------------------------------------------------------------------------
+
+    def plan(self) -> list[Stage]:
+        r = self.recipe
+        s = {k: v for k, v in as_dict(r).items()}
+        stages: list[Stage] = []
+        models = {"target-base": r.target.base, "source-post": r.source.post}
+        wa_ok, why = self._weight_arithmetic_applies()
+        if wa_ok:
+            stages.append(Stage("chat-vector", {"base": r.source.base, "post": r.source.post,
+                                                "chat_vector": s["chat_vector"]}, self.stage_chat_vector))
+            stages.append(Stage("weight-arithmetic", s["weight_arithmetic"], self.stage_weight_arithmetic,
+                                ["chat-vector"]))
+            models["weight-arithmetic"] = str(self.run_dir / "models" / "weight-arithmetic")
+        else:
+            self.notes.append(f"Weight-arithmetic route skipped: {why}.")
+        if r.theory.t1:  # the source pair alone: before synthesis, so a pair T1 cannot take fails early
+            stages.append(Stage("theory-t1", self._theory_settings("t1"), self.stage_theory_t1))
+        for method in r.synthesis.methods:  # all data first, then all training
+            # The method list itself is not a setting of one method's data: adding a method reuses the others.
+            synthesis = {k: v for k, v in s["synthesis"].items() if k != "methods"}
+            settings = {"source": s["source"], "prompts": s["prompts"], "synthesis": synthesis, "method": method}
+            stages.append(Stage(f"synthesize-{method}", settings, lambda m=method: self.stage_synthesize(m)))
+        for method in r.synthesis.methods:
+            for seed in r.train.seeds:
+                name = f"train-{method}-seed{seed}"
+                settings = {"target": s["target"], "train": s["train"], "seed": seed}
+                stages.append(Stage(name, settings, lambda m=method, sd=seed: self.stage_train(m, sd),
+                                    [f"synthesize-{method}"]))
+                models[f"{method}-seed{seed}"] = str(self.run_dir / "models" / f"{method}-seed{seed}")
+        if r.theory.t3:  # every synthesized dataset and tuned target of the run
+            reads = [st.name for st in stages if st.name.startswith(("synthesize-", "train-"))]
+            stages.append(Stage("theory-t3", self._theory_settings("t3"), self.stage_theory_t3, reads))
+        if r.evaluate.zoo:
+            for row, model in models.items():
+                producer = [st.name for st in stages if st.name.endswith(row)]
+                stages.append(Stage(f"evaluate-{row}", {"model": model, "evaluate": s["evaluate"]},
+                                    lambda rw=row, md=model: self.stage_evaluate(rw, md), producer))
+        else:
+            self.notes.append("Evaluation skipped: set evaluate.zoo to a directory with the world's layout.")
+        reads = [st.name for st in stages if st.name.startswith(("evaluate-", "theory-"))]
+        stages.append(Stage("report", {"version": __version__}, self.stage_report, reads))
+        self.models = models
+        return stages
+
+    def _weight_arithmetic_applies(self) -> tuple[bool, str]:
+        wa = self.recipe.weight_arithmetic
+        if not wa.target:
+            return False, "no same-architecture target named (weight_arithmetic.target)"
+        src, tgt = _architecture(self.recipe.source.base), _architecture(wa.target)
+        if src != tgt:
+            return False, f"weight_arithmetic.target is {tgt}, the source is {src}; a chat vector needs the same architecture"
+        return True, ""
+
+    def stage_report(self) -> dict:
+        from distill.recipe.report import write_report
+
+        path = write_report(self.run_dir, self.recipe, self.recipe_path, self.state.done, self.notes)
+        return {"report": str(path)}
+
+    # -- run ------------------------------------------------------------------------------
+
+    def run(self, start_from: str | None = None, only: str | None = None) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        stages = self.plan()
+        names = [st.name for st in stages]
+        if start_from:
+            matches = [n for n in names if fnmatch.fnmatch(n, start_from) or n.startswith(start_from)]
+            if not matches:
+                raise DistillError(f"--from {start_from}: no such stage; stages: {', '.join(names)}")
+            self.state.forget(names[names.index(matches[0]):])
+        selected = names
+        if only:
+            selected = [n for n in names if fnmatch.fnmatch(n, only) or n.startswith(only)]
+            if not selected:
+                raise DistillError(f"--only {only}: no such stage; stages: {', '.join(names)}")
+        total = len(stages)
+        for i, stage in enumerate(stages, 1):
+            if stage.name not in selected:
+                continue
+            if stage.name != "report" and self.state.is_current(stage):
+                log.info("[%d/%d] %s: up to date, skipped", i, total, stage.name)
+                continue
+            log.info("[%d/%d] %s ...", i, total, stage.name)
+            t0 = time.time()
+            outputs = stage.run()
+            fault_point("run.stage")
+            self.state.record(stage, outputs, time.time() - t0)
+            log.info("[%d/%d] %s done in %.1f s", i, total, stage.name, time.time() - t0)
+        return self.run_dir / "report.md"
+
+
+def train_flags(cfg) -> list[str]:
+    """The `distill train` flags that give `cfg` (what `python -m distill.train` parses back to it):
+    each setting that differs from TrainConfig's default, in field order."""
+    import dataclasses
+
+    from distill.train.run import TrainConfig
+
+    flags = []
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        if f.name in ("model", "data", "out") or v != f.default:
+            if f.name == "deepspeed" and v is None:
+                v = "none"
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(v, bool):
+                flags += [flag] if v else ["--no-" + f.name.replace("_", "-")]
+            else:
+                flags += [flag, str(v)]
+    return flags
+
+
+def run_recipe(path: str | os.PathLike, overrides: list[str] = (), start_from: str | None = None,
+               only: str | None = None) -> Path:
+    path = Path(path)
+    recipe = load_recipe(path, overrides)
+    zoo = None
+    if recipe.world:
+        # The world is the embedded default's source of models; it caches itself.
+        from distill.world import build_zoo
+
+        log.info("[zoo] building or reusing the embedded world (preset %s)", recipe.world.preset)
+        zoo = str(build_zoo(recipe.world.preset))
+    recipe = resolve_references(recipe, zoo, undefined="keep")  # the preflight lists every undefined ${VAR}
+    pipeline = Pipeline(recipe, path)
+    pipeline.preflight()
+    from distill.io.locking import output_lock
+
+    # One `distill run` per run directory at a time: a second one is refused, naming the first.
+    with output_lock(recipe.run_dir, "run directory"):
+        pipeline.state = StageState(pipeline.run_dir)  # what is finished, read under the lock
+        atomic_write_json(Path(recipe.run_dir) / "recipe.json", saved_dict(recipe))  # no environment values
+        return pipeline.run(start_from=start_from, only=only)
+
+
+def add_cli(sub, summary: str | None = None) -> None:
+    p = sub.add_parser(
+        "run",
+        help=summary,
+        description=__doc__,
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="recipe YAML file, e.g. recipes/tiny.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting, e.g. --set train.epochs=1 --set source.base=/models/base "
+                        "(value parsed as YAML; repeatable)")
+    p.add_argument("--from", dest="start_from", metavar="STAGE",
+                   help="rerun from this stage on (name or prefix, e.g. train), even if up to date")
+    p.add_argument("--only", metavar="STAGE", help="run only the stages matching this name, prefix or glob")
+    p.set_defaults(func=lambda a: print(run_recipe(a.recipe, a.overrides, a.start_from, a.only)))
