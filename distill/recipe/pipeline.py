@@ -16,7 +16,6 @@ checkpoint, the rest write atomically.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -24,55 +23,16 @@ import re
 import shlex
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from distill import DistillError, __version__
 from distill.io.files import atomic_write_json, fault_point
+from distill.recipe.state import Stage, StageState
+from distill.train.cli import train_command, train_flags
 from distill.recipe.schema import (Recipe, apply_config, as_dict, evaluate_config, extract_config, load_recipe,
                                    resolve_references, saved_dict, synthesize_config, train_config)
 
 log = logging.getLogger("distill.recipe.pipeline")
-
-
-@dataclass
-class Stage:
-    name: str
-    settings: dict  # everything that changes the stage's output
-    run: Callable[[], dict]  # returns what later stages and the report need (paths, notes)
-    inputs: list[str] = field(default_factory=list)  # names of the stages it reads
-
-
-class StageState:
-    """`stages.json` in the run directory: finished stages, their keys, outputs and timings."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "stages.json"
-        self.done: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
-
-    def key(self, stage: Stage) -> str:
-        upstream = {name: self.done.get(name, {}).get("key") for name in stage.inputs}
-        blob = json.dumps({"settings": stage.settings, "inputs": upstream}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def is_current(self, stage: Stage) -> bool:
-        """Finished with these settings and inputs, and its outputs are still on disk."""
-        entry = self.done.get(stage.name)
-        return bool(entry) and entry["key"] == self.key(stage) and all(
-            Path(v).exists() for v in entry.get("outputs", {}).values() if isinstance(v, str))
-
-    def record(self, stage: Stage, outputs: dict, seconds: float) -> None:
-        self.done[stage.name] = {"key": self.key(stage), "outputs": outputs, "seconds": round(seconds, 1)}
-        atomic_write_json(self.path, self.done)
-
-    def forget(self, names: list[str]) -> None:
-        for name in names:
-            self.done.pop(name, None)
-        atomic_write_json(self.path, self.done)
-
-    def output(self, name: str) -> dict:
-        return self.done.get(name, {}).get("outputs", {})
 
 
 def _architecture(model_dir: str | Path) -> str:
@@ -183,6 +143,7 @@ class Pipeline:
         t = self.recipe.train
         out = self.run_dir / "models" / f"{method}-seed{seed}"
         cfg = train_config(self.recipe, self.state.output(f"synthesize-{method}")["data"], str(out), seed)
+        log.info("train-%s-seed%d = %s", method, seed, shlex.join(train_command(cfg)))
         if t.num_gpus and t.num_gpus > 1:
             self._launch_train(cfg, t.num_gpus)
         else:
@@ -357,27 +318,6 @@ class Pipeline:
             self.state.record(stage, outputs, time.time() - t0)
             log.info("[%d/%d] %s done in %.1f s", i, total, stage.name, time.time() - t0)
         return self.run_dir / "report.md"
-
-
-def train_flags(cfg) -> list[str]:
-    """The `distill train` flags that give `cfg` (what `python -m distill.train` parses back to it):
-    each setting that differs from TrainConfig's default, in field order."""
-    import dataclasses
-
-    from distill.train.run import TrainConfig
-
-    flags = []
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(cfg, f.name)
-        if f.name in ("model", "data", "out") or v != f.default:
-            if f.name == "deepspeed" and v is None:
-                v = "none"
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(v, bool):
-                flags += [flag] if v else ["--no-" + f.name.replace("_", "-")]
-            else:
-                flags += [flag, str(v)]
-    return flags
 
 
 def run_recipe(path: str | os.PathLike, overrides: list[str] = (), start_from: str | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 from distill import DistillError
@@ -30,6 +31,28 @@ def add_cli(subparsers, summary: str | None = None):
 def _run(args) -> int:
     print(train(from_args(TrainConfig, args)))
     return 0
+
+
+def train_flags(cfg) -> list[str]:
+    """The `distill train` flags that give `cfg` (what `python -m distill.train` parses back to it):
+    each setting that differs from TrainConfig's default, in field order."""
+    flags = []
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        if f.name in ("model", "data", "out") or v != f.default:
+            if f.name == "deepspeed" and v is None:
+                v = "none"
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(v, bool):
+                flags += [flag] if v else ["--no-" + f.name.replace("_", "-")]
+            else:
+                flags += [flag, str(v)]
+    return flags
+
+
+def train_command(cfg) -> list[str]:
+    """The `distill train` command line of a training stage (logged when the stage starts)."""
+    return ["distill", "train", *train_flags(cfg)]
 
 
 def main(argv=None) -> int:
