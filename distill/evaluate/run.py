@@ -35,7 +35,8 @@ from distill.evaluate.metrics import OWN_SPLITS, instruction_following, knowledg
 
 log = logging.getLogger(__name__)
 
-SUITES = ("if", "knowledge", "ppl")
+SUITES = ("if", "knowledge", "ppl")  # the default suites
+ALL_SUITES = SUITES + ("judge",)  # judge: opt in (a judged benchmark, distill.evaluate.judge)
 
 
 @dataclass(kw_only=True)
@@ -66,6 +67,27 @@ class EvaluateConfig:
                                         "`pip install 'distill[lmeval]'` and the tasks' data in the local HF "
                                         "datasets cache)")
     save_responses: bool = opt(True, "write the *.responses.jsonl file beside the scores (--no-responses: do not)")
+    # --suite judge (distill.evaluate.judge): the model answers a benchmark, a judge scores the answers
+    judge: str = opt("rule", "the judge: rule (verifiable constraints: the embedded world's prompts), served:NAME (an "
+                             "OpenAI-compatible endpoint serving NAME, at --judge-url) or local:MODEL_DIR")
+    judge_benchmark: Optional[str] = opt(
+        None, "alpaca_eval, wildbench, mt_bench (from the local HF cache), or a JSONL/parquet/datasets path of "
+              "prompts (default: <zoo>/prompts/eval.jsonl)")
+    judge_mode: Optional[Literal["absolute", "pairwise", "mt-bench"]] = opt(
+        None, "absolute 1..10, pairwise against a reference (win rate and length-controlled win rate), or "
+              "mt-bench (two turns); default: the benchmark's own")
+    judge_reference: Optional[str] = opt(None, "reference responses for pairwise mode: a JSONL of {id, response} "
+                                               "rows (default: the benchmark's own)")
+    judge_url: Optional[str] = opt(None, "base URL of a served judge, e.g. http://localhost:8000/v1 (default: "
+                                         "$DISTILL_JUDGE_URL or $OPENAI_BASE_URL)")
+    judge_template: Optional[str] = opt(None, "a JSON file of judge templates replacing distill's "
+                                              "(distill.evaluate.judge.templates); each keeps its placeholders")
+    judge_concurrency: int = opt(8, "served judge: requests in flight at once")
+    judge_timeout: float = opt(120.0, "served judge: seconds to wait for one answer")
+    judge_retries: int = opt(2, "times an unparseable judgment is asked again (then it is counted as unjudged)")
+    judge_max_new_tokens: int = opt(512, "longest judge answer in tokens")
+    judge_cache: Optional[str] = opt(None, "append-only file of judgments, so a rerun asks nothing twice (default: "
+                                           "beside the scores, <scores>.judgments.jsonl)")
 
     def __post_init__(self):
         self.validate()
@@ -76,9 +98,16 @@ class EvaluateConfig:
 
         at_least(1, where, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
                  max_length=self.max_length, limit=self.limit)
-        bad = [s for s in self.suites if s not in SUITES]
+        bad = [s for s in self.suites if s not in ALL_SUITES]
         if bad:
-            raise DistillError(f"{where}unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
+            raise DistillError(f"{where}unknown suite(s) {bad}; choose from {', '.join(ALL_SUITES)}")
+        at_least(1, where, judge_concurrency=self.judge_concurrency, judge_max_new_tokens=self.judge_max_new_tokens)
+        at_least(0, where, judge_retries=self.judge_retries)
+        from distill.io.validate import finite
+
+        finite(where, judge_timeout=self.judge_timeout)
+        if not self.judge_timeout > 0:
+            raise DistillError(f"{where}judge_timeout must be > 0, got {self.judge_timeout}")
 
 
 def read_jsonl(path: Path, need: tuple[str, ...], limit: int | None = None) -> list[dict]:
@@ -191,11 +220,13 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     model_dir = resolve_model(cfg.model)
     check_model_dir(model_dir)  # config.json and every shard's header, before an input is read or a weight loaded
     zoo = Path(cfg.zoo) if cfg.zoo else None
-    suites = tuple(cfg.suites) if zoo or cfg.prompts or cfg.questions or cfg.heldout else ()
+    world = zoo or cfg.prompts or cfg.questions or cfg.heldout
+    suites = tuple(x for x in cfg.suites if world or (x == "judge" and cfg.judge_benchmark))
     if zoo is not None and not zoo.is_dir():
         raise DistillError(f"zoo directory {zoo} not found; build one with `distill zoo build` or point --zoo at it")
     if not suites and not cfg.lm_eval_tasks:
-        raise DistillError("nothing to evaluate: give --zoo DIR (the world's layout) and/or --lm-eval TASKS")
+        raise DistillError("nothing to evaluate: give --zoo DIR (the world's layout), --suite judge with "
+                           "--judge-benchmark, and/or --lm-eval TASKS")
 
     def path(override, *rel):
         if override:
@@ -213,6 +244,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
                                          ("prompt", "answer"), cfg.limit)
     if "ppl" in suites:
         inputs["ppl"] = read_jsonl(path(cfg.heldout, "text", "heldout.jsonl"), ("text",), cfg.limit)
+    if "judge" in suites:
+        inputs["judge"] = _judge_inputs(cfg, path)
 
     out = Path(cfg.out) if cfg.out else default_scores_path(cfg.model, model_dir)
     from distill.io.validate import guard_path
@@ -242,6 +275,18 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
             records += recs
         if "ppl" in inputs:
             scores["ppl"] = _suite_ppl(model, tokenizer, inputs["ppl"], cfg)
+        if "judge" in inputs:
+            from distill.evaluate.judge.suite import judge_suite
+
+            bench, judge = inputs["judge"]
+            cache = Path(cfg.judge_cache) if cfg.judge_cache else out.with_name(out.stem + ".judgments.jsonl")
+            # the if suite's greedy answers to the same prompt file are the judge suite's answers too
+            same = "if" in inputs and Path(bench.name) == path(cfg.prompts, "prompts", "eval.jsonl")
+            answered = {r["id"]: {"text": r["response"], "finish_reason": r["finish_reason"]}
+                        for r in records if r["suite"] == "if"} if same else None
+            scores["judge"], recs = judge_suite(model, tokenizer, bench, judge, cache, cfg.max_new_tokens,
+                                                cfg.batch_size, answered)
+            records += recs
         del model
     if cfg.lm_eval_tasks:
         from distill.evaluate.lm_eval import run_lm_eval
@@ -254,6 +299,28 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         atomic_write_text(responses_path(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     log.info("scores written to %s", out)
     return scores
+
+
+def _judge_inputs(cfg: EvaluateConfig, path):
+    """The judged benchmark and the judge's settings, checked before the model loads."""
+    from distill.evaluate.judge import JudgeSettings
+    from distill.evaluate.judge.benchmarks import load_benchmark, read_reference
+    from distill.evaluate.judge.templates import load_templates
+
+    spec = cfg.judge_benchmark or str(path(None, "prompts", "eval.jsonl"))
+    mode = cfg.judge_mode or ("pairwise" if cfg.judge_reference else None)
+    bench = load_benchmark(spec, None if cfg.judge_reference else mode, cfg.limit)
+    if cfg.judge_reference:
+        read_reference(cfg.judge_reference, bench.items)
+        bench.mode = mode
+    from distill.evaluate.judge.suite import prepare_judge
+
+    load_templates(cfg.judge_template)  # a template without its placeholders: an error now
+    settings = JudgeSettings(spec=cfg.judge, url=cfg.judge_url, template=cfg.judge_template,
+                             concurrency=cfg.judge_concurrency, timeout=cfg.judge_timeout, retries=cfg.judge_retries,
+                             max_new_tokens=cfg.judge_max_new_tokens, batch_size=cfg.batch_size, device=cfg.device,
+                             dtype=cfg.dtype)
+    return bench, prepare_judge(bench, settings)
 
 
 def default_scores_path(model_ref: str, model_dir: Path) -> Path:
@@ -288,6 +355,15 @@ def summary_lines(scores: dict) -> list[str]:
         lines.append(f"knowledge: {per}; conflicts answered source's way {k['conflict']['source_way']}")
     if "ppl" in scores:
         lines.append(f"ppl: {scores['ppl']['perplexity']:.3f} ({scores['ppl']['bits_per_byte']:.4f} bits/byte)")
+    if "judge" in scores:
+        j = scores["judge"]
+        if j.get("win_rate") is not None:
+            lines.append(f"judge ({j['judge']}, {j['benchmark']}): win rate {j['win_rate']:.1f} %, length-controlled "
+                         f"{j['lc_win_rate']:.1f} %; unjudged {j['unjudged']}")
+        else:
+            mean = "n/a" if j.get("mean") is None else f"{j['mean']:.2f}"
+            lines.append(f"judge ({j['judge']}, {j['benchmark']}, {j['mode']}): mean score {mean} of 10; "
+                         f"unjudged {j.get('unjudged', 0)}")
     if "lm_eval" in scores:
         lines.append(f"lm-eval: {json.dumps(scores['lm_eval'].get('results', {}))[:400]}")
     return lines

@@ -26,6 +26,7 @@ ROW_LABELS = {
     "direct": "target + SFT on direct responses",
     "direct-masked": "target + SFT on direct responses with CoDIT's mask (beta 0)",
     "codit": "target + SFT on CoDIT responses",
+    "best-of-n": "target + SFT on Best-of-N responses (judge-picked direct samples)",
     "weight-arithmetic": "same-arch target + chat vector",
     "source-post": "source post (teacher, upper bound)",
 }
@@ -41,6 +42,12 @@ COLUMNS = [
     ("perplexity", "held-out ppl", ("ppl", "perplexity"), False),
     ("bits_per_byte", "bits/byte", ("ppl", "bits_per_byte"), False),
     ("mean_words", "mean response words", ("if", "length", "mean_words"), None),
+]
+# The judge's columns (`distill evaluate --suite judge`), shown when some row has them
+JUDGE_COLUMNS = [
+    ("judge_score", "judge score (1-10)", ("judge", "mean"), True),
+    ("judge_win_rate", "judge win rate %", ("judge", "win_rate"), True),
+    ("judge_lc_win_rate", "judge LC win rate %", ("judge", "lc_win_rate"), True),
 ]
 
 
@@ -148,31 +155,35 @@ def compare(runs: dict[str, list[str]], out_dir: str | Path, title: str = "Trans
         raise DistillError("nothing to compare: no rows with scores")
     out_dir = Path(out_dir)
     table: dict[str, dict] = {}
+    loaded = {}
     for row, paths in runs.items():
         if not paths:
             raise DistillError(f"row {row!r} has no scores paths")
-        scores = _distinct([load_scores(p) for p in paths])
-        table[row] = {key: _stats([_get(s, path) for s in scores]) for key, _, path, _ in COLUMNS}
+        loaded[row] = _distinct([load_scores(p) for p in paths])
+    judged = [c for c in JUDGE_COLUMNS if any(_get(s, c[2]) is not None for sc in loaded.values() for s in sc)]
+    columns = COLUMNS + judged
+    for row, scores in loaded.items():
+        table[row] = {key: _stats([_get(s, path) for s in scores]) for key, _, path, _ in columns}
         table[row]["_runs"] = len(scores)
     rows = list(table)
     pairs = pairs if pairs is not None else default_pairs(rows)
     pair_rows = []
     for a, b in pairs:
-        for key, header, _, better in COLUMNS:
+        for key, header, _, better in columns:
             diff, words = verdict(table[a][key], table[b][key], better)
             pair_rows.append({"a": a, "b": b, "column": header, "diff": diff, "verdict": words})
 
     md = [f"# {title}", "", "Mean ± sample std over runs (seeds); n = distinct runs per row (identical scores of "
           "identical models, e.g. an untuned row shared by two run directories, count once).", "",
-          "| row | n | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |",
-          "| --- | ---: | " + " | ".join("---:" for _ in COLUMNS) + " |"]
+          "| row | n | " + " | ".join(h for _, h, _, _ in columns) + " |",
+          "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |"]
     for row in rows:
-        md.append(f"| {row} | {table[row]['_runs']} | " + " | ".join(_fmt(table[row][k]) for k, _, _, _ in COLUMNS) + " |")
+        md.append(f"| {row} | {table[row]['_runs']} | " + " | ".join(_fmt(table[row][k]) for k, _, _, _ in columns) + " |")
     if pairs:
         md += ["", "## Differences (row a − row b)", "",
                "A difference no larger than sqrt(std_a² + std_b²) is reported as no difference (≈).", "",
-               "| a vs b | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |",
-               "| --- | " + " | ".join("---" for _ in COLUMNS) + " |"]
+               "| a vs b | " + " | ".join(h for _, h, _, _ in columns) + " |",
+               "| --- | " + " | ".join("---" for _ in columns) + " |"]
         for a, b in pairs:
             cells = []
             for p in (q for q in pair_rows if q["a"] == a and q["b"] == b):
@@ -191,10 +202,10 @@ def compare(runs: dict[str, list[str]], out_dir: str | Path, title: str = "Trans
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["row", "n"] + [f"{k}_{s}" for k, _, _, _ in COLUMNS for s in ("mean", "std")])
+    w.writerow(["row", "n"] + [f"{k}_{s}" for k, _, _, _ in columns for s in ("mean", "std")])
     for row in rows:
         w.writerow([row, table[row]["_runs"]] + [table[row][k][s] if table[row][k][s] is not None else ""
-                                                 for k, _, _, _ in COLUMNS for s in ("mean", "std")])
+                                                 for k, _, _, _ in columns for s in ("mean", "std")])
     md_path, csv_path = out_dir / "comparison.md", out_dir / "comparison.csv"
     atomic_write_text(md_path, markdown)
     atomic_write_text(csv_path, buf.getvalue())

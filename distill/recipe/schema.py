@@ -67,7 +67,7 @@ class TargetConfig:
     base: str = opt("", "the model that receives instruction-following (any architecture)")
 
 
-SYNTHESIS_METHODS = ("codit", "direct", "direct-masked")
+SYNTHESIS_METHODS = ("codit", "direct", "direct-masked", "best-of-n")
 # SynthesizeConfig's prompt selection: the recipe's `prompts:` section (T1 reads the same prompts)
 PROMPT_KEYS = ("limit", "sample", "prompt_layout", "prompt_turns", "max_prompt_chars", "dedupe", "long_prompts")
 # What a stage's settings mean in a recipe: the pipeline fills these fields itself (the run's paths).
@@ -96,7 +96,8 @@ SynthesisConfig = section(
     extra=[("methods", list[str], opt(factory=lambda: ["codit", "direct"],
                                       help="codit | direct (plain sampling from the expert) | direct-masked "
                                            "(direct with CoDIT's alpha mask, beta 0: the ablation that separates "
-                                           "the mask from the contrast)"))],
+                                           "the mask from the contrast) | best-of-n (synthesis.n direct samples, "
+                                           "the one synthesis.judge scores best kept)"))],
     doc="`distill synthesize`'s options (SynthesizeConfig), once per method; alpha is CoDIT's and direct-masked's "
         "(direct uses none).")
 TrainStageConfig = section(
@@ -162,8 +163,8 @@ def synthesize_config(recipe: Recipe, method: str, out: str) -> SynthesizeConfig
     # direct-masked keeps CoDIT's mask without the contrast.
     values = stage_values(s) | stage_values(r.prompts)
     values.update(expert=r.source.post, amateur=r.source.base, prompts=r.prompts.synthesis, out=out,
-                  method="codit" if method == "codit" else "direct")
-    if method == "direct":
+                  method=method if method in ("codit", "best-of-n") else "direct")
+    if method in ("direct", "best-of-n"):
         values["alpha"] = None
     elif values["alpha"] is None:
         values["alpha"] = CODIT_ALPHA

@@ -328,3 +328,7 @@ def _guarded(load, path: Path) -> Iterator[dict]:
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad-input error for the user
         raise DistillError(f"prompts {path} is not a loadable dataset ({exc}); pass a .jsonl file or a "
                            f"directory saved with Dataset.save_to_disk") from exc
+
+
+# The rows of any prompt source (file, directory or cached hub dataset), for other readers (judge benchmarks).
+open_rows = _open

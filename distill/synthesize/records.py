@@ -159,6 +159,11 @@ def merge(out: Path, prompt_ids: list[str] | None = None) -> Path | None:
                    if e != "None"},
         "response_tokens": sum(r["response_tokens"] for r in ordered),
     }
+    from distill.synthesize.best_of_n import summary as best_of_n_summary
+
+    bon = best_of_n_summary(ordered)
+    if bon:
+        counts["best_of_n"] = bon
     provenance["counts"] = counts
     atomic_write_json(prov_path, provenance)
     atomic_write_text(out / "README.md", dataset_card(provenance, len(data), hashlib.sha256(data).hexdigest()))
@@ -214,6 +219,17 @@ def _prompt_section(stats: dict | None) -> str:
     return f"\n{describe_stats(stats)}\n" if stats else ""
 
 
+def _best_of_n_paragraph(b: dict | None) -> str:
+    if not b:
+        return ""
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    return (f"Best-of-{b['n']}: judge `{b['judge']}` (templates {b['template_version']}); mean score of the kept "
+            f"samples {fmt(b['mean_chosen'])}, of all {b['samples']} samples {fmt(b['mean_all'])} (1..10); scores "
+            f"of the kept samples {b['chosen_histogram']}; {b['unjudged_samples']} samples without a verdict, "
+            f"{b['rows_without_verdict']} rows none of whose samples got one (they keep sample 0). Each row's "
+            f"`best_of_n` holds its N scores and the index kept; D/judgments.jsonl every judgment.\n\n")
+
+
 def dataset_card(p: dict, num_bytes: int, sha256: str) -> str:
     """The card. Its checksum of the data file is also what keeps `datasets.load_dataset(D)`
     correct: `datasets` keys the cache of a local directory on the folder's name and its card's
@@ -223,6 +239,8 @@ def dataset_card(p: dict, num_bytes: int, sha256: str) -> str:
     how = ("contrastive decoding (CoDIT): at each step, among tokens with p_expert >= alpha * max p_expert, "
            "sample from softmax((log p_expert - beta * log p_amateur) / temperature) with top-p"
            if s["method"] == "codit" else
+           f"best-of-n: {s.get('n')} direct samples per prompt, the one the judge `{s.get('judge')}` scores best "
+           f"kept (distill.synthesize.best_of_n)" if s["method"] == "best-of-n" else
            "direct sampling from the expert (beta = 0: the CoDIT engine without the amateur)")
     rows = c["rows"]
     avg = c["response_tokens"] / max(rows, 1)
@@ -247,7 +265,7 @@ Made by `distill synthesize` (distill {p["distill_version"]}) by {how}.
 Rows: {rows}; finished by a stop token: {c["finish_reason"]["stop"]}, cut at max_new_tokens:
 {c["finish_reason"]["length"]}; mean response length {avg:.1f} tokens.
 
-{_repetition_paragraph(s, c)}
+{_repetition_paragraph(s, c)}{_best_of_n_paragraph(c.get("best_of_n"))}
 Fields: `id, instruction, messages, response, prompt_tokens, response_tokens, finish_reason,
 repetition, repetitive, repetition_rule` and the provenance of each row (method, models, alpha, beta, sampling
 settings, seed, row_seed, distill_version). `shards/` holds the append-only per-rank record the

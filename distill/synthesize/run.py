@@ -13,7 +13,6 @@ finds every prompt answered writes the final dataset (or run `distill synthesize
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -29,18 +28,18 @@ from distill.io.files import fault_point
 from distill.synthesize.prompt_sets import LAYOUTS, load_prompt_set
 
 PROMPT_LAYOUTS = ("auto",) + LAYOUTS
+from distill.synthesize.output import (SELECTION_KEYS, changed_prompts, discard_rows, prepare_out,
+                                     remove_skeleton)
 from distill.synthesize.records import (ShardWriter, finished_rows, merge, repetition_rule,
                                    shard_path)
 
 log = logging.getLogger(__name__)
 
-# What a run recorded before a setting existed meant: rows flagged by our n-gram rule, not "public".
-LEGACY_DEFAULTS = {"repetition_rule": "ngram"}
-SELECTION_KEYS = ("limit", "sample", "prompt_layout", "prompt_turns", "max_prompt_chars", "dedupe", "long_prompts")
 # Settings that change the rows; a resumed run must match them (batch size, device do not).
 RESUME_KEYS = ("expert", "amateur", "prompts", "method", "alpha", "beta", "temperature", "top_p",
                "max_new_tokens", "seed", "chat_template", "chat_template_kwargs", "token_logprobs", "repetition_rule",
                "repetition_ngram", "repetition_threshold")
+BEST_OF_N_KEYS = ("n", "judge", "judge_template")  # change best-of-n's rows too
 
 
 @dataclass(kw_only=True)
@@ -54,8 +53,9 @@ class SynthesizeConfig:
     out: str = opt(help="output dataset directory; rerun the same command to resume an interrupted run")
     amateur: Optional[str] = opt(None, "the expert's pre-trained base model (same tokenizer); not needed for "
                                        "--method direct")
-    method: Literal["codit", "direct"] = opt("codit", "codit: contrastive decoding; direct: sampling from the expert "
-                                                      "alone (beta=0; the amateur is never loaded)")
+    method: Literal["codit", "direct", "best-of-n"] = opt(
+        "codit", "codit: contrastive decoding; direct: sampling from the expert alone (beta=0; the amateur is never "
+                 "loaded); best-of-n: --n direct samples per prompt, the one --judge scores best is kept")
     alpha: Optional[float] = opt(None, "plausibility: only tokens with p_expert >= alpha * max p_expert are candidates "
                                        f"(None: {CODIT_ALPHA} for codit, 0 for direct, i.e. plain sampling)")
     beta: float = opt(1.0, "weight of the amateur's log-probability subtracted from the expert's")
@@ -111,19 +111,35 @@ class SynthesizeConfig:
               "recorded in provenance", metavar="JSON")
     token_logprobs: bool = opt(False, "store each chosen token's log_softmax(score) in the row's token_logprobs (as "
                                       "the public code's 'score' field), for analysis")
+    # best-of-n (distill.synthesize.best_of_n): N direct samples, judged 1..10 (distill.evaluate.judge)
+    n: int = opt(4, "best-of-n: samples per prompt")
+    judge: str = opt("rule", "best-of-n: the judge, as `distill evaluate --judge`: rule (the prompts' verifiable "
+                             "constraints), served:NAME (at --judge-url) or local:MODEL_DIR")
+    judge_url: Optional[str] = opt(None, "best-of-n: base URL of a served judge (default: $DISTILL_JUDGE_URL)")
+    judge_template: Optional[str] = opt(None, "best-of-n: a JSON file of judge templates replacing distill's")
+    judge_concurrency: int = opt(8, "best-of-n: served-judge requests in flight at once")
+    judge_timeout: float = opt(120.0, "best-of-n: seconds to wait for one judgment")
+    judge_retries: int = opt(2, "best-of-n: times an unparseable judgment is asked again")
+    judge_max_new_tokens: int = opt(512, "best-of-n: longest judge answer in tokens")
     overwrite: bool = opt(False, "replace an output made with different settings")
     trust_remote_code: bool = opt(False, "allow model code from the model directory")
     progress: bool = opt(True, "show a progress bar (--no-progress: none)")
 
     def __post_init__(self):
         self.device, self.dtype = self.device or "auto", self.dtype or "auto"  # null in a recipe: auto
-        if self.method not in ("codit", "direct"):
-            raise DistillError(f"method must be codit or direct, got {self.method!r}")
+        if self.method not in ("codit", "direct", "best-of-n"):
+            raise DistillError(f"method must be codit, direct or best-of-n, got {self.method!r}")
         if self.alpha is None:
             self.alpha = CODIT_ALPHA if self.method == "codit" else 0.0
-        if self.method == "direct":
+        if self.method != "codit":
             self.beta, self.amateur = 0.0, None
-        elif not self.amateur:
+        if self.method == "best-of-n":
+            from distill.io.validate import at_least
+
+            at_least(1, n=self.n, judge_concurrency=self.judge_concurrency)
+            if not self.judge_timeout > 0:
+                raise DistillError(f"judge_timeout must be > 0, got {self.judge_timeout}")
+        if self.method == "codit" and not self.amateur:
             raise DistillError("method codit needs --amateur (the expert's base model); or use --method direct")
         # Every value checked before anything is written: a run that fails here leaves nothing behind.
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -146,7 +162,15 @@ class SynthesizeConfig:
     def settings(self) -> dict:
         # The prompt selection is recorded but not a resume key: rows are keyed by prompt id and their
         # text is checked, so another selection keeps what it shares with the old one.
-        return {k: getattr(self, k) for k in RESUME_KEYS} | {k: getattr(self, k) for k in SELECTION_KEYS}
+        keys = RESUME_KEYS + (BEST_OF_N_KEYS if self.method == "best-of-n" else ())
+        return {k: getattr(self, k) for k in keys} | {k: getattr(self, k) for k in SELECTION_KEYS}
+
+    def judge_settings(self):
+        from distill.evaluate.judge import JudgeSettings
+
+        return JudgeSettings(spec=self.judge, url=self.judge_url, template=self.judge_template,
+                             concurrency=self.judge_concurrency, timeout=self.judge_timeout, retries=self.judge_retries,
+                             max_new_tokens=self.judge_max_new_tokens, batch_size=self.batch_size)
 
 
 def _rank() -> tuple[int, int, int]:
@@ -156,47 +180,6 @@ def _rank() -> tuple[int, int, int]:
 
 class _NoTemplate:
     chat_template = None
-
-
-def _prepare_out(cfg: SynthesizeConfig, prompt_ids: list[str], record: dict) -> Path:
-    """Create D (or check that an existing D continues this very run) and record provenance."""
-    from distill.io.files import atomic_write_json
-
-    out = Path(cfg.out)
-    prov = out / "provenance.json"
-    try:
-        if out.exists() and not out.is_dir():
-            raise DistillError(f"output {out} is a file; choose a directory path for --out")
-        if prov.exists():
-            old = json.loads(prov.read_text())["settings"]
-            # A key an older distill did not record counts as its default (the rows were made that way).
-            defaults = {f.name: f.default for f in dataclasses.fields(SynthesizeConfig)} | LEGACY_DEFAULTS
-            changed = {k: (old.get(k, defaults.get(k)), v) for k, v in cfg.settings().items()
-                       if k not in SELECTION_KEYS and old.get(k, defaults.get(k)) != v}
-            # An output without a finished row (a run that failed at once) has nothing to lose.
-            if changed and not cfg.overwrite and finished_rows(out):
-                raise DistillError(f"output {out} holds a run with other settings {changed}; rerun with the "
-                                   f"same settings to resume, or pass --overwrite, or choose another --out")
-            if changed:
-                _discard_rows(out)
-        elif out.exists() and not _only_skeleton(out) and not cfg.overwrite:
-            raise DistillError(f"output {out} exists and is not a synthesis run; choose another --out or --overwrite")
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(prov, {"distill_version": __version__, "settings": cfg.settings(), **record,
-                                 "prompt_ids": prompt_ids, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    except OSError as exc:
-        from distill.io.validate import storage_error
-
-        raise storage_error(exc, out) or DistillError(f"cannot write to {out} ({exc.strerror}); choose a writable "
-                                                      f"--out") from None
-    return out
-
-
-def _only_skeleton(out: Path) -> bool:
-    """D holds nothing but what a run killed before its provenance was in place leaves: an empty
-    shards/ and the temporary copy of provenance.json (removed when it is written again)."""
-    return all((p.name == "shards" and p.is_dir() and not any(p.iterdir()))
-               or p.name.startswith(".provenance.json.tmp-") for p in out.iterdir())
 
 
 def _check_pair(cfg: SynthesizeConfig):
@@ -229,35 +212,6 @@ def _load(cfg: SynthesizeConfig, local_rank: int, vocab: int):
     return expert, amateur
 
 
-def _discard_rows(out: Path) -> None:
-    """--overwrite: drop our own files of the old run (nothing else in D).
-
-    One process only: ranks start independently, so one rank could delete a shard another rank
-    has just begun to write."""
-    import shutil
-
-    world = _rank()[1]
-    if world > 1:
-        raise DistillError(f"output {out} holds an older run, and {world} ranks cannot discard it safely in "
-                           f"parallel; delete {out} first (or choose another --out), then launch again")
-
-    shutil.rmtree(out / "shards", ignore_errors=True)
-    shutil.rmtree(out / "data", ignore_errors=True)
-    (out / "README.md").unlink(missing_ok=True)
-    (out / "shards").mkdir()
-
-
-def _changed_prompts(done: dict[str, dict], prompts: list[dict], cfg: SynthesizeConfig) -> bool:
-    """A resumed run must answer the same prompts: matching ids alone would keep stale rows for
-    edited prompts. True (start over) only with --overwrite; otherwise an error."""
-    changed = [p["id"] for p in prompts if p["id"] in done and done[p["id"]]["messages"][:-1] != p["messages"]]
-    if changed and not cfg.overwrite:
-        raise DistillError(f"output {cfg.out} holds rows for {len(changed)} prompt id(s) whose prompt in {cfg.prompts} "
-                           f"has changed since (first: id {changed[0]!r}); restore the original prompts, or pass "
-                           f"--overwrite to start over, or choose another --out")
-    return bool(changed)
-
-
 def synthesize(cfg: SynthesizeConfig) -> Path:
     """Run (or resume) one synthesis; returns the dataset directory D.
 
@@ -274,25 +228,19 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
             return _synthesize(cfg, lock)
         except BaseException:
             if empty and _rank()[1] == 1:  # one process: nobody else can be writing into D
-                _remove_skeleton(out, created)
+                remove_skeleton(out, created)
             raise
 
 
-def _remove_skeleton(out: Path, created: bool) -> None:
-    """D was empty or absent when this run began: if it still holds no row, remove what the run
-    put there (and D itself if the run made it)."""
-    import shutil
+def _best_of_n(cfg: SynthesizeConfig, out: Path):
+    from distill.synthesize.best_of_n import BestOfN
 
-    try:
-        if not out.is_dir() or finished_rows(out):
-            return
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-            return
-        for p in out.iterdir():
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-    except (DistillError, OSError):  # a corrupt or unreadable shard: keep it for the user to see
-        pass
+    rule_rows = []
+    if cfg.judge == "rule":  # the rule judge reads the prompts' own constraints (the world's prompt rows)
+        from distill.synthesize.prompt_sets import open_rows
+
+        rule_rows = [r for r in open_rows(cfg.prompts) if isinstance(r, dict) and r.get("constraints")]
+    return BestOfN(cfg.n, cfg.seed, cfg.judge_settings(), out / "judgments.jsonl", rule_rows)
 
 
 def _synthesize(cfg: SynthesizeConfig, lock) -> Path:
@@ -313,21 +261,25 @@ def _synthesize(cfg: SynthesizeConfig, lock) -> Path:
     prompts = fit_prompts(prompts, tokenizer, pair.chat_template_kwargs,
                           [(cfg.expert, "expert"), (cfg.amateur, "amateur")], cfg.max_new_tokens, cfg.long_prompts,
                           prompt_set.stats)
-    out = _prepare_out(cfg, [p["id"] for p in prompts], {"pair": pair.as_dict(), "prompt_set": prompt_set.stats})
+    out = prepare_out(cfg, [p["id"] for p in prompts], {"pair": pair.as_dict(), "prompt_set": prompt_set.stats})
     fault_point("synthesize.prepared")
     done = finished_rows(out)
-    if _changed_prompts(done, prompts, cfg):
-        _discard_rows(out)
+    if changed_prompts(done, prompts, cfg):
+        discard_rows(out)
         done = {}
     writer = ShardWriter(shard_path(out, rank))
     todo = [p for p in prompts[rank::world] if p["id"] not in done]
     log.info("rank %d/%d: %d prompts, %d already done, %d to go", rank, world,
              len(prompts[rank::world]), len(prompts[rank::world]) - len(todo), len(todo))
     if todo:
+        bon = _best_of_n(cfg, out) if cfg.method == "best-of-n" else None  # a bad judge fails before models load
         expert, amateur = _load(cfg, local_rank, pair.vocab_size)
         by_id = {p["id"]: p for p in todo}
-        requests = [Request(p["id"], render_prompt(tokenizer, p["messages"], pair.chat_template_kwargs),
-                            derive_seed(cfg.seed, p["id"])) for p in todo]
+        if bon:
+            requests = bon.requests(todo, lambda p: render_prompt(tokenizer, p["messages"], pair.chat_template_kwargs))
+        else:
+            requests = [Request(p["id"], render_prompt(tokenizer, p["messages"], pair.chat_template_kwargs),
+                                derive_seed(cfg.seed, p["id"])) for p in todo]
         decoder = ContrastiveDecoder(
             expert, amateur, pair.vocab_size, pair.stop_ids,
             DecodingConfig(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -342,7 +294,13 @@ def _synthesize(cfg: SynthesizeConfig, lock) -> Path:
         start = time.perf_counter()
         bar = progress_bar(total=len(todo), desc=f"synthesize rank {rank}", unit="prompt", disable=not cfg.progress)
         try:
-            for i, result in enumerate(decoder.generate(requests), 1):
+            def text(r):
+                kept = r.tokens[:-1] if r.finish_reason == "stop" else r.tokens
+                return tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+            stream = (((r, {}) for r in decoder.generate(requests)) if bon is None else
+                      bon.pick(decoder.generate(requests), text, by_id, max(1, cfg.batch_size // cfg.n)))
+            for i, (result, more) in enumerate(stream, 1):
                 tokens = result.tokens[:-1] if result.finish_reason == "stop" else result.tokens
                 response = tokenizer.decode(tokens, skip_special_tokens=True).strip()
                 rep = repetition_rule(cfg.repetition_rule, cfg.repetition_ngram, cfg.repetition_threshold)(response)
@@ -354,7 +312,7 @@ def _synthesize(cfg: SynthesizeConfig, lock) -> Path:
                               "repetition": rep.score, "repetitive": rep.repetitive,
                               "repetition_rule": rep.rule,
                               **provenance, "engine": getattr(decoder, "engine_used", None),
-                              "row_seed": derive_seed(cfg.seed, p["id"]), **result.extra})
+                              "row_seed": derive_seed(cfg.seed, p["id"]), **result.extra, **more})  # more: best-of-n
                 fault_point("synthesize.row")
                 if i % cfg.batch_size == 0:
                     writer.sync()
@@ -364,6 +322,8 @@ def _synthesize(cfg: SynthesizeConfig, lock) -> Path:
         finally:
             bar.close()
             writer.close()
+            if bon:
+                bon.close()
     else:
         writer.close()
     with lock.critical():  # one merge at a time: the ranks of a launch may finish together
