@@ -53,12 +53,22 @@ def _pad_id(tokenizer) -> int:
 
 @torch.inference_mode()
 def generate_greedy(model, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: int, batch_size: int,
-                    desc: str = "generating") -> list[dict]:
-    """Greedy continuations: [{"text", "tokens", "finish_reason": "stop" | "length"}] in input order."""
+                    desc: str = "generating", order: Sequence[int] | None = None) -> list[dict]:
+    """Greedy continuations: [{"text", "tokens", "finish_reason": "stop" | "length"}] in input order.
+
+    `order` is the order in which the prompts are cut into batches (default: longest first, so
+    a batch wastes little padding); a caller whose results were measured with other batches
+    passes its own, since the batch a prompt shares can move a near-tie greedy token.
+    """
     stops = stop_token_ids(tokenizer, model)
     pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    if order is None:
+        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    else:
+        order = list(order)
+        if sorted(order) != list(range(len(prompt_ids))):
+            raise ValueError(f"order must be a permutation of range({len(prompt_ids)})")
     results: list[dict | None] = [None] * len(prompt_ids)
     n_batches = (len(order) + batch_size - 1) // batch_size
     for b in range(n_batches):
