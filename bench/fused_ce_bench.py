@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distill.io.models import torch_dtype  # noqa: E402
 from distill.train.fused import IGNORE_INDEX, linear_cross_entropy  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtype = torch_dtype(args.dtype)
     print(f"# {args.tokens} tokens, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}, {args.device}\n")
     print("| ignored rows | plain ms | fused ms | fused, compiled chunk ms | speed-up (compiled) "
           "| plain peak GiB | fused peak GiB | fused, compiled peak GiB | max rel. grad diff |")

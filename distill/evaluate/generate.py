@@ -11,24 +11,18 @@ from typing import Sequence
 
 import torch
 
-from distill import DistillError
 from distill.io.models import stop_token_ids
 
 log = logging.getLogger(__name__)
 
 
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
-    """Defaults: CUDA when present; `distill.io.models.default_dtype` (bfloat16 on CUDA, float32 on CPU)."""
-    from distill.io.models import default_dtype
+    """Defaults: CUDA when present; the dtype by `distill.io.models.torch_dtype` (None / auto:
+    bfloat16 on CUDA, float32 on CPU)."""
+    from distill.io.models import torch_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype in (None, "auto"):
-        return device, default_dtype(device)
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise DistillError(f"unknown dtype {dtype!r}; use one of {', '.join(names)} or auto")
-    return device, names[dtype]
+    return device, torch_dtype(dtype, device)
 
 
 def render_prompt(tokenizer, instruction: str) -> tuple[str, bool]:
