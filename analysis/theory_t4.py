@@ -17,11 +17,11 @@ applies); beta = 1 is CoDIT.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
+from distill.io.files import read_jsonl
 from distill.theory.tables import write_table
 
 try:  # imported as analysis.theory_t4
@@ -56,7 +56,7 @@ def run_t4(base, post, target, prompts, out, work, points: list[tuple[float, flo
                                     method="codit",
                                     alpha=alpha, beta=beta, max_new_tokens=max_new_tokens, limit=limit, seed=seed,
                                     batch_size=64, progress=False))
-        synth_rows = [json.loads(x) for x in (data / "data" / "train.jsonl").read_text().splitlines() if x.strip()]
+        synth_rows = read_jsonl(data / "data" / "train.jsonl", "synthesized data")
         model = work / "models" / tag
         if not (model / "config.json").exists():
             train(TrainConfig(model=str(target), data=str(data), out=str(model), deepspeed=None,

@@ -278,8 +278,10 @@ def worker_cpu_trl(args):
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from distill.io.files import read_jsonl
+
     work = Path(args.workdir)
-    rows = [json.loads(line) for line in (work / "data.jsonl").read_text().splitlines()]
+    rows = read_jsonl(work / "data.jsonl", "training data")
     ds = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": r["instruction"]},
                                                    {"role": "assistant", "content": r["response"]}]}
                                      for r in rows])

@@ -14,7 +14,6 @@ correlation no tuning is needed for. CLI and figure: analysis/theory_t3.py; as a
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -52,9 +51,10 @@ def fixed_pairs(texts, n: int, seed: int = 0) -> list[tuple[list[dict], str]]:
             pairs += [(_messages(r), _response(r)) for r in rows[: n // len(texts)]]
         random.Random(seed).shuffle(pairs)
         return pairs
+    from distill.io.files import read_jsonl
     from distill.synthesize.records import load_prompts
 
-    raw = [json.loads(x) for x in Path(texts).read_text(encoding="utf-8").splitlines() if x.strip()]
+    raw = read_jsonl(texts, "texts")
     prompts = load_prompts(texts)  # validates instruction / messages, drops a final assistant turn
     pairs = [(p["messages"], _response(r)) for p, r in zip(prompts, raw) if _response(r).strip()]
     return pairs[:n]
