@@ -34,9 +34,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 
 # -- building the checkpoints ---------------------------------------------------------------
 

@@ -14,17 +14,13 @@ CUDA, the peak memory above the inputs; checks that loss and gradients agree.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from distill.io.models import torch_dtype  # noqa: E402
-from distill.train.fused import IGNORE_INDEX, linear_cross_entropy  # noqa: E402
+from distill.io.models import torch_dtype
+from distill.train.fused import IGNORE_INDEX, linear_cross_entropy
 
 
 def plain(h, w, y):

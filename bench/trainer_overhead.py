@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def main(argv=None):
@@ -37,12 +33,12 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
-    from tiny import make_model, make_tokenizer
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     from distill.io.models import torch_dtype
     from distill.train.run import TrainConfig, train
-    from train_workers import ZERO2_LEVERS, _zero2_variant
+    from distill.world.stand_ins import make_model, make_tokenizer
+    from train_workers import ZERO2_LEVERS, _zero2_variant  # bench/, beside this script
 
     torch.set_num_threads(1)
 
