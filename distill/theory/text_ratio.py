@@ -8,7 +8,7 @@ prompt format). Tokenizers differ, texts do not. The claim predicts a higher cor
 CoDIT-tuned targets than for direct-tuned ones. Each score is also divided by the response's
 word count (per-word log-ratio), so long responses do not drive the correlation by length alone.
 A control row, the target base's own surprise −log p_target_base(y), says how much of the
-correlation no tuning is needed for. CLI and figure: analysis/theory_t3.py; as a recipe stage:
+correlation no tuning is needed for. CLI and figure: analysis/theory/t3_text_correlation.py; as a recipe stage:
 `theory.t3` (stage theory-t3).
 """
 
