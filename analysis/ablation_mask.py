@@ -22,10 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from distill import DistillError  # noqa: E402
-from distill.recipe.compare import ROW_LABELS, compare, pool_run_dirs  # noqa: E402
+from distill import DistillError
+from distill.recipe.compare import ROW_LABELS, compare, pool_run_dirs
 
 ROW = "direct-masked"
 

@@ -14,16 +14,16 @@ echo "zoo: $ZOO"
 METHODS="synthesis.methods=[codit, direct, direct-masked]"
 $PY -m distill.cli run recipes/tiny.yaml --set run_dir="$RUN" --set "$METHODS"
 $PY analysis/compare_transfer.py --run-dir "$RUN" --out "$OUT/compare" --title "Tiny world: transfer of instruction following"
-$PY analysis/theory.py t1 --zoo "$ZOO" --out "$OUT/theory" --prompts 48 --max-new-tokens 64
-$PY analysis/theory.py t3 --zoo "$ZOO" --run-dir "$RUN" --out "$OUT/theory" --pairs 128
-$PY analysis/theory.py t2 --zoo "$ZOO" --run-dir "$RUN" --out "$OUT/theory" --work "$RUN/theory-t2" --epochs 3
-$PY analysis/theory.py t4 --zoo "$ZOO" --out "$OUT/theory" --work "$RUN/theory-t4" \
+$PY analysis/theory t1 --zoo "$ZOO" --out "$OUT/theory" --prompts 48 --max-new-tokens 64
+$PY analysis/theory t3 --zoo "$ZOO" --run-dir "$RUN" --out "$OUT/theory" --pairs 128
+$PY analysis/theory t2 --zoo "$ZOO" --run-dir "$RUN" --out "$OUT/theory" --work "$RUN/theory-t2" --epochs 3
+$PY analysis/theory t4 --zoo "$ZOO" --out "$OUT/theory" --work "$RUN/theory-t4" \
     --betas 0,0.5,1,1.5 --alphas 0.1 --limit 150 --epochs 8 --eval-limit 100
 $PY -m distill.cli run recipes/tiny.yaml --set run_dir="$RUN-synth1" --set synthesis.seed=1 --set "$METHODS"
 $PY analysis/ablation_mask.py --run-dir "$RUN" --run-dir "$RUN-synth1" --out "$OUT/ablation_mask"
 # T2's spread: two more training seeds on the first draw, three on the second (about 20 s each)
 for spec in "$RUN:1" "$RUN:2" "$RUN-synth1:0" "$RUN-synth1:1" "$RUN-synth1:2"; do
     run=${spec%:*}; seed=${spec##*:}
-    $PY analysis/theory.py t2 --zoo "$ZOO" --run-dir "$run" --out "$OUT/theory/t2_seeds/$(basename "$run")-seed$seed" \
+    $PY analysis/theory t2 --zoo "$ZOO" --run-dir "$run" --out "$OUT/theory/t2_seeds/$(basename "$run")-seed$seed" \
         --work "$run/theory-t2-seed$seed" --epochs 3 --seed "$seed"
 done

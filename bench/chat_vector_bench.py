@@ -34,9 +34,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 
 # -- building the checkpoints ---------------------------------------------------------------
 
@@ -45,13 +42,14 @@ def build(args, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, MistralConfig
 
     from distill.io.checkpoints import ShardedWriter
+    from distill.io.models import torch_dtype
 
     cfg = MistralConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
                         tie_word_embeddings=False, dtype=args.dtype, architectures=["MistralForCausalLM"])
     with torch.device("meta"):  # the real tensor names and shapes, no memory
         shapes = {n: tuple(t.shape) for n, t in AutoModelForCausalLM.from_config(cfg).state_dict().items()}
-    dtype = getattr(torch, args.dtype)
+    dtype = torch_dtype(args.dtype)
     gen = torch.Generator().manual_seed(0)
     dirs = {k: work / k for k in ("base", "post", "cp")}
     if all((d / "config.json").exists() for d in dirs.values()):
@@ -175,6 +173,7 @@ def main() -> None:
     p.add_argument("--naive", nargs="+", metavar="ARG", help=argparse.SUPPRESS)  # child-process entry
     args = p.parse_args()
     from distill.io.checkpoints import parse_size
+    from distill.io.models import torch_dtype
 
     if args.naive:
         return naive(args.naive[0], args.naive[1:], args.scale, args.device)
@@ -219,7 +218,7 @@ def main() -> None:
                 f"  - model: {d['post']}\n    parameters:\n      weight: {args.scale}\n")
             mk = [args.mergekit, cfg, outs["mk_merged"], "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
                   "--lazy-unpickle", "--out-shard-size",
-                  str(parse_size(args.shard_size) // torch.empty((), dtype=getattr(torch, args.dtype)).element_size())]
+                  str(parse_size(args.shard_size) // torch.empty((), dtype=torch_dtype(args.dtype)).element_size())]
             mk += ["--cuda"] if args.device.startswith("cuda") else []
             floors["mergekit"] = measure([args.mergekit, "--help"], "mergekit start-up")
             runs["mergekit task_arithmetic"] = (mk, outs["mk_merged"])

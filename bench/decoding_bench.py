@@ -33,18 +33,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from distill.decoding.engine import ContrastiveDecoder, DecodingConfig, Request  # noqa: E402
-from distill.decoding.step import contrastive_scores  # noqa: E402
-from distill.decoding.eager import _cache_kwarg  # noqa: E402
+from distill.decoding.engine import ContrastiveDecoder, DecodingConfig, Request
+from distill.decoding.step import contrastive_scores
+from distill.decoding.eager import _cache_kwarg
 
 # The published configs' shapes and quirks (hard-coded: nothing is downloaded), random-initialised.
 _LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,

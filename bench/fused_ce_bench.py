@@ -14,16 +14,13 @@ CUDA, the peak memory above the inputs; checks that loss and gradients agree.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from distill.train.fused import IGNORE_INDEX, linear_cross_entropy  # noqa: E402
+from distill.io.models import torch_dtype
+from distill.train.fused import IGNORE_INDEX, linear_cross_entropy
 
 
 def plain(h, w, y):
@@ -65,7 +62,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtype = torch_dtype(args.dtype)
     print(f"# {args.tokens} tokens, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}, {args.device}\n")
     print("| ignored rows | plain ms | fused ms | fused, compiled chunk ms | speed-up (compiled) "
           "| plain peak GiB | fused peak GiB | fused, compiled peak GiB | max rel. grad diff |")

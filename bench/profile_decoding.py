@@ -11,19 +11,14 @@ launches: not what the engine pays); then prints the profiler's top CUDA kernels
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from decoding_bench import build_model  # noqa: E402
-from distill.decoding.engine import DecodingConfig  # noqa: E402
-from distill.decoding.step import next_token  # noqa: E402
-from distill.decoding.fast import FastPair  # noqa: E402
+from decoding_bench import build_model  # bench/, beside this script
+from distill.decoding.engine import DecodingConfig
+from distill.decoding.step import next_token
+from distill.decoding.fast import FastPair
 
 
 def sync():

@@ -56,7 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from train_workers import (H100_BF16_FLOPS, ROOT, ZERO2_LEVERS, _model_shape, flops_per_token, prepare_cpu,
+from train_workers import (H100_BF16_FLOPS, ZERO2_LEVERS, _model_shape, flops_per_token, prepare_cpu,
                            worker_cpu_distill, worker_cpu_trl, worker_distill, worker_manual)
 
 
@@ -74,8 +74,7 @@ def run_worker(python, name, args, extra_env=None, timeout=600, log=None):
            "--grad-accum", accum or "1",
            "--seq-len", str(args.seq_len), "--workdir", str(args.workdir)] + (["--grad-ckpt"] if args.grad_ckpt else []) \
         + (["--profile", str(Path(args.profile).resolve())] if getattr(args, "profile", None) else [])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               **(extra_env or {}))
+    env = dict(os.environ, **(extra_env or {}))  # the child imports the installed package, as this process does
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

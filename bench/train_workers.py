@@ -17,7 +17,6 @@ from pathlib import Path
 from train_timing import (CompileWatch, durations, mark, no_last_checkpoint_callback, peak, profile_callback,
                           profiled, reset_peak, sync, timer_callback, timing)
 
-ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_FLOPS = 989e12
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, intermediate_size=8960, tie_word_embeddings=True,
@@ -222,10 +221,9 @@ def _zero2_variant(tmp: Path, levers) -> str:
 
 
 def _tokenizer(chatml: bool):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import make_tokenizer
-
     from distill.train import data as td
+    from distill.world.stand_ins import make_tokenizer
+
     tok = make_tokenizer(chat_template=None, vocab_size=250)
     if chatml:
         td.ensure_chat_template(tok)
@@ -278,8 +276,10 @@ def worker_cpu_trl(args):
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from distill.io.files import read_jsonl
+
     work = Path(args.workdir)
-    rows = [json.loads(line) for line in (work / "data.jsonl").read_text().splitlines()]
+    rows = read_jsonl(work / "data.jsonl", "training data")
     ds = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": r["instruction"]},
                                                    {"role": "assistant", "content": r["response"]}]}
                                      for r in rows])

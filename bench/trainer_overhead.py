@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def main(argv=None):
@@ -37,11 +33,12 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
-    from tiny import make_model, make_tokenizer
     from transformers import AutoModelForCausalLM, TrainerCallback
 
+    from distill.io.models import torch_dtype
     from distill.train.run import TrainConfig, train
-    from train_workers import ZERO2_LEVERS, _zero2_variant
+    from distill.world.stand_ins import make_model, make_tokenizer
+    from train_workers import ZERO2_LEVERS, _zero2_variant  # bench/, beside this script
 
     torch.set_num_threads(1)
 
@@ -73,8 +70,7 @@ def main(argv=None):
                           max_steps=60, batch_size=2, max_length=64, eval_fraction=0.0, save_steps=10_000,
                           logging_steps=1_000, precision=args.precision), callbacks=[times])
         print(f"| distill train, deepspeed {name} | {(times.at[60] - times.at[20]) / 40 * 1e3:.1f} |", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(work / "target", dtype=getattr(torch, {"fp32": "float32"}.get(
-        args.precision, "bfloat16")))
+    model = AutoModelForCausalLM.from_pretrained(work / "target", dtype=torch_dtype(args.precision))
     opt = torch.optim.AdamW(model.parameters())
     ids = torch.randint(0, 100, (2, 40))
     for i in range(60):

@@ -14,10 +14,10 @@ ROOT = Path(__file__).parents[1]
 if str(ROOT) not in sys.path:  # `analysis` is a directory of the checkout, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from analysis import theory_t1, theory_t2, theory_t3, theory_t4  # noqa: E402
+from analysis.theory import t1_linearisation, t2_alignment, t3_text_correlation, t4_sweeps  # noqa: E402
 from distill.theory.stats import spearman  # noqa: E402
 from distill.theory.linearise import chat_vector, logits_and_jvp, measure, position_metrics  # noqa: E402
-from analysis.theory_t2 import delta_alignment, group_of, same_prompts  # noqa: E402
+from analysis.theory.t2_alignment import delta_alignment, group_of, same_prompts  # noqa: E402
 from tiny import make_model, make_tokenizer  # noqa: E402
 
 SMALL = dict(vocab_size=64, hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32)
@@ -122,7 +122,7 @@ def _small_pair(zoo: Path, scale: float = 0.02):
 def test_t1_run_on_a_small_chat_vector(tmp_path):
     """A post model that is base + a small Δ: the first-order picture must hold (cosine near 1)."""
     zoo = _small_pair(tmp_path / "zoo")
-    res = theory_t1.run_t1(zoo / "source-base", zoo / "source-post", zoo / "prompts" / "eval.jsonl",
+    res = t1_linearisation.run_t1(zoo / "source-base", zoo / "source-post", zoo / "prompts" / "eval.jsonl",
                            tmp_path / "out", limit=3, max_new_tokens=6, batch_size=2, chunk_tokens=4)
     table = {r["key"]: r for r in res["table"]}
     assert table["cos"]["mean"] > 0.95 and table["kl_codit_lin"]["mean"] < 0.05
@@ -159,8 +159,8 @@ def test_t1_explicit_models_give_the_zoo_numbers(tmp_path, one_thread):
         json.dumps({"messages": [{"role": "user", "content": json.loads(x)["instruction"]}]}) + "\n"
         for x in (zoo / "prompts" / "eval.jsonl").read_text().splitlines()))
     common = ["--max-new-tokens", "5", "--batch-size", "2", "--chunk-tokens", "4", "--lambdas", "0.5"]
-    assert theory_t1.main(["--zoo", str(zoo), "--out", str(tmp_path / "a"), "--prompts", "2", *common]) == 0
-    assert theory_t1.main(["--base", str(elsewhere / "b"), "--post", str(elsewhere / "p"), "--prompts",
+    assert t1_linearisation.main(["--zoo", str(zoo), "--out", str(tmp_path / "a"), "--prompts", "2", *common]) == 0
+    assert t1_linearisation.main(["--base", str(elsewhere / "b"), "--post", str(elsewhere / "p"), "--prompts",
                            str(elsewhere / "prompts.jsonl"), "--limit", "2", "--out", str(tmp_path / "b"),
                            *common]) == 0
     a, b = (json.loads((tmp_path / d / "t1_linearisation.json").read_text())["rows"] for d in "ab")
@@ -168,12 +168,28 @@ def test_t1_explicit_models_give_the_zoo_numbers(tmp_path, one_thread):
 
 
 def test_scripts_say_what_they_need(capsys):
-    for module in (theory_t1, theory_t2, theory_t3, theory_t4):
+    for module in (t1_linearisation, t2_alignment, t3_text_correlation, t4_sweeps):
         with pytest.raises(SystemExit) as exc:
             module.main([])
         assert exc.value.code == 2
         assert "give --zoo ZOO (a world directory) or the explicit inputs; missing: --base --post" in \
             capsys.readouterr().err
+
+
+def test_scripts_run_as_files_from_the_checkout():
+    """`python analysis/theory/<experiment>.py`, `python analysis/theory tN` and `python -m
+    analysis.theory tN` from the repository root: the installed package, no sys.path edits."""
+    import subprocess
+
+    runs = [[f"analysis/theory/{m}.py", "--help"] for m in ("t1_linearisation", "t2_alignment",
+                                                            "t3_text_correlation", "t4_sweeps")]
+    runs += [["analysis/theory", "t2", "--help"], ["-m", "analysis.theory", "t4", "--help"],
+             ["analysis/ablation_mask.py", "--help"]]
+    for args in runs:
+        out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0 and "usage:" in out.stdout, (args, out.stderr[-2000:])
+    assert "give --zoo ZOO" in subprocess.run([sys.executable, "analysis/theory", "t3"], cwd=ROOT,
+                                              capture_output=True, text=True).stderr
 
 
 def test_delta_alignment_per_layer(tmp_path):
@@ -259,10 +275,10 @@ def _models(run: Path, *names) -> list[str]:
 
 
 def test_t3_explicit_models_give_the_zoo_numbers(micro_zoo, micro_run, tmp_path, one_thread):
-    assert theory_t3.main(["--zoo", str(micro_zoo), "--run-dir", str(micro_run), "--out", str(tmp_path / "a"),
+    assert t3_text_correlation.main(["--zoo", str(micro_zoo), "--run-dir", str(micro_run), "--out", str(tmp_path / "a"),
                            "--pairs", "12"]) == 0
     m = micro_run / "models"
-    assert theory_t3.main([*_models(micro_run, "source_base", "source_post", "target_base"),
+    assert t3_text_correlation.main([*_models(micro_run, "source_base", "source_post", "target_base"),
                            "--texts", f"codit={micro_run / 'data' / 'codit'}",
                            "--texts", f"direct={micro_run / 'data' / 'direct' / 'data' / 'train.jsonl'}",
                            "--tuned", f"codit={m / 'codit-seed0'},{m / 'codit-seed1'}",
@@ -277,15 +293,15 @@ def test_t3_pairs_file_takes_instructions_or_conversations(tmp_path):
     f = tmp_path / "pairs.jsonl"
     f.write_text(json.dumps({"instruction": "Say hi.", "response": "hi"}) + "\n" + json.dumps(
         {"messages": [{"role": "user", "content": "Say yo."}, {"role": "assistant", "content": "yo"}]}) + "\n")
-    pairs = theory_t3.fixed_pairs(f, n=8)
+    pairs = t3_text_correlation.fixed_pairs(f, n=8)
     assert pairs == [([{"role": "user", "content": "Say hi."}], "hi"), ([{"role": "user", "content": "Say yo."}], "yo")]
 
 
 def test_t2_explicit_models_give_the_zoo_numbers(micro_zoo, micro_run, tmp_path, one_thread):
     common = ["--epochs", "1", "--limit", "4", "--eval-limit", "4", "--max-new-tokens", "4", "--batch-size", "4"]
-    assert theory_t2.main(["--zoo", str(micro_zoo), "--run-dir", str(micro_run), "--out", str(tmp_path / "a"),
+    assert t2_alignment.main(["--zoo", str(micro_zoo), "--run-dir", str(micro_run), "--out", str(tmp_path / "a"),
                            *common]) == 0
-    assert theory_t2.main([*_models(micro_run, "source_base", "source_post"),
+    assert t2_alignment.main([*_models(micro_run, "source_base", "source_post"),
                            "--prompts", str(micro_run / "explicit" / "prompts_eval.jsonl"),
                            "--codit", str(micro_run / "data" / "codit"), "--direct", str(micro_run / "data" / "direct"),
                            "--out", str(tmp_path / "b"), *common]) == 0
@@ -296,9 +312,9 @@ def test_t2_explicit_models_give_the_zoo_numbers(micro_zoo, micro_run, tmp_path,
 def test_t4_explicit_models_give_the_zoo_numbers(micro_zoo, micro_run, tmp_path, one_thread):
     common = ["--betas", "1", "--alphas", "", "--limit", "4", "--epochs", "1", "--eval-limit", "4",
               "--max-new-tokens", "4", "--batch-size", "4"]
-    assert theory_t4.main(["--zoo", str(micro_zoo), "--out", str(tmp_path / "a"), *common]) == 0
+    assert t4_sweeps.main(["--zoo", str(micro_zoo), "--out", str(tmp_path / "a"), *common]) == 0
     e = micro_run / "explicit"
-    assert theory_t4.main([*_models(micro_run, "source_base", "source_post", "target_base"),
+    assert t4_sweeps.main([*_models(micro_run, "source_base", "source_post", "target_base"),
                            "--prompts", str(e / "prompts_synthesis.jsonl"),
                            "--eval-prompts", str(e / "prompts_eval.jsonl"),
                            "--questions", str(e / "knowledge_questions.jsonl"), "--out", str(tmp_path / "b"),

@@ -177,3 +177,23 @@ def test_writer_accepts_row_chunks_from_threads(tmp_path):
         with pytest.raises(DistillError, match="rows 30..40"):
             w.write("t", t[:10], 30)
         w.write("t", t)
+
+
+def test_one_dtype_parser():
+    from distill.evaluate.generate import resolve_device_dtype
+    from distill.io.checkpoints import dtype_from_name
+    from distill.io.models import default_dtype, torch_dtype
+
+    for names, dtype in ((("float32", "fp32", "FLOAT", "float"), torch.float32),
+                         (("bfloat16", "bf16", "BF16"), torch.bfloat16),
+                         (("float16", "fp16", "half"), torch.float16)):
+        for name in names:
+            assert torch_dtype(name) == dtype == dtype_from_name(name) == resolve_device_dtype("cpu", name)[1]
+    assert torch_dtype(torch.bfloat16) == torch.bfloat16
+    assert torch_dtype(None, "cpu") == torch_dtype("auto", "cpu") == default_dtype("cpu") == torch.float32
+    assert dtype_from_name(None) is None
+    for bad in ("int8", "nope", "bool"):
+        with pytest.raises(DistillError, match="unknown floating-point dtype"):
+            torch_dtype(bad)
+    with pytest.raises(DistillError, match="use float32, bfloat16 or float16$"):
+        dtype_from_name("auto")  # a storage dtype: "auto" is the chat-vector config's to resolve

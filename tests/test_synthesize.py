@@ -340,3 +340,21 @@ def test_a_sharegpt_set_with_drops_and_duplicates_is_counted_in_the_card(zoo, tm
     assert "1 as duplicates of an earlier prompt" in card
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["prompt_set"]["dropped_duplicate"] == 1 and prov["prompt_set"]["kept"] == 2
+
+
+def test_shard_reader_ignores_a_torn_tail_and_names_a_corrupt_line(tmp_path):
+    from distill.io.files import read_jsonl
+    from distill.synthesize.records import read_shard
+
+    shard = tmp_path / "rank-00000.jsonl"
+    shard.write_text('{"id": "a"}\n\n{"id": "b", "text": "x\u2028y"}\n{"id": "c", "te')
+    assert [r["id"] for r in read_shard(shard, repair=False)] == ["a", "b"]
+    assert shard.read_text().endswith('"te')  # not repaired
+    assert [r["id"] for r in read_shard(shard, repair=True)] == ["a", "b"]
+    assert shard.read_text().endswith('"x\u2028y"}\n')  # cut after the last whole line
+    assert read_jsonl(shard, limit=1) == [{"id": "a"}]
+    shard.write_text('{"id": "a"}\n{"id": \n')
+    with pytest.raises(DistillError, match=r"shard .*rank-00000.jsonl line 2 is corrupt \(.*\); delete that line"):
+        read_shard(shard, repair=False)
+    with pytest.raises(DistillError, match=r"file .*rank-00000.jsonl line 2 is not valid JSON \(.*\); fix or remove it"):
+        read_jsonl(shard)

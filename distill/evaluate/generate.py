@@ -11,24 +11,18 @@ from typing import Sequence
 
 import torch
 
-from distill import DistillError
 from distill.io.models import stop_token_ids
 
 log = logging.getLogger(__name__)
 
 
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
-    """Defaults: CUDA when present; `distill.io.models.default_dtype` (bfloat16 on CUDA, float32 on CPU)."""
-    from distill.io.models import default_dtype
+    """Defaults: CUDA when present; the dtype by `distill.io.models.torch_dtype` (None / auto:
+    bfloat16 on CUDA, float32 on CPU)."""
+    from distill.io.models import torch_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype in (None, "auto"):
-        return device, default_dtype(device)
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise DistillError(f"unknown dtype {dtype!r}; use one of {', '.join(names)} or auto")
-    return device, names[dtype]
+    return device, torch_dtype(dtype, device)
 
 
 def render_prompt(tokenizer, instruction: str) -> tuple[str, bool]:
@@ -53,12 +47,22 @@ def _pad_id(tokenizer) -> int:
 
 @torch.inference_mode()
 def generate_greedy(model, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: int, batch_size: int,
-                    desc: str = "generating") -> list[dict]:
-    """Greedy continuations: [{"text", "tokens", "finish_reason": "stop" | "length"}] in input order."""
+                    desc: str = "generating", order: Sequence[int] | None = None) -> list[dict]:
+    """Greedy continuations: [{"text", "tokens", "finish_reason": "stop" | "length"}] in input order.
+
+    `order` is the order in which the prompts are cut into batches (default: longest first, so
+    a batch wastes little padding); a caller whose results were measured with other batches
+    passes its own, since the batch a prompt shares can move a near-tie greedy token.
+    """
     stops = stop_token_ids(tokenizer, model)
     pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    if order is None:
+        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    else:
+        order = list(order)
+        if sorted(order) != list(range(len(prompt_ids))):
+            raise ValueError(f"order must be a permutation of range({len(prompt_ids)})")
     results: list[dict | None] = [None] * len(prompt_ids)
     n_batches = (len(order) + batch_size - 1) // batch_size
     for b in range(n_batches):

@@ -67,16 +67,19 @@ def parse_size(size: int | str) -> int:
 
 
 def dtype_from_name(name: str | torch.dtype | None) -> torch.dtype | None:
-    """'bfloat16' / 'bf16' / torch.bfloat16 -> torch.bfloat16; None stays None."""
+    """'bfloat16' / 'bf16' / torch.bfloat16 -> torch.bfloat16; None stays None. A storage dtype,
+    so "auto" (which `distill.io.models.torch_dtype` reads as the device default) is refused;
+    the names are `torch_dtype`'s."""
+    from distill.io.models import torch_dtype
+
     if name is None or isinstance(name, torch.dtype):
         return name
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-               "float": "float32", "fp64": "float64", "double": "float64"}
-    key = aliases.get(str(name).lower(), str(name).lower())
-    dtype = getattr(torch, key, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    if str(name).lower() == "auto":
         raise DistillError(f"unknown floating-point dtype '{name}': use float32, bfloat16 or float16")
-    return dtype
+    try:
+        return torch_dtype(name)
+    except DistillError:
+        raise DistillError(f"unknown floating-point dtype '{name}': use float32, bfloat16 or float16") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

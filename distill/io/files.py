@@ -213,14 +213,37 @@ def fault_point(name: str) -> None:
             os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
 
 
-def iter_jsonl(path: str | os.PathLike, what: str = "file"):
-    """(line number, row) for each non-blank line; invalid JSON is an error naming the line."""
+INVALID_JSONL = "{what} {path} line {n} is not valid JSON ({msg}); fix or remove it"
+
+
+def iter_jsonl(path: str | os.PathLike, what: str = "file", *, invalid: str = INVALID_JSONL,
+               skip_torn_tail: bool = False):
+    """(line number, row) for each non-blank line; invalid JSON is an error naming the line.
+
+    The one JSONL reader of the package (`read_jsonl` is its list form). `invalid` is that
+    error's text, a format string of {what}, {path}, {n} (the line) and {msg} (the parser's
+    reason), for a caller whose fix is another one; `skip_torn_tail` ignores a last line
+    without its newline (a write cut short: see `distill.synthesize.records.read_shard`).
+    """
     path = Path(path)
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
+            if skip_torn_tail and not line.endswith("\n"):
+                return
             if not line.strip():
                 continue
             try:
                 yield n, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DistillError(f"{what} {path} line {n} is not valid JSON ({exc.msg}); fix or remove it") from None
+                raise DistillError(invalid.format(what=what, path=path, n=n, msg=exc.msg)) from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "file", limit: int | None = None, **kwargs) -> list:
+    """The rows of a JSONL file in order (the first `limit` when given), by `iter_jsonl`, whose
+    keyword arguments it passes on; a caller that names lines in its own messages iterates that."""
+    rows = []
+    for _, row in iter_jsonl(path, what, **kwargs):
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    return rows

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from distill import DistillError
-from distill.io.files import atomic_write_json, atomic_write_text, iter_jsonl
+from distill.io.files import atomic_write_json, atomic_write_text, read_jsonl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,21 +57,14 @@ def read_shard(path: Path, repair: bool) -> list[dict]:
     """Rows of one shard. A torn last line (a crash mid-write) is ignored, and cut off when `repair`."""
     if not path.exists():
         return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data) and repair:
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    rows = []
-    for n, line in enumerate(data[:end].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DistillError(f"shard {path} line {n} is corrupt ({exc.msg}); delete that line and rerun to "
-                               f"regenerate it") from exc
-    return rows
+    if repair:
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with open(path, "r+b") as f:
+                f.truncate(end)
+    return read_jsonl(path, "shard", skip_torn_tail=True,
+                      invalid="shard {path} line {n} is corrupt ({msg}); delete that line and rerun to regenerate it")
 
 
 def finished_rows(out: Path) -> dict[str, dict]:

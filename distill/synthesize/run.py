@@ -195,14 +195,14 @@ def _load(cfg: SynthesizeConfig, local_rank: int, vocab: int):
     import torch
 
     from distill.decoding.engine import check_embedding_rows
-    from distill.io.models import default_dtype, load_causal_lm
+    from distill.io.models import load_causal_lm, torch_dtype
 
     device = cfg.device
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)  # one GPU per rank; CUDA graphs capture on the current device
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else default_dtype(device)
+    dtype = torch_dtype(cfg.dtype, device)
     expert = load_causal_lm(cfg.expert, dtype, device, cfg.trust_remote_code, what="expert")
     check_embedding_rows(expert, vocab, f"expert {cfg.expert}")
     amateur = None

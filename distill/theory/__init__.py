@@ -7,10 +7,11 @@
     distill.theory.inputs      the source pair, models, prompts, datasets, response log-probs
     distill.theory.stats       mean, std, Pearson, Spearman
     distill.theory.tables      <name>.md / .csv / .json tables
+    distill.theory.commandline the experiments' shared arguments (--zoo, models, --dtype) and figures
 
-`run_t1` and `run_t3` write tables only; analysis/theory_t1.py and analysis/theory_t3.py are
-their command lines and draw the figures; `distill run` runs them as the recipe stages
-theory-t1 and theory-t3 (recipe section `theory`). T2 and T4 (training sweeps) stay in analysis/.
+`run_t1` and `run_t3` write tables only; analysis/theory/t1_linearisation.py and
+analysis/theory/t3_text_correlation.py are their command lines and draw the figures; `distill run`
+runs them as the recipe stages theory-t1 and theory-t3 (recipe section `theory`). T2 and T4 (training sweeps) stay in analysis/.
 """
 
 from __future__ import annotations

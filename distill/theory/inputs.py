@@ -3,7 +3,6 @@ log-probability of a fixed response under a model (T1 and T3 share these; so do 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from distill import DistillError
@@ -72,11 +71,13 @@ def response_logprobs(model, tokenizer, messages: list[list[dict]], responses: l
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
+    """`distill.io.files.read_jsonl` with the theory's fix for a missing file."""
+    from distill.io.files import read_jsonl as _read_jsonl
+
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"{path} not found; build the world with `distill zoo build --preset tiny` or pass the path")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return rows[:limit] if limit else rows
+    return _read_jsonl(path, limit=limit)
 
 
 def dataset_rows(data: str | Path) -> list[dict]:

@@ -11,7 +11,7 @@ cosine and Spearman correlation over the vocabulary between d = lp_post − lp_b
 centred); the relative error of the first-order prediction ‖d − P·J·Δ‖/‖d‖; KL(CoDIT ‖
 softmax(J·Δ)) on the plausible set, next to KL(CoDIT ‖ direct) and KL(CoDIT ‖ uniform) for
 scale; how often the greedy CoDIT token equals the argmax of J·Δ; and, along θ_base + λΔ,
-where the first-order picture stops holding. CLI and figure: analysis/theory_t1.py; as a
+where the first-order picture stops holding. CLI and figure: analysis/theory/t1_linearisation.py; as a
 recipe stage: `theory.t1` (stage theory-t1).
 
 Memory (chunked, the default). The transformer body runs once per batch of rows, in forward

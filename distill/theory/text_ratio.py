@@ -8,13 +8,12 @@ prompt format). Tokenizers differ, texts do not. The claim predicts a higher cor
 CoDIT-tuned targets than for direct-tuned ones. Each score is also divided by the response's
 word count (per-word log-ratio), so long responses do not drive the correlation by length alone.
 A control row, the target base's own surprise −log p_target_base(y), says how much of the
-correlation no tuning is needed for. CLI and figure: analysis/theory_t3.py; as a recipe stage:
+correlation no tuning is needed for. CLI and figure: analysis/theory/t3_text_correlation.py; as a recipe stage:
 `theory.t3` (stage theory-t3).
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -52,9 +51,10 @@ def fixed_pairs(texts, n: int, seed: int = 0) -> list[tuple[list[dict], str]]:
             pairs += [(_messages(r), _response(r)) for r in rows[: n // len(texts)]]
         random.Random(seed).shuffle(pairs)
         return pairs
+    from distill.io.files import read_jsonl
     from distill.synthesize.records import load_prompts
 
-    raw = [json.loads(x) for x in Path(texts).read_text(encoding="utf-8").splitlines() if x.strip()]
+    raw = read_jsonl(texts, "texts")
     prompts = load_prompts(texts)  # validates instruction / messages, drops a final assistant turn
     pairs = [(p["messages"], _response(r)) for p, r in zip(prompts, raw) if _response(r).strip()]
     return pairs[:n]

@@ -10,6 +10,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+# The one answer rule of the project (whole word, case- and space-insensitive): the zoo's quality
+# table and `distill evaluate` credit the same continuations. Re-exported for the world's callers.
+from distill.evaluate.metrics import answer_matches  # noqa: F401 (re-exported)
+
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "br", "dr", "kr", "st", "vel"]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "or", "an"]
 ENDINGS = ["ia", "or", "ar", "en", "ith", "os", "und", "el"]
@@ -150,9 +154,3 @@ def question_rows(facts: list[Fact]) -> list[dict]:
             "question": RELATIONS[f.relation][1][0].format(e=f.entity),
         })
     return rows
-
-
-def answer_matches(completion: str, answer: str) -> bool:
-    """The completion starts with the answer as a whole word ('Velmor.' matches 'Velmor')."""
-    text = completion.strip()
-    return text.lower().startswith(answer.lower()) and not text[len(answer):len(answer) + 1].isalnum()

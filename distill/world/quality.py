@@ -3,34 +3,24 @@ prompts and knowledge of the model's own facts, both with greedy decoding."""
 
 from __future__ import annotations
 
-import torch
-
 from distill.evaluate.checkers import check_strict
-from distill.world.knowledge import answer_matches
+from distill.evaluate.generate import generate_greedy
+from distill.evaluate.metrics import answer_matches
 
 # How a model without a chat template is prompted (the train stage gives the target ChatML).
 CHATML = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
 
 
-@torch.no_grad()
-def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device,
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device=None,
            add_special_tokens: bool = False) -> list[str]:
-    """Greedy completions; chat prompts already hold their special tokens, plain text gets
-    the tokenizer's own (BOS where the family has one)."""
-    tokenizer.padding_side = "left"
+    """Greedy completions by `distill.evaluate.generate.generate_greedy` (on the model's own
+    device; `device` is kept for callers); chat prompts already hold their special tokens,
+    plain text gets the tokenizer's own (BOS where the family has one). Batched shortest
+    prompt (in characters) first, as the zoo's quality table always was."""
+    ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=add_special_tokens).to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, text in zip(idx, texts):
-            out[i] = text
-    return out
+    gens = generate_greedy(model, tokenizer, ids, max_new_tokens, batch_size, desc="zoo quality", order=order)
+    return [g["text"] for g in gens]
 
 
 def chat_prompt(tokenizer, instruction: str) -> str:

@@ -68,7 +68,10 @@ def answer_matches(continuation: str, answer: str | None) -> bool:
     """True when the continuation starts with the answer as a whole word (case/space-insensitive).
 
     "Qelvar is ..." matches "Qelvar"; "Qelvaran" does not, so a longer made-up name sharing
-    a prefix with the answer is not credited.
+    a prefix with the answer is not credited. Runs of whitespace count as one space (a
+    two-word answer matches however the model spaced it), and no answer (None, "") matches
+    nothing. The one rule for `distill evaluate` and the zoo's quality table
+    (`distill.world.quality`, re-exported as `distill.world.knowledge.answer_matches`).
     """
     if not answer:
         return False

@@ -7,8 +7,8 @@ fine-tuning delta δ = θ_tuned − θ_base and the chat vector Δ = θ_post −
 ratio ‖δ‖/‖Δ‖, and the share of the post model's instruction following each recovers:
 (IF_tuned − IF_base) / (IF_post − IF_base), IF = prompt-level strict.
 
-    python analysis/theory_t2.py --base B --post P --codit D1 --direct D2 [--prompts EVAL.jsonl] --out DIR
-    python analysis/theory_t2.py --zoo ZOO --run-dir runs/tiny --out analysis/results/theory
+    python analysis/theory/t2_alignment.py --base B --post P --codit D1 --direct D2 [--prompts EVAL.jsonl] --out DIR
+    python analysis/theory/t2_alignment.py --zoo ZOO --run-dir runs/tiny --out analysis/results/theory
 (--zoo fills --base, --post and --prompts; --run-dir supplies data/codit, data/direct and
 data/direct-masked if present. --prompts are IF evaluation prompts with verifiable
 `constraints` (the world's prompts/eval.jsonl layout); without them T2 reports the alignment only.)
@@ -26,10 +26,7 @@ from pathlib import Path
 from distill.theory.inputs import dataset_rows
 from distill.theory.tables import write_table
 
-try:  # imported as analysis.theory_t2
-    from .theory_common import add_model_args, pyplot, resolve_models, save_figure
-except ImportError:  # run as a file: python analysis/theory_t2.py
-    from theory_common import add_model_args, pyplot, resolve_models, save_figure
+from distill.theory.commandline import add_model_args, pyplot, resolve_models, save_figure
 
 log = logging.getLogger("theory.t2")
 
@@ -179,7 +176,7 @@ def run_t2(base, post, datasets: dict[str, Path], out, work, *, eval_prompts=Non
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="theory_t2.py", description=__doc__, usage=(
+    p = argparse.ArgumentParser(prog="t2_alignment.py", description=__doc__, usage=(
         "%(prog)s (--zoo ZOO | --base BASE --post POST) (--run-dir RUN | --codit DATA --direct DATA)\n"
         "       [--prompts EVAL.jsonl] [--out DIR] [options]"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

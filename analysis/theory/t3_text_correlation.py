@@ -1,9 +1,9 @@
 """T3, cross-architecture and text-level: does the tuned target learn the source's log-ratio?
 (command line and figure over `distill.theory.text_ratio`, which measures; what it measures below)
 
-    python analysis/theory_t3.py --base B --post P --target T --texts codit=DATA1 --texts direct=DATA2 \
-        --tuned codit=M1,M2 --tuned direct=M3,M4 --out DIR
-    python analysis/theory_t3.py --zoo ZOO --run-dir runs/tiny --out analysis/results/theory
+    python analysis/theory/t3_text_correlation.py --base B --post P --target T \
+        --texts codit=DATA1 --texts direct=DATA2 --tuned codit=M1,M2 --tuned direct=M3,M4 --out DIR
+    python analysis/theory/t3_text_correlation.py --zoo ZOO --run-dir runs/tiny --out analysis/results/theory
 (--zoo fills --base/--post/--target; --run-dir fills --texts from data/{codit,direct} and
 --tuned from models/{codit,direct}-seedN. --prompts FILE instead of --texts: a JSONL whose rows
 have `instruction` or `messages` and a `response`.)
@@ -20,10 +20,7 @@ from distill.theory import text_ratio
 from distill.theory.stats import spearman
 from distill.theory.text_ratio import fixed_pairs, run_dir_inputs  # noqa: F401  (fixed_pairs: for importers)
 
-try:  # imported as analysis.theory_t3
-    from .theory_common import add_model_args, pyplot, resolve_models, save_figure
-except ImportError:  # run as a file: python analysis/theory_t3.py
-    from theory_common import add_model_args, pyplot, resolve_models, save_figure
+from distill.theory.commandline import add_model_args, pyplot, resolve_models, save_figure
 
 
 def run_t3(base, post, target, texts, tuned: dict[str, list], out, *, figure: bool = True, **kwargs) -> dict:
@@ -58,7 +55,7 @@ def _named_lists(specs: list[str], flag: str, p) -> dict[str, list[str]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="theory_t3.py", description=__doc__ + "\n" + text_ratio.__doc__, usage=(
+    p = argparse.ArgumentParser(prog="t3_text_correlation.py", description=__doc__ + "\n" + text_ratio.__doc__, usage=(
         "%(prog)s (--zoo ZOO | --base BASE --post POST --target TARGET)\n"
         "       (--run-dir RUN | --texts NAME=DATA ... | --prompts PAIRS.jsonl) [--tuned METHOD=MODEL,...]\n"
         "       [--out DIR] [options]"),

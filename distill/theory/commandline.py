@@ -1,4 +1,4 @@
-"""Command-line and figure helpers of the theory experiments (analysis/theory_t*.py).
+"""Command-line and figure helpers of the theory experiments (analysis/theory/t*.py).
 
 Inputs: every experiment takes explicit models (`--base`, `--post`, `--target`) and prompts
 (`--prompts`, a JSONL with `instruction` or chat `messages`), or `--zoo ZOO`, a world directory

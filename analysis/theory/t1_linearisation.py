@@ -1,8 +1,8 @@
 """T1, linearisation: is the CoDIT score the output-space image of the chat vector? (command line
 and figure over `distill.theory.linearise`, which measures; what it measures and its memory below)
 
-    python analysis/theory_t1.py --base BASE --post POST --prompts PROMPTS.jsonl --out DIR
-    python analysis/theory_t1.py --zoo ZOO --out analysis/results/theory [--limit N]
+    python analysis/theory/t1_linearisation.py --base BASE --post POST --prompts PROMPTS.jsonl --out DIR
+    python analysis/theory/t1_linearisation.py --zoo ZOO --out analysis/results/theory [--limit N]
 
 Writes t1_linearisation.{md,csv,json} (distill.theory.linearise.run_t1) and t1_linearisation.png.
 """
@@ -16,10 +16,7 @@ from pathlib import Path
 from distill.theory import linearise
 from distill.theory.linearise import quantile
 
-try:  # imported as analysis.theory_t1 (repository root on sys.path)
-    from .theory_common import add_model_args, pyplot, resolve_models, save_figure
-except ImportError:  # run as a file: python analysis/theory_t1.py
-    from theory_common import add_model_args, pyplot, resolve_models, save_figure
+from distill.theory.commandline import add_model_args, pyplot, resolve_models, save_figure
 
 
 def run_t1(base, post, prompts, out, *, figure: bool = True, **kwargs) -> dict:
@@ -54,7 +51,7 @@ def _floats(s: str) -> tuple[float, ...]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="theory_t1.py", description=__doc__ + "\n" + linearise.__doc__, usage=(
+    p = argparse.ArgumentParser(prog="t1_linearisation.py", description=__doc__ + "\n" + linearise.__doc__, usage=(
         "%(prog)s (--zoo ZOO | --base BASE --post POST --prompts PROMPTS.jsonl) [--out DIR] [options]"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, ("base", "post"), prompts="eval_prompts",

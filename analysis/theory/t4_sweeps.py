@@ -5,9 +5,9 @@ and base (amateur), fine-tune the target base on them, evaluate instruction foll
 knowledge). beta = 0 is plain sampling from the expert inside the plausible set (alpha still
 applies); beta = 1 is CoDIT.
 
-    python analysis/theory_t4.py --base B --post P --target T --prompts SYNTH.jsonl \
+    python analysis/theory/t4_sweeps.py --base B --post P --target T --prompts SYNTH.jsonl \
         --eval-prompts EVAL.jsonl [--questions Q.jsonl] --out DIR
-    python analysis/theory_t4.py --zoo ZOO --out analysis/results/theory \
+    python analysis/theory/t4_sweeps.py --zoo ZOO --out analysis/results/theory \
         --betas 0,0.5,1,1.5 --alphas 0.001,0.1 --limit 256 --epochs 3
 (--alphas are swept at beta = 1, --betas at alpha = 0.01. --zoo fills --base, --post, --target,
 --prompts (prompts/synthesis.jsonl), --eval-prompts (prompts/eval.jsonl: IF prompts with verifiable
@@ -17,17 +17,14 @@ applies); beta = 1 is CoDIT.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
+from distill.io.files import read_jsonl
 from distill.theory.tables import write_table
 
-try:  # imported as analysis.theory_t4
-    from .theory_common import ZOO_LAYOUT, add_model_args, pyplot, resolve_models, save_figure
-except ImportError:  # run as a file: python analysis/theory_t4.py
-    from theory_common import ZOO_LAYOUT, add_model_args, pyplot, resolve_models, save_figure
+from distill.theory.commandline import ZOO_LAYOUT, add_model_args, pyplot, resolve_models, save_figure
 
 log = logging.getLogger("theory.t4")
 
@@ -56,7 +53,7 @@ def run_t4(base, post, target, prompts, out, work, points: list[tuple[float, flo
                                     method="codit",
                                     alpha=alpha, beta=beta, max_new_tokens=max_new_tokens, limit=limit, seed=seed,
                                     batch_size=64, progress=False))
-        synth_rows = [json.loads(x) for x in (data / "data" / "train.jsonl").read_text().splitlines() if x.strip()]
+        synth_rows = read_jsonl(data / "data" / "train.jsonl", "synthesized data")
         model = work / "models" / tag
         if not (model / "config.json").exists():
             train(TrainConfig(model=str(target), data=str(data), out=str(model), deepspeed=None,
@@ -107,7 +104,7 @@ def _floats(s: str) -> list[float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="theory_t4.py", description=__doc__, usage=(
+    p = argparse.ArgumentParser(prog="t4_sweeps.py", description=__doc__, usage=(
         "%(prog)s (--zoo ZOO | --base BASE --post POST --target TARGET --prompts SYNTH.jsonl)\n"
         "       [--eval-prompts EVAL.jsonl] [--questions Q.jsonl] [--out DIR] [options]"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
