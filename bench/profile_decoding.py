@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from decoding_bench import build_model  # bench/, beside this script
+from decoding_models import build_model  # bench/, beside this script
 from distill.decoding.engine import DecodingConfig
 from distill.decoding.step import next_token
 from distill.decoding.fast import FastPair

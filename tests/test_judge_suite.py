@@ -193,3 +193,17 @@ evaluate: {{zoo: {micro_zoo}, suites: [if, judge], limit: 6, max_new_tokens: 16}
     assert "judge score (1-10)" in comparison
     report = (tmp_path / "run" / "report.md").read_text()
     assert "best-of-n" in report
+
+
+def test_the_worlds_teacher_as_a_judge_against_the_rule_judge(micro_zoo, tmp_path, one_thread):
+    """analysis/judge_agreement.py: the teacher judges its own answers; what it manages to score is
+    counted next to the rule judge's, and agreement is computed only on answers both scored."""
+    out = subprocess.run([sys.executable, str(ROOT / "analysis" / "judge_agreement.py"), "--zoo", str(micro_zoo),
+                          "--limit", "4", "--max-new-tokens", "16", "--judge-max-new-tokens", "8", "--out",
+                          str(tmp_path / "a")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    res = json.loads((tmp_path / "a" / "agreement.json").read_text())
+    assert res["n"] == 4 and res["rule_scored"] == 4 and res["llm_judge"].startswith("local:")
+    assert res["both_scored"] == min(res["rule_scored"], res["llm_scored"])
+    assert (res["spearman"] is None) == (res["both_scored"] < 3)
+    assert "| 4 | 4 |" in (tmp_path / "a" / "agreement.md").read_text()

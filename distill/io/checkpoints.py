@@ -70,7 +70,7 @@ def dtype_from_name(name: str | torch.dtype | None) -> torch.dtype | None:
     """'bfloat16' / 'bf16' / torch.bfloat16 -> torch.bfloat16; None stays None. A storage dtype,
     so "auto" (which `distill.io.models.torch_dtype` reads as the device default) is refused;
     the names are `torch_dtype`'s."""
-    from distill.io.models import torch_dtype
+    from distill.io.dtypes import torch_dtype
 
     if name is None or isinstance(name, torch.dtype):
         return name

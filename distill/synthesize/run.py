@@ -237,7 +237,7 @@ def _best_of_n(cfg: SynthesizeConfig, out: Path):
 
     rule_rows = []
     if cfg.judge == "rule":  # the rule judge reads the prompts' own constraints (the world's prompt rows)
-        from distill.synthesize.prompt_sets import open_rows
+        from distill.io.sources import open_rows
 
         rule_rows = [r for r in open_rows(cfg.prompts) if isinstance(r, dict) and r.get("constraints")]
     return BestOfN(cfg.n, cfg.seed, cfg.judge_settings(), out / "judgments.jsonl", rule_rows)

@@ -43,7 +43,7 @@ class Benchmark:
 
 
 def load_benchmark(spec: str, mode: str | None = None, limit: int | None = None) -> Benchmark:
-    from distill.synthesize.prompt_sets import open_rows
+    from distill.io.sources import open_rows
 
     hub, default_mode = NAMED.get(spec, (None, None))
     source = hub or spec
