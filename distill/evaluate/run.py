@@ -30,6 +30,7 @@ from pathlib import Path
 
 from distill import DistillError
 from distill.config import opt
+from distill.evaluate.judge import judge_option
 from distill.io.files import atomic_write_json, atomic_write_text, iter_jsonl
 from distill.evaluate.metrics import OWN_SPLITS, instruction_following, knowledge_accuracy, length_stats, perplexity
 
@@ -68,8 +69,7 @@ class EvaluateConfig:
                                         "datasets cache)")
     save_responses: bool = opt(True, "write the *.responses.jsonl file beside the scores (--no-responses: do not)")
     # --suite judge (distill.evaluate.judge): the model answers a benchmark, a judge scores the answers
-    judge: str = opt("rule", "the judge: rule (verifiable constraints: the embedded world's prompts), served:NAME (an "
-                             "OpenAI-compatible endpoint serving NAME, at --judge-url) or local:MODEL_DIR")
+    judge: str = judge_option("judge")
     judge_benchmark: Optional[str] = opt(
         None, "alpaca_eval, wildbench, mt_bench (from the local HF cache), or a JSONL/parquet/datasets path of "
               "prompts (default: <zoo>/prompts/eval.jsonl)")
@@ -78,14 +78,12 @@ class EvaluateConfig:
               "mt-bench (two turns); default: the benchmark's own")
     judge_reference: Optional[str] = opt(None, "reference responses for pairwise mode: a JSONL of {id, response} "
                                                "rows (default: the benchmark's own)")
-    judge_url: Optional[str] = opt(None, "base URL of a served judge, e.g. http://localhost:8000/v1 (default: "
-                                         "$DISTILL_JUDGE_URL or $OPENAI_BASE_URL)")
-    judge_template: Optional[str] = opt(None, "a JSON file of judge templates replacing distill's "
-                                              "(distill.evaluate.judge.templates); each keeps its placeholders")
-    judge_concurrency: int = opt(8, "served judge: requests in flight at once")
-    judge_timeout: float = opt(120.0, "served judge: seconds to wait for one answer")
-    judge_retries: int = opt(2, "times an unparseable judgment is asked again (then it is counted as unjudged)")
-    judge_max_new_tokens: int = opt(512, "longest judge answer in tokens")
+    judge_url: Optional[str] = judge_option("judge_url")
+    judge_template: Optional[str] = judge_option("judge_template")
+    judge_concurrency: int = judge_option("judge_concurrency")
+    judge_timeout: float = judge_option("judge_timeout")
+    judge_retries: int = judge_option("judge_retries")
+    judge_max_new_tokens: int = judge_option("judge_max_new_tokens")
     judge_cache: Optional[str] = opt(None, "append-only file of judgments, so a rerun asks nothing twice (default: "
                                            "beside the scores, <scores>.judgments.jsonl)")
 
@@ -303,7 +301,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
 
 def _judge_inputs(cfg: EvaluateConfig, path):
     """The judged benchmark and the judge's settings, checked before the model loads."""
-    from distill.evaluate.judge import JudgeSettings
+    from distill.evaluate.judge import judge_settings
     from distill.evaluate.judge.benchmarks import load_benchmark, read_reference
     from distill.evaluate.judge.templates import load_templates
 
@@ -316,10 +314,7 @@ def _judge_inputs(cfg: EvaluateConfig, path):
     from distill.evaluate.judge.suite import prepare_judge
 
     load_templates(cfg.judge_template)  # a template without its placeholders: an error now
-    settings = JudgeSettings(spec=cfg.judge, url=cfg.judge_url, template=cfg.judge_template,
-                             concurrency=cfg.judge_concurrency, timeout=cfg.judge_timeout, retries=cfg.judge_retries,
-                             max_new_tokens=cfg.judge_max_new_tokens, batch_size=cfg.batch_size, device=cfg.device,
-                             dtype=cfg.dtype)
+    settings = judge_settings(cfg, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype)
     return bench, prepare_judge(bench, settings)
 
 

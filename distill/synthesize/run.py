@@ -23,6 +23,7 @@ from pathlib import Path
 
 from distill import DistillError, __version__
 from distill.config import opt
+from distill.evaluate.judge import judge_option, judge_settings
 from distill.decoding.step import CODIT_ALPHA
 from distill.io.files import fault_point
 from distill.synthesize.prompt_sets import LAYOUTS, load_prompt_set
@@ -113,14 +114,13 @@ class SynthesizeConfig:
                                       "the public code's 'score' field), for analysis")
     # best-of-n (distill.synthesize.best_of_n): N direct samples, judged 1..10 (distill.evaluate.judge)
     n: int = opt(4, "best-of-n: samples per prompt")
-    judge: str = opt("rule", "best-of-n: the judge, as `distill evaluate --judge`: rule (the prompts' verifiable "
-                             "constraints), served:NAME (at --judge-url) or local:MODEL_DIR")
-    judge_url: Optional[str] = opt(None, "best-of-n: base URL of a served judge (default: $DISTILL_JUDGE_URL)")
-    judge_template: Optional[str] = opt(None, "best-of-n: a JSON file of judge templates replacing distill's")
-    judge_concurrency: int = opt(8, "best-of-n: served-judge requests in flight at once")
-    judge_timeout: float = opt(120.0, "best-of-n: seconds to wait for one judgment")
-    judge_retries: int = opt(2, "best-of-n: times an unparseable judgment is asked again")
-    judge_max_new_tokens: int = opt(512, "best-of-n: longest judge answer in tokens")
+    judge: str = judge_option("judge")  # the judge's settings, as `distill evaluate`'s
+    judge_url: Optional[str] = judge_option("judge_url")
+    judge_template: Optional[str] = judge_option("judge_template")
+    judge_concurrency: int = judge_option("judge_concurrency")
+    judge_timeout: float = judge_option("judge_timeout")
+    judge_retries: int = judge_option("judge_retries")
+    judge_max_new_tokens: int = judge_option("judge_max_new_tokens")
     overwrite: bool = opt(False, "replace an output made with different settings")
     trust_remote_code: bool = opt(False, "allow model code from the model directory")
     progress: bool = opt(True, "show a progress bar (--no-progress: none)")
@@ -166,11 +166,7 @@ class SynthesizeConfig:
         return {k: getattr(self, k) for k in keys} | {k: getattr(self, k) for k in SELECTION_KEYS}
 
     def judge_settings(self):
-        from distill.evaluate.judge import JudgeSettings
-
-        return JudgeSettings(spec=self.judge, url=self.judge_url, template=self.judge_template,
-                             concurrency=self.judge_concurrency, timeout=self.judge_timeout, retries=self.judge_retries,
-                             max_new_tokens=self.judge_max_new_tokens, batch_size=self.batch_size)
+        return judge_settings(self, batch_size=self.batch_size)
 
 
 def _rank() -> tuple[int, int, int]:

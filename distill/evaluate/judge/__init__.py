@@ -15,6 +15,34 @@ import os
 from dataclasses import dataclass
 
 from distill import DistillError
+from distill.config import opt
+
+# The judge's settings, defined once for every config that has them (evaluate's, synthesize's).
+_OPTIONS = {
+    "judge": ("rule", "the judge: rule (the prompts' verifiable constraints, as the embedded world's), served:NAME "
+                      "(an OpenAI-compatible endpoint serving NAME, at --judge-url) or local:MODEL_DIR"),
+    "judge_url": (None, "base URL of a served judge, e.g. http://localhost:8000/v1 (default: $DISTILL_JUDGE_URL or "
+                        "$OPENAI_BASE_URL)"),
+    "judge_template": (None, "a JSON file of judge templates replacing distill's (distill.evaluate.judge.templates); "
+                             "each keeps its placeholders"),
+    "judge_concurrency": (8, "served judge: requests in flight at once"),
+    "judge_timeout": (120.0, "served judge: seconds to wait for one answer"),
+    "judge_retries": (2, "times an unparseable judgment is asked again (then it is counted as unjudged)"),
+    "judge_max_new_tokens": (512, "longest judge answer in tokens"),
+}
+
+
+def judge_option(name: str):
+    """The config field of judge setting `name`: its one default and help."""
+    default, help = _OPTIONS[name]
+    return opt(default, help)
+
+
+def judge_settings(cfg, **more) -> "JudgeSettings":
+    """The JudgeSettings of a config that has the judge_* fields."""
+    return JudgeSettings(spec=cfg.judge, url=cfg.judge_url, template=cfg.judge_template,
+                         concurrency=cfg.judge_concurrency, timeout=cfg.judge_timeout, retries=cfg.judge_retries,
+                         max_new_tokens=cfg.judge_max_new_tokens, **more)
 
 
 @dataclass
