@@ -9,7 +9,7 @@
 #   wheels first, in the project venv (the GPU image has no deepspeed/datasets/evaluate):
 #     .venv/bin/pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8 hjson pydantic \
 #         pydantic-core annotated-types typing-inspection datasets dill multiprocess evaluate
-#   then, through the device tool with carry [".whl"], one part per call.
+#   then run one part per command on the GPU machine, with the .whl/ folder carried along.
 #   Results land under $OUT (or bench/gpu-results).
 #
 # Earlier runs: bench/results/2026-11-26-h200/, 2026-11-26-h100/, 2026-11-26-h100-session7/ and
