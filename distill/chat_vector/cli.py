@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from distill import DistillError
 from distill.config import HelpFormatter, add_arguments, from_args
-from distill.chat_vector.core import ApplyConfig, ExtractConfig, run_apply, run_extract
+from distill.chat_vector.config import ApplyConfig, ExtractConfig
 
 
 # -- command line ---------------------------------------------------------------------------
 
 def _cmd_extract(args) -> int:
+    from distill.chat_vector.core import run_extract
+
     run_extract(from_args(ExtractConfig, args))
     print(args.out)
     return 0
@@ -21,14 +25,14 @@ def _cmd_apply(args) -> int:
         raise DistillError(f"{len(args.vector)} --vector but {len(scales)} --scale: give one --scale per "
                            f"--vector (in the same order), or none for λ=1 everywhere")
     vectors = list(zip(args.vector, scales or [1.0] * len(args.vector)))
+    from distill.chat_vector.core import run_apply
+
     run_apply(from_args(ApplyConfig, args, vectors=vectors))
     print(args.out)
     return 0
 
 
 def add_cli(subparsers, summary: str | None = None) -> None:
-    from distill.chat_vector.stats import add_stats_cli
-
     parser = subparsers.add_parser(
         "chat-vector", help=summary, formatter_class=HelpFormatter,
         description="Chat vectors in parameter space: Δ = θ_post − θ_base, added to a same-architecture "
@@ -54,3 +58,26 @@ def add_cli(subparsers, summary: str | None = None) -> None:
                          "allowed; default 1.0 for all)")
     ap.set_defaults(func=_cmd_apply)
     add_stats_cli(sub)
+
+
+def add_stats_cli(sub) -> None:
+    p = sub.add_parser(
+        "stats", formatter_class=HelpFormatter,
+        help="norms of a chat vector per tensor / layer, cosine with another vector",
+        description="Print ‖Δ‖ per layer (or per tensor), ‖Δ‖/‖θ_base‖ with --base, and cos(Δ, Δ') with "
+                    "--compare, as a Markdown table; optionally also as JSON and CSV.\n\nexample:\n  "
+                    "distill chat-vector stats cv --base mistral-7b --compare ft-delta --json cv.json")
+    p.add_argument("vector", help="vector directory (from `distill chat-vector extract`)")
+    p.add_argument("--base", help="base model the vector was extracted from: adds ‖Δ‖/‖θ_base‖")
+    p.add_argument("--compare", metavar="VECTOR", help="a second vector directory: adds cos(Δ, Δ')")
+    p.add_argument("--per-tensor", action="store_true", help="print every tensor, not one row per layer")
+    p.add_argument("--json", type=Path, help="also write all numbers (per tensor, per layer, total) as JSON")
+    p.add_argument("--csv", type=Path, help="also write the per-tensor numbers as CSV")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_stats)
+
+
+def _cmd_stats(args) -> int:
+    from distill.chat_vector.stats import _cmd_stats as run
+
+    return run(args)

@@ -11,12 +11,10 @@ returns a dict (also written as JSON / CSV by the CLI):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
 import re
-from pathlib import Path
 
 import torch
 
@@ -182,20 +180,3 @@ def _cmd_stats(args) -> int:
     if args.csv:
         write_csv(result, args.csv)
     return 0
-
-
-def add_stats_cli(sub) -> None:
-    p = sub.add_parser(
-        "stats", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="norms of a chat vector per tensor / layer, cosine with another vector",
-        description="Print ‖Δ‖ per layer (or per tensor), ‖Δ‖/‖θ_base‖ with --base, and cos(Δ, Δ') with "
-                    "--compare, as a Markdown table; optionally also as JSON and CSV.\n\nexample:\n  "
-                    "distill chat-vector stats cv --base mistral-7b --compare ft-delta --json cv.json")
-    p.add_argument("vector", help="vector directory (from `distill chat-vector extract`)")
-    p.add_argument("--base", help="base model the vector was extracted from: adds ‖Δ‖/‖θ_base‖")
-    p.add_argument("--compare", metavar="VECTOR", help="a second vector directory: adds cos(Δ, Δ')")
-    p.add_argument("--per-tensor", action="store_true", help="print every tensor, not one row per layer")
-    p.add_argument("--json", type=Path, help="also write all numbers (per tensor, per layer, total) as JSON")
-    p.add_argument("--csv", type=Path, help="also write the per-tensor numbers as CSV")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_stats)

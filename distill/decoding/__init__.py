@@ -7,3 +7,5 @@
                  layers.py and flex.py its attention and per-layer kernels, compiled.py torch.compile
     pair.py      what an expert/amateur pair must share, and the rules for what may differ
 """
+
+CODIT_ALPHA = 0.01  # the plausibility threshold of the paper and the public CoDIT code

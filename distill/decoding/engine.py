@@ -18,7 +18,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from distill import DistillError
-from distill.decoding.step import CODIT_ALPHA, next_token
+from distill.decoding import CODIT_ALPHA
+from distill.decoding.step import next_token
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------

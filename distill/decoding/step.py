@@ -23,7 +23,6 @@ import torch
 
 from distill import DistillError
 
-CODIT_ALPHA = 0.01  # the plausibility threshold of the paper and the public CoDIT code
 
 
 _MASK32 = 0xFFFFFFFF

@@ -39,14 +39,14 @@ from typing import Optional, Union
 import yaml
 
 from distill import DistillError
-from distill.chat_vector.core import ApplyConfig, ExtractConfig
+from distill.chat_vector.config import ApplyConfig, ExtractConfig
 from distill.config import opt, section, stage_values, validate
 from distill.recipe.references import (_check_run_dir, as_dict, resolve_references, saved_dict,  # noqa: F401
                                        undefined_lines, undefined_references)  # the recipe API, in one import
-from distill.decoding.step import CODIT_ALPHA
+from distill.decoding import CODIT_ALPHA
 from distill.evaluate.run import EvaluateConfig
-from distill.synthesize.run import SynthesizeConfig
-from distill.train.run import TrainConfig
+from distill.synthesize.config import SynthesizeConfig
+from distill.train.config import TrainConfig
 
 
 @dataclass

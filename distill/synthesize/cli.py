@@ -7,7 +7,7 @@ from pathlib import Path
 from distill import DistillError
 from distill.config import HelpFormatter, add_arguments, from_args
 from distill.synthesize import run
-from distill.synthesize.run import SynthesizeConfig
+from distill.synthesize.config import SynthesizeConfig
 
 REQUIRED = ("expert", "prompts", "out")  # unless --merge, which argparse cannot say itself
 

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 from distill import DistillError, __version__
+from distill.synthesize.config import SELECTION_KEYS
 from distill.synthesize.records import finished_rows
 
 # What a run recorded before a setting existed meant: rows flagged by our n-gram rule, not "public".
 LEGACY_DEFAULTS = {"repetition_rule": "ngram"}
-SELECTION_KEYS = ("limit", "sample", "prompt_layout", "prompt_turns", "max_prompt_chars", "dedupe", "long_prompts")
 
 
 def prepare_out(cfg, prompt_ids: list[str], record: dict) -> Path:

@@ -8,7 +8,7 @@ import logging
 
 from distill import DistillError
 from distill.config import HelpFormatter, add_arguments, from_args
-from distill.train.run import TrainConfig, train
+from distill.train.config import TrainConfig
 
 DESCRIPTION = """Supervised fine-tuning of a target model (any architecture) on instruction/response rows, loss on
 assistant tokens only, with the Hugging Face Trainer and DeepSpeed ZeRO.
@@ -29,6 +29,8 @@ def add_cli(subparsers, summary: str | None = None):
 
 
 def _run(args) -> int:
+    from distill.train.run import train
+
     print(train(from_args(TrainConfig, args)))
     return 0
 
