@@ -6,7 +6,8 @@ import argparse
 
 from distill.config import HelpFormatter, add_arguments, from_args
 from distill.evaluate import run
-from distill.evaluate.run import EvaluateConfig, run_evaluation, summary_lines
+from distill.evaluate.config import EvaluateConfig
+from distill.evaluate.run import run_evaluation, summary_lines
 
 
 def add_cli(subparsers, summary: str | None = None) -> None:

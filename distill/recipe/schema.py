@@ -44,7 +44,7 @@ from distill.config import opt, section, stage_values, validate
 from distill.recipe.references import (_check_run_dir, as_dict, resolve_references, saved_dict,  # noqa: F401
                                        undefined_lines, undefined_references)  # the recipe API, in one import
 from distill.decoding import CODIT_ALPHA
-from distill.evaluate.run import EvaluateConfig
+from distill.evaluate.config import EvaluateConfig
 from distill.synthesize.config import SynthesizeConfig
 from distill.train.config import TrainConfig
 
