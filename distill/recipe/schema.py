@@ -252,19 +252,18 @@ def _check_values(recipe: Recipe, where: str) -> None:
     the stage that reads a bad value finally starts. Each section is made into its stage's config
     (with stand-in paths), which runs that stage's checks."""
     from distill.io.validate import finite
-    from distill.train.run import validate as validate_train
+    from distill.train.config import validate as validate_train
 
     finite(f"{where}: weight_arithmetic.", scale=recipe.weight_arithmetic.scale)
+    r = copy.deepcopy(recipe)
+    r.source.base = r.source.base or "-"  # codit needs an amateur; the preflight says when it is unset
     checks = {
-        "synthesis": lambda: [synthesize_config(recipe, m, "-") for m in recipe.synthesis.methods],
-        "train": lambda: validate_train(train_config(recipe, "-", "-", recipe.train.seeds[0] if recipe.train.seeds else 0)),
-        "evaluate": lambda: evaluate_config(recipe, "-", "-"),
-        "chat_vector": lambda: extract_config(recipe, "-"),
-        "weight_arithmetic": lambda: apply_config(recipe, "-", "-"),
+        "synthesis": lambda: [synthesize_config(r, m, "-") for m in r.synthesis.methods],
+        "train": lambda: validate_train(train_config(r, "-", "-", r.train.seeds[0] if r.train.seeds else 0)),
+        "evaluate": lambda: evaluate_config(r, "-", "-"),
+        "chat_vector": lambda: extract_config(r, "-"),
+        "weight_arithmetic": lambda: apply_config(r, "-", "-"),
     }
-    stand_in = copy.deepcopy(recipe)
-    stand_in.source.base = stand_in.source.base or "-"
-    recipe = stand_in
     for key, check in checks.items():
         try:
             check()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from distill import DistillError
 from distill.config import opt
 
 
@@ -69,3 +70,41 @@ class TrainConfig:
     def __post_init__(self):
         if self.keep_repetitive:  # one canonical setting, so train_config.json and resumes see only `repetitive`
             self.repetitive, self.keep_repetitive = "keep", False
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks that need no file: `train` runs them first, recipes when they load."""
+    from distill.io.validate import finite
+
+    finite(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+           eval_fraction=cfg.eval_fraction)
+    for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_steps", "eval_steps"):
+        if getattr(cfg, name) < 1:
+            raise DistillError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise DistillError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.max_steps <= 0 and cfg.epochs <= 0:
+        raise DistillError("set epochs > 0 or max_steps > 0")
+    if not cfg.lr > 0 or cfg.weight_decay < 0:
+        raise DistillError(f"need lr > 0 and weight_decay >= 0, got lr {cfg.lr}, weight_decay {cfg.weight_decay}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise DistillError(f"warmup_ratio is a share of the training steps, in [0, 1); got {cfg.warmup_ratio}")
+    from distill.train.data import REPETITIVE_POLICIES
+    from distill.train.runtime import use_bf16
+
+    if cfg.repetitive not in REPETITIVE_POLICIES:
+        raise DistillError(f"repetitive must be drop or keep, got {cfg.repetitive!r}")
+    if cfg.truncation not in ("drop", "truncate"):
+        raise DistillError(f"truncation must be drop or truncate, got {cfg.truncation!r}")
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.lr_scheduler not in schedulers:
+        raise DistillError(f"unknown lr_scheduler {cfg.lr_scheduler!r}; one of {', '.join(schedulers)}")
+    use_bf16(cfg.precision)  # raises on an unknown precision
+    import torch
+
+    if cfg.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        # otherwise the first backward fails deep inside torch, after the model has loaded
+        raise DistillError("attn_implementation flex_attention trains on a GPU only (FlexAttention has no "
+                           "backward on CPU); use sdpa")
