@@ -34,7 +34,7 @@ bench-install: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 
 # make recipe-NAME runs recipes/NAME.yaml on real checkpoints (mistral-to-qwen,
-# llama3.1-8b-to-qwen2.5-7b, qwen3-8b-to-llama3.1-8b); each stops at once, naming what is missing.
+# llama3.1-8b-to-qwen2.5-7b, qwen3-8b-to-llama3.1-8b, one-gpu-fast); each stops at once, naming what is missing.
 $(addprefix recipe-,$(RECIPES)): recipe-%: install
 	$(BIN)/distill run recipes/$*.yaml
 
