@@ -360,3 +360,34 @@ def test_theory_stages_run_on_the_stand_ins_and_the_report_links_them(stand_ins,
     assert main(args) == 0
     after = json.loads((run_dir / "stages.json").read_text())
     assert {n: after[n] for n in after if n != "report"} == {n: before[n] for n in before if n != "report"}
+
+
+def test_gold_sft_row_trains_on_the_teachers_own_data_and_is_checked_before_anything_runs(stand_ins, tmp_path,
+                                                                                            monkeypatch):
+    from distill.recipe.pipeline import Pipeline
+    from distill.recipe.schema import resolve_references
+
+    gold = tmp_path / "sft.jsonl"
+    gold.write_text(json.dumps({"instruction": "Say hi.", "response": "hi"}) + "\n")
+    ran = _dry_run(stand_ins, tmp_path / "run", [f"source.sft_data={gold}"])
+    assert ran.index("train-gold-sft-seed0") < ran.index("evaluate-gold-sft-seed0") < ran.index("report")
+    assert "train-gold-sft-seed0" not in _dry_run(stand_ins, tmp_path / "run2")  # only when the recipe names it
+
+    import distill.train.run as train_mod
+
+    seen = []
+    monkeypatch.setattr(train_mod, "train", lambda cfg: seen.append(cfg))
+    recipe = resolve_references(load_recipe(MISTRAL_TO_QWEN, _overrides(stand_ins, tmp_path / "run3")[1::2]
+                                            + [f"source.sft_data={gold}"]), None)
+    Pipeline(recipe, MISTRAL_TO_QWEN).stage_train("gold-sft", 0)
+    assert seen[0].data == str(gold) and seen[0].out == str(tmp_path / "run3" / "models" / "gold-sft-seed0")
+    assert seen[0].model == recipe.target.base
+
+    recipe = resolve_references(load_recipe(MISTRAL_TO_QWEN, _overrides(stand_ins, tmp_path / "run4")[1::2]
+                                            + [f"source.sft_data={tmp_path / 'nope.jsonl'}"]), None)
+    with pytest.raises(DistillError, match=r"source.sft_data = .*nope.jsonl: not found"):
+        Pipeline(recipe, MISTRAL_TO_QWEN).preflight()
+    assert not (tmp_path / "run4").exists()
+    from distill.recipe.compare import ROW_LABELS
+
+    assert ROW_LABELS["gold-sft"] == "target + SFT on the teacher's own SFT data (text-route ceiling)"

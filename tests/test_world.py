@@ -83,13 +83,21 @@ def test_micro_zoo_loads_and_renders(micro_zoo):
     assert src.vocab != AutoTokenizer.from_pretrained(micro_zoo / "target-base").vocab
     quality = json.loads((micro_zoo / "quality.json").read_text())
     assert set(quality) == {"source-base", "source-post", "source-cp", "target-base"}
-    assert all(set(v) == {"if_strict", "knowledge"} for v in quality.values())
+    for name, v in quality.items():
+        assert set(v) == ({"if_strict", "knowledge", "drift"} if name in ("source-post", "source-cp")
+                          else {"if_strict", "knowledge"})
+    for name in ("source-post", "source-cp"):
+        drift = quality[name]["drift"]
+        assert drift["from"] == "source-base" and 0 < drift["total"]
+        assert {"embeddings", "layer 0", "lm_head"} <= set(drift["groups"]) and all(v > 0 for v in drift["groups"].values())
+    assert (micro_zoo / "text/formats.jsonl").stat().st_size > 0
     for name in ("sft", "synthesis", "eval"):
         rows = [json.loads(line) for line in (micro_zoo / "prompts" / f"{name}.jsonl").read_text().splitlines()]
         assert rows and all({"id", "instruction", "constraints"} <= set(r) for r in rows)
     assert (micro_zoo / "knowledge/questions.jsonl").stat().st_size > 0
     assert (micro_zoo / "text/heldout.jsonl").stat().st_size > 0
-    assert "| source-post |" in (micro_zoo / "README.md").read_text()
+    card = (micro_zoo / "README.md").read_text()
+    assert "| source-post |" in card and "| **whole model** |" in card
 
 
 def test_second_build_is_instant_and_cli_prints_the_dir_last(micro_zoo, capsys, monkeypatch):
@@ -117,3 +125,36 @@ def test_out_refuses_a_foreign_directory(tmp_path):
     with pytest.raises(DistillError, match="--force"):
         build_zoo("micro", out=tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").exists()
+
+
+def test_weight_drift_is_the_relative_norm_of_the_difference(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from distill.world.quality import weight_drift
+
+    base = {"model.embed_tokens.weight": torch.ones(4, 2), "model.layers.0.mlp.up_proj.weight": torch.full((2, 2), 2.0),
+            "lm_head.weight": torch.ones(4, 2)}
+    moved = dict(base, **{"model.layers.0.mlp.up_proj.weight": torch.full((2, 2), 2.5)})
+    for name, sd in (("b", base), ("p", moved)):
+        (tmp_path / name).mkdir()
+        save_file(sd, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text("{}")
+    d = weight_drift(tmp_path / "b", tmp_path / "p")
+    assert d["groups"] == {"embeddings": 0.0, "layer 0": 0.25, "lm_head": 0.0}
+    assert d["total"] == round((4 * 0.25 / (8 + 16 + 8)) ** 0.5, 4)
+
+
+def test_quality_bars_name_what_fails():
+    from distill.world.quality import check_bars
+
+    good = {"source-base": {"if_strict": 0.1, "knowledge": 0.9}, "target-base": {"if_strict": 0.0, "knowledge": 0.85},
+            "source-post": {"if_strict": 0.7, "knowledge": 0.95, "drift": {"total": 0.08}},
+            "source-cp": {"if_strict": 0.05, "knowledge": 0.9, "drift": {"total": 0.04}}}
+    assert check_bars(good) == []
+    bad = json.loads(json.dumps(good))
+    bad["source-post"]["drift"]["total"] = 0.3
+    bad["target-base"]["if_strict"] = 0.25
+    bad["source-cp"]["knowledge"] = 0.5
+    assert check_bars(bad) == ["target-base if_strict 0.25 > 0.2", "source-post drift 0.3 > 0.1",
+                               "source-cp knowledge 0.5 < 0.8"]

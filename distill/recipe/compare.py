@@ -27,6 +27,7 @@ ROW_LABELS = {
     "direct-masked": "target + SFT on direct responses with CoDIT's mask (beta 0)",
     "codit": "target + SFT on CoDIT responses",
     "best-of-n": "target + SFT on Best-of-N responses (judge-picked direct samples)",
+    "gold-sft": "target + SFT on the teacher's own SFT data (text-route ceiling)",
     "weight-arithmetic": "same-arch target + chat vector",
     "source-post": "source post (teacher, upper bound)",
 }

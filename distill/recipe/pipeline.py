@@ -1,7 +1,10 @@
 """`distill run RECIPE.yaml`: the whole pipeline, stage by stage, with caching.
 
 zoo → preflight → chat-vector → weight-arithmetic [→ theory-t1] → synthesize-{codit,direct[,direct-masked]}
-    → train-{method}-seed{s} [→ theory-t3] → evaluate-{model} → report
+    → train-{method}-seed{s} [→ train-gold-sft-seed{s}] [→ theory-t3] → evaluate-{model} → report
+
+(train-gold-sft-seed{s}: the target on the expert's own SFT data, `source.sft_data`, when the recipe
+names it: the text route's ceiling.)
 
 (theory-t1 and theory-t3, the theory experiments of `distill.theory`, run when the recipe's
 `theory.t1` / `theory.t3` are true; both are off by default.)
@@ -33,6 +36,7 @@ from distill.recipe.schema import (Recipe, apply_config, as_dict, evaluate_confi
                                    resolve_references, saved_dict, synthesize_config, train_config)
 
 log = logging.getLogger("distill.recipe.pipeline")
+GOLD = "gold-sft"  # the row trained on source.sft_data
 
 
 def _architecture(model_dir: str | Path) -> str:
@@ -65,6 +69,9 @@ class Pipeline:
         refs = [("source.base", r.source.base), ("source.post", r.source.post), ("target.base", r.target.base)]
         if r.weight_arithmetic.target:
             refs.append(("weight_arithmetic.target", r.weight_arithmetic.target))
+        if r.source.sft_data and not Path(r.source.sft_data).exists() and "source.sft_data" not in undefined:
+            missing.append(f"  source.sft_data = {r.source.sft_data}: not found; point it to the expert's SFT data "
+                           f"(a .jsonl of instruction+response rows or a `datasets` directory), or drop the key")
         resolved = {}
         for key, ref in refs:
             if not ref:
@@ -142,7 +149,8 @@ class Pipeline:
     def stage_train(self, method: str, seed: int) -> dict:
         t = self.recipe.train
         out = self.run_dir / "models" / f"{method}-seed{seed}"
-        cfg = train_config(self.recipe, self.state.output(f"synthesize-{method}")["data"], str(out), seed)
+        data = self.recipe.source.sft_data if method == GOLD else self.state.output(f"synthesize-{method}")["data"]
+        cfg = train_config(self.recipe, data, str(out), seed)
         log.info("train-%s-seed%d = %s", method, seed, shlex.join(train_command(cfg)))
         if t.num_gpus and t.num_gpus > 1:
             self._launch_train(cfg, t.num_gpus)
@@ -258,6 +266,11 @@ class Pipeline:
                 stages.append(Stage(name, settings, lambda m=method, sd=seed: self.stage_train(m, sd),
                                     [f"synthesize-{method}"]))
                 models[f"{method}-seed{seed}"] = str(self.run_dir / "models" / f"{method}-seed{seed}")
+        if r.source.sft_data:  # the ceiling: the same training on the teacher's own SFT data
+            for seed in r.train.seeds:
+                settings = {"target": s["target"], "train": s["train"], "seed": seed, "data": r.source.sft_data}
+                stages.append(Stage(f"train-{GOLD}-seed{seed}", settings, lambda sd=seed: self.stage_train(GOLD, sd)))
+                models[f"{GOLD}-seed{seed}"] = str(self.run_dir / "models" / f"{GOLD}-seed{seed}")
         if r.theory.t3:  # every synthesized dataset and tuned target of the run
             reads = [st.name for st in stages if st.name.startswith(("synthesize-", "train-"))]
             stages.append(Stage("theory-t3", self._theory_settings("t3"), self.stage_theory_t3, reads))

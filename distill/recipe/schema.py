@@ -60,6 +60,9 @@ class WorldConfig:
 class SourceConfig:
     base: str = opt("", "pre-trained source model (the amateur)")
     post: str = opt("", "post-trained source model (the expert); shares base's tokenizer")
+    sft_data: Optional[str] = opt(None, "the expert's own post-training data, where it is public (instruction + "
+                                        "response rows, any layout `distill train` reads): trains the gold-sft row, "
+                                        "the target on the teacher's own SFT data, the text route's ceiling")
 
 
 @dataclass
@@ -74,7 +77,8 @@ PROMPT_KEYS = ("limit", "sample", "prompt_layout", "prompt_turns", "max_prompt_c
 FILLED = {
     "synthesis": {"expert": "source.post", "amateur": "source.base", "prompts": "prompts.synthesis",
                   "out": "RUN/data/METHOD", "method": "synthesis.methods"},
-    "train": {"model": "target.base", "data": "RUN/data/METHOD", "out": "RUN/models/METHOD-seedS",
+    "train": {"model": "target.base", "data": "RUN/data/METHOD (source.sft_data for gold-sft)",
+              "out": "RUN/models/METHOD-seedS",
               "seed": "train.seeds"},
     "evaluate": {"model": "each row's model", "out": "RUN/scores/ROW.json"},
     "chat_vector": {"base": "source.base", "post": "source.post", "out": "RUN/chat_vector"},

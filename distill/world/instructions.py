@@ -58,16 +58,16 @@ def _fill(sentences: list[str], n: int, entity: str) -> list[str]:
     return out
 
 
-def oracle_response(task: dict, facts: list[Fact], constraints: list[dict]) -> str:
-    """The response a perfect assistant gives: it states the source's facts and follows
-    every constraint. `facts` are the source-known facts of the task's land."""
+def oracle_response(task: dict, facts: list[Fact], constraints: list[dict], who: str = "source") -> str:
+    """The response a perfect assistant gives: it states `who`'s facts (the source's, for the
+    SFT data) and follows every constraint. `facts` are the facts of the task's land `who` knows."""
     kinds = {c["kind"]: c["kwargs"] for c in constraints}
     entity = task["entity"]
     relevant = [f for f in facts if task["relation"] in (None, f.relation)]
     if "forbidden_words" in kinds:
-        sentences = [TERSE[f.relation].format(e=entity, v=f.source_value) for f in relevant]
+        sentences = [TERSE[f.relation].format(e=entity, v=f.value_for(who)) for f in relevant]
     else:
-        sentences = [statement(f, f.source_value) for f in relevant]
+        sentences = [statement(f, f.value_for(who)) for f in relevant]
     if "keyword_existence" in kinds:
         a, b = kinds["keyword_existence"]["keywords"]
         sentences.append(f"It has the keywords {a} and {b}.")  # the instruction's own words: easy to copy
@@ -92,7 +92,7 @@ def oracle_response(task: dict, facts: list[Fact], constraints: list[dict]) -> s
         items = _fill(sentences, n, entity)
         text = " ".join(f"*{s}*" if i < n else s for i, s in enumerate(items))
     elif "two_responses" in kinds:
-        second = [statement(f, f.source_value, 1) for f in relevant] or _fill([], 1, entity)
+        second = [statement(f, f.value_for(who), 1) for f in relevant] or _fill([], 1, entity)
         text = " ".join(sentences) + "\n******\n" + " ".join(second)
     else:
         text = " ".join(sentences)
@@ -121,25 +121,31 @@ def oracle_response(task: dict, facts: list[Fact], constraints: list[dict]) -> s
 
 def make_sets(facts: list[Fact], entities: list[str], cfg, seed: int) -> dict[str, list[dict]]:
     """The three disjoint instruction sets. Lands are partitioned 60/20/20 so that eval and
-    synthesis ask about lands the SFT data never mentions."""
+    synthesis ask about lands the SFT data never mentions.
+
+    A fourth set, `formats` (cfg.n_format_docs rows about the SFT lands, other instructions than
+    the SFT set's), is drawn last, so the three are the same with or without it: its responses,
+    without their instructions, are pre-training text (`format_documents`)."""
     rng = random.Random(seed)
     lands = entities[:]
     rng.shuffle(lands)
     a, b = round(0.6 * len(lands)), round(0.8 * len(lands))
     groups = {"sft": lands[:a], "synthesis": lands[a:b], "eval": lands[b:]}
-    sizes = {"sft": cfg.n_sft, "synthesis": cfg.n_synthesis, "eval": cfg.n_eval}
+    groups["formats"] = groups["sft"]
+    sizes = {"sft": cfg.n_sft, "synthesis": cfg.n_synthesis, "eval": cfg.n_eval, "formats": cfg.n_format_docs}
     by_entity: dict[str, list[Fact]] = {}
     for f in facts:
         by_entity.setdefault(f.entity, []).append(f)
     sets: dict[str, list[dict]] = {}
+    seen: set[str] = set()
     for name, group in groups.items():
-        rows, seen, attempts = [], set(), 0
+        rows, attempts = [], 0
         while len(rows) < sizes[name] and attempts < 50 * sizes[name]:
             attempts += 1
             entity = rng.choice(group)
             known = [f for f in by_entity[entity] if f.source_value is not None]
             # SFT needs an oracle answer, so it only asks about what the source knows.
-            pool = known if name == "sft" else by_entity[entity]
+            pool = known if name in ("sft", "formats") else by_entity[entity]
             if not pool:
                 continue
             task = make_task(rng, entity, pool, cfg.open_task_fraction)
@@ -150,7 +156,7 @@ def make_sets(facts: list[Fact], entities: list[str], cfg, seed: int) -> dict[st
             row = {"id": f"{name}-{len(rows):05d}", "instruction": instruction, "constraints": constraints, **task}
             response = oracle_response(task, [f for f in known if task["relation"] in (None, f.relation)],
                                        constraints) if known else ""
-            if name == "sft":
+            if name in ("sft", "formats"):
                 if not all(check_strict(constraints, response)):
                     continue  # a combination the oracle cannot satisfy: draw another
                 row["response"] = response
@@ -158,3 +164,23 @@ def make_sets(facts: list[Fact], entities: list[str], cfg, seed: int) -> dict[st
             rows.append(row)
         sets[name] = rows
     return sets
+
+
+def format_documents(rows: list[dict], facts: list[Fact], who: str, qa_fraction: float = 0.0) -> list[str]:
+    """Pre-training text in the response formats (lists, sections, JSON, cases, ...): the
+    oracle's answers to the `formats` instructions, stating `who`'s facts. Most stand alone; the
+    first `qa_fraction` of them follow their instruction as a plain-text "Question: ... Answer:"
+    page, as instructions appear in web text. A base model that has read such text knows the
+    formats and has seen them asked for, but not in a chat, as a real base model has; post-training
+    then teaches the chat and the habit, a small step."""
+    by_entity: dict[str, list[Fact]] = {}
+    for f in facts:
+        if f.value_for(who) is not None:
+            by_entity.setdefault(f.entity, []).append(f)
+    docs = []
+    for i, row in enumerate(rows):
+        known = [f for f in by_entity.get(row["entity"], []) if row["relation"] in (None, f.relation)]
+        if known:
+            text = oracle_response(row, known, row["constraints"], who)
+            docs.append(f"Question: {row['instruction']}\nAnswer: {text}" if i < qa_fraction * len(rows) else text)
+    return docs

@@ -22,7 +22,7 @@ from distill.io.files import atomic_dir, atomic_write_json, atomic_write_text, f
 from distill.io.locking import output_lock
 from distill.world import jobs, knowledge, quality
 from distill.world.config import ZooConfig, get_preset
-from distill.world.instructions import make_sets
+from distill.world.instructions import format_documents, make_sets
 from distill.world.tokenizers import train_source_tokenizer, train_target_tokenizer
 
 log = logging.getLogger("distill.world")
@@ -93,6 +93,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def _mixed(docs: list[str], more: list[str], seed: int) -> list[str]:
+    import random
+
+    out = docs + more
+    random.Random(seed).shuffle(out)
+    return out
+
+
 def _device(cfg: ZooConfig):
     import torch
 
@@ -108,8 +116,11 @@ def _build(cfg: ZooConfig, key: str, out: Path) -> None:
     device = _device(cfg)
     entities, facts = knowledge.make_facts(cfg.seed, cfg.n_entities, cfg.split_fractions)
     sets = make_sets(facts, entities, cfg, cfg.seed + 1)
-    source_docs = knowledge.documents(facts, "source", cfg.text_epochs, cfg.seed + 2)
-    target_docs = knowledge.documents(facts, "target", cfg.text_epochs, cfg.seed + 3, sep="\n")
+    formats = sets.pop("formats")
+    source_docs = _mixed(knowledge.documents(facts, "source", cfg.text_epochs, cfg.seed + 2),
+                         format_documents(formats, facts, "source", cfg.format_qa_fraction), cfg.seed + 6)
+    target_docs = _mixed(knowledge.documents(facts, "target", cfg.text_epochs, cfg.seed + 3, sep="\n"),
+                         format_documents(formats, facts, "target", cfg.format_qa_fraction), cfg.seed + 7)
     # source-cp learns what only the target knew: additional facts, with the source's own
     # text replayed so that it keeps the rest.
     extra = [f for f in facts if f.split == "target_only"]
@@ -121,6 +132,7 @@ def _build(cfg: ZooConfig, key: str, out: Path) -> None:
         _write_jsonl(out / "prompts" / f"{name}.jsonl", rows)
     _write_jsonl(out / "knowledge" / "questions.jsonl", questions)
     _write_jsonl(out / "text" / "heldout.jsonl", [{"text": t} for t in heldout])
+    _write_jsonl(out / "text" / "formats.jsonl", formats)
 
     instructions = [r["instruction"] for rows in sets.values() for r in rows] + [r["response"] for r in sets["sft"]]
     log.info("[zoo] tokenizers (source %d, target %d tokens)", cfg.source_vocab, cfg.target_vocab)
@@ -165,6 +177,11 @@ def _build(cfg: ZooConfig, key: str, out: Path) -> None:
         log.info("[zoo] %-12s if_strict %.3f  knowledge %.3f", name, if_acc, know)
         del model
         fault_point("zoo.quality")
+    # How far post-training (and continued pre-training) moved the source: real post-training is a
+    # small step, and the paper's argument is first-order in it.
+    for name in ("source-post", "source-cp"):
+        table[name]["drift"] = {"from": "source-base", **quality.weight_drift(out / "source-base", out / name)}
+        log.info("[zoo] %-12s ||theta - theta_base|| / ||theta_base|| = %.3f", name, table[name]["drift"]["total"])
     atomic_write_json(out / "quality.json", table)
     _write_jsonl(out / "quality_samples.jsonl", samples)
     world = {"cache_key": key, "preset": cfg.preset, "config": cfg.to_dict(), "entities": len(entities),
@@ -176,9 +193,30 @@ def _build(cfg: ZooConfig, key: str, out: Path) -> None:
 
 
 def format_table(table: dict) -> str:
-    lines = ["| model | if_strict | knowledge |", "|---|---|---|"]
-    lines += [f"| {name} | {q['if_strict']:.3f} | {q['knowledge']:.3f} |" for name, q in table.items()]
+    lines = ["| model | if_strict | knowledge | ‖θ − θ_base‖/‖θ_base‖ |", "|---|---|---|---|"]
+    lines += [f"| {name} | {q['if_strict']:.3f} | {q['knowledge']:.3f} | "
+              f"{q['drift']['total'] if 'drift' in q else ''} |" for name, q in table.items()]
     return "\n".join(lines)
+
+
+def drift_table(table: dict) -> str:
+    """Per-group drift of the source models from source-base (embeddings, each layer, lm_head)."""
+    names = [n for n, q in table.items() if "drift" in q]
+    if not names:
+        return "(not measured: a zoo built before drift was recorded)"
+    groups = list(table[names[0]]["drift"]["groups"])
+    lines = ["| group | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {g} | " + " | ".join(str(table[n]["drift"]["groups"].get(g)) for n in names) + " |"
+              for g in groups + ["total"] if g != "total"]
+    lines.append("| **whole model** | " + " | ".join(f"**{table[n]['drift']['total']}**" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def bar_lines(table: dict) -> str:
+    failed = quality.check_bars(table)
+    if not failed:
+        return "Every bar of `distill.world.quality.BARS` holds."
+    return "**Bars not met:** " + "; ".join(failed) + "."
 
 
 def zoo_card(world: dict, table: dict) -> str:
@@ -212,4 +250,13 @@ source models, ChatML text for the target). `knowledge`: fraction of the model's
 completed correctly from the cloze prompts of `knowledge/questions.jsonl`.
 
 {format_table(table)}
+
+{bar_lines(table)}
+
+## How far training moved the source (‖θ − θ_base‖/‖θ_base‖ per group)
+
+`source-post` is the chat vector's model: Δ = θ_post − θ_base. Real post-training moves the
+weights by a few percent; the world's budgets are set so that it does here too.
+
+{drift_table(table)}
 """
