@@ -3,7 +3,8 @@
 #   analysis/run_tiny.sh [RUN_DIR] [OUT_DIR]
 # 1. the tiny zoo (cached) and the recipe's run: synthesis, SFT over 3 seeds, chat vector, evaluation;
 # 2. the comparison table; 3. the theory experiments T1-T4; 4. the mask ablation, over the
-# recipe's run and a second run with another synthesis seed; 5. T2 over more seeds and that second draw.
+# recipe's run and a second run with another synthesis seed; 5. T2 over more seeds and that second draw;
+# 6. the dose study (analysis/dose_study.py) with the mechanism count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -27,3 +28,6 @@ for spec in "$RUN:1" "$RUN:2" "$RUN-synth1:0" "$RUN-synth1:1" "$RUN-synth1:2"; d
     $PY analysis/theory t2 --zoo "$ZOO" --run-dir "$run" --out "$OUT/theory/t2_seeds/$(basename "$run")-seed$seed" \
         --work "$run/theory-t2-seed$seed" --epochs 3 --seed "$seed"
 done
+# 6. dose and power (with the mechanism count in the data): 3 sizes x 3 methods x 2 draws x 3 seeds
+$PY analysis/dose_study.py --out "$RUN-dose"
+mkdir -p "$OUT/dose" && cp "$RUN-dose"/dose.{md,csv,json,png} "$RUN-dose"/mechanism.{md,json} "$OUT/dose/"
