@@ -97,6 +97,7 @@ class Study:
         self.recipe, self.zoo, self.out, self.args = recipe, zoo, out, args
         self.max_size = max(args.sizes)
         self.ids = self._prompt_ids()
+        self.work_seconds = 0.0  # the recorded time of every synthesis and run, this invocation's or an earlier one's
 
     def _recipe(self, draw: int | None = None):
         r = copy.deepcopy(self.recipe)
@@ -136,13 +137,16 @@ class Study:
         data = self.out / "data" / f"{method}-draw{draw}"
         cfg = synthesize_config(self._recipe(draw), method, str(data))
         marker, key = data.with_name(data.name + ".done.json"), _key({"settings": cfg.settings(), "ids": self.ids})
-        if _done(marker, key) and (data / "data" / "train.jsonl").is_file():
+        done = _done(marker, key)
+        if done and (data / "data" / "train.jsonl").is_file():
             log.info("synthesize %s draw %d: up to date, skipped", method, draw)
+            self.work_seconds += done.get("seconds", 0.0)
             return data
         log.info("synthesize %s draw %d: %d prompts ...", method, draw, len(self.ids))
         t0 = time.time()
         synth.synthesize(cfg)  # resumable; a larger limit keeps the rows it has and adds the new prompts
         atomic_write_json(marker, {"key": key, "seconds": time.time() - t0})
+        self.work_seconds += time.time() - t0
         return data
 
     def subset(self, data: Path, method: str, draw: int, size: int) -> Path:
@@ -168,6 +172,7 @@ class Study:
         record = _done(record_path, key)
         if record:
             log.info("run %s %s: done, skipped", method, name)
+            self.work_seconds += record.get("seconds", 0.0)
             return record
         t0 = time.time()
         trained = model.with_name(model.name + ".key")
@@ -181,6 +186,7 @@ class Study:
             "key": key, "method": method, "size": size, "draw": draw, "seed": seed,
             "rows": sum(1 for _ in iter_jsonl(subset)), "rows_trained": summary.get("data", {}).get("examples"),
             "scores": ecfg.out, "seconds": time.time() - t0})
+        self.work_seconds += record["seconds"]
         if not self.args.keep_models:
             shutil.rmtree(model, ignore_errors=True)
             trained.unlink(missing_ok=True)
@@ -292,7 +298,8 @@ def write_outputs(out: Path, result: dict) -> None:
     md += [""] + [f"Note: {x}" for x in result["notes"]] if result["notes"] else []
     mach = result["machine"]
     md += ["", f"Command: `{result['command']}`", "",
-           f"Wall time {result['wall_seconds']:.0f} s on {mach['platform']}, {mach['cpu_count']} CPUs, "
+           f"Syntheses and runs: {result['work_seconds']:.0f} s as recorded when each was made (a rerun "
+           f"reuses finished ones); this invocation's wall time {result['wall_seconds']:.0f} s; on {mach['platform']}, {mach['cpu_count']} CPUs, "
            f"torch {mach['torch']}, {mach['device']}, distill {mach['distill']}."]
     atomic_write_text(out / "dose.md", "\n".join(md) + "\n")
     buf = io.StringIO()
@@ -418,7 +425,7 @@ def study(args, argv: list[str]) -> dict:
     fig = figure(out, result)
     if fig is None:
         notes.append("figure skipped: matplotlib is not importable")
-    result["figure"], result["wall_seconds"] = fig, time.time() - t0
+    result["figure"], result["wall_seconds"], result["work_seconds"] = fig, time.time() - t0, s.work_seconds
     write_outputs(out, result)
     return result
 
