@@ -17,8 +17,9 @@ RUN = Path(__file__).parent / "fixtures" / "run_dirs" / "recipe"
 
 def test_rows_columns_and_spread_from_a_recipe_run_dir(tmp_path):
     runs = collect_run_dir(RUN)
-    # every row but the two the fixture run has no scores for
-    assert list(runs) == [label for key, label in ROW_LABELS.items() if key not in ("direct-masked", "best-of-n")]
+    # every row but the three the fixture run has no scores for, in ROW_LABELS' order
+    assert list(runs) == [label for key, label in ROW_LABELS.items()
+                          if key not in ("direct-masked", "best-of-n", "gold-sft")]
     assert len(runs[ROW_LABELS["codit"]]) == 3
     result = compare(runs, tmp_path, figure=False)
     codit = result["rows"][ROW_LABELS["codit"]]["if_prompt_strict"]
