@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -42,6 +41,7 @@ from pathlib import Path
 
 from distill import DistillError
 from distill.evaluate.metrics import answer_matches
+from distill.recipe.compare import mean_std
 from distill.io.files import atomic_write_json, atomic_write_text, iter_jsonl
 
 SPLITS = ("shared", "source_only", "conflict", "target_only")
@@ -68,13 +68,10 @@ SENTENCE_END = re.compile(r"\*{3,}|[.!?\n]+")
 
 
 def stats(xs) -> dict:
-    """n, mean and sample sd (None below two values) of the numbers that are not None."""
-    xs = [float(x) for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return {"n": 0, "mean": None, "sd": None}
-    mean = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
-    return {"n": len(xs), "mean": mean, "sd": sd}
+    """n, mean and sample sd (None below two values) of the numbers that are not None: the
+    comparison's `mean_std`, with the key this module's tables use."""
+    s = mean_std([None if x is None else float(x) for x in xs])
+    return {"n": s["n"], "mean": s["mean"], "sd": s["std"]}
 
 
 def fmt(s: dict, digits: int = 3) -> str:

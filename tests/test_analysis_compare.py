@@ -55,7 +55,7 @@ def test_verdict_rules():
 
 
 def test_missing_and_nan_values_do_not_count():
-    from distill.recipe.compare import _stats
+    from distill.recipe.compare import mean_std as _stats
 
     assert _stats([0.5, float("nan"), None, 0.7]) == pytest.approx({"n": 2, "mean": 0.6, "std": 0.1414},
                                                                    rel=1e-3)

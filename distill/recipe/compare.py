@@ -106,7 +106,8 @@ def _distinct(scores: list[dict]) -> list[dict]:
     return out
 
 
-def _stats(xs: list[float]) -> dict:
+def mean_std(xs: list[float]) -> dict:
+    """n, mean and sample std (None below two values) of the numbers that are not None or NaN."""
     xs = [x for x in xs if x is not None and not math.isnan(x)]
     if not xs:
         return {"n": 0, "mean": None, "std": None}
@@ -164,7 +165,7 @@ def compare(runs: dict[str, list[str]], out_dir: str | Path, title: str = "Trans
     judged = [c for c in JUDGE_COLUMNS if any(_get(s, c[2]) is not None for sc in loaded.values() for s in sc)]
     columns = COLUMNS + judged
     for row, scores in loaded.items():
-        table[row] = {key: _stats([_get(s, path) for s in scores]) for key, _, path, _ in columns}
+        table[row] = {key: mean_std([_get(s, path) for s in scores]) for key, _, path, _ in columns}
         table[row]["_runs"] = len(scores)
     rows = list(table)
     pairs = pairs if pairs is not None else default_pairs(rows)
