@@ -21,7 +21,9 @@ class TrainConfig:
     out: str = opt(help="directory for the fine-tuned model (safetensors + tokenizer, loss.csv/png, "
                         "train_config.json, data provenance)")
     deepspeed: Optional[str] = opt(
-        "zero2", "DeepSpeed config: zero2, zero2_1gpu (zero2 tuned for one GPU: overlap_comm and the bf16 overflow "
+        "zero2", "DeepSpeed config: auto (chosen from the model's size and the GPUs' memory by DeepSpeed's "
+                 "estimators: ZeRO-2 where it fits, else ZeRO-3, else ZeRO-3 with offload; it logs its choice), "
+                 "zero2, zero2_1gpu (zero2 tuned for one GPU: overlap_comm and the bf16 overflow "
                  "check off), zero3, zero3_offload (ZeRO-3 with params and optimizer in CPU RAM), none (plain "
                  "Trainer), or a path to your own JSON ('auto' values are filled from these options)")
     epochs: float = opt(3.0, "passes over the training rows (ignored when --max-steps > 0)")

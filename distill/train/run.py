@@ -82,8 +82,14 @@ def _train(cfg: TrainConfig, callbacks) -> Path:
 
     load_tokenizer(model_path, cfg.trust_remote_code, "target model")  # a damaged tokenizer, before anything is written
     guard_path(out)  # `--out a-file/sub`: an error, not a FileExistsError
-    ds_config = load_deepspeed_config(cfg.deepspeed)
     stats = td.DataStats()
+    if cfg.deepspeed == "auto":  # chosen from the model's size and this machine's memory (train/memory.py)
+        from distill.train.memory import resolve_auto
+
+        stats.extra["deepspeed_auto"] = resolve_auto(model_path)  # train_summary.json records the choice
+        ds_config = load_deepspeed_config(stats.extra["deepspeed_auto"])
+    else:
+        ds_config = load_deepspeed_config(cfg.deepspeed)
     check_output_dir(out, cfg.overwrite)
     # Each process (rank) keeps its data's Arrow cache in a folder of its own beside the output:
     # ranks loading one file into the shared HF cache at once raced on its cache files.

@@ -38,7 +38,7 @@ def load_deepspeed_config(spec: str | None) -> dict | None:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise DistillError(f"DeepSpeed config {spec} is neither one of {', '.join(SHIPPED_DEEPSPEED)} nor a "
-                           "JSON file; pass --deepspeed zero2|zero2_1gpu|zero3|zero3_offload|none or a path")
+                           "JSON file; pass --deepspeed auto|zero2|zero2_1gpu|zero3|zero3_offload|none or a path")
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
