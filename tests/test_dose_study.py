@@ -10,7 +10,8 @@ from statistics import NormalDist
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from analysis.dose_study import RECIPE, aggregate, main, pooled_mde  # noqa: E402
+from analysis.dose_report import aggregate, pooled_mde  # noqa: E402
+from analysis.dose_study import RECIPE, main  # noqa: E402
 
 SETTINGS = ["train.deepspeed=none", "train.epochs=1", "synthesis.max_new_tokens=8", "evaluate.max_new_tokens=8"]
 

@@ -44,6 +44,14 @@ def _architecture(model_dir: str | Path) -> str:
     return (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
 
 
+def launch_train(cfg, num_gpus: int) -> None:
+    """Multi-GPU training goes through DeepSpeed's own launcher, one process per GPU."""
+    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--module", "distill.train", *train_flags(cfg)]
+    log.info("launching: %s", shlex.join(cmd))
+    if subprocess.run(cmd).returncode != 0:
+        raise DistillError(f"training failed; the launcher command was: {shlex.join(cmd)}")
+
+
 class Pipeline:
     """Builds the stage list of one recipe and runs it."""
 
@@ -161,11 +169,7 @@ class Pipeline:
         return {"model": str(out)}
 
     def _launch_train(self, cfg, num_gpus: int) -> None:
-        """Multi-GPU training goes through DeepSpeed's own launcher, one process per GPU."""
-        cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--module", "distill.train", *train_flags(cfg)]
-        log.info("launching: %s", shlex.join(cmd))
-        if subprocess.run(cmd).returncode != 0:
-            raise DistillError(f"training failed; the launcher command was: {shlex.join(cmd)}")
+        launch_train(cfg, num_gpus)
 
     def stage_evaluate(self, row: str, model: str) -> dict:
         from distill.evaluate.run import run_evaluation
