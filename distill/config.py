@@ -53,6 +53,16 @@ def _is_list(tp) -> bool:
     return typing.get_origin(tp) in (list, tuple)
 
 
+def _is_int_or_word(tp) -> bool:
+    """int | str: a number, or a word such as "auto" (HfArgumentParser alone would parse it as int)."""
+    return typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and \
+        set(typing.get_args(tp)) == {int, str}
+
+
+def _int_or_word(value: str):
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
 def _strip_optional(tp):
     args = typing.get_args(tp)
     if type(None) in args and len(args) == 2:
@@ -94,10 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, optional: tuple[str, 
         if _is_optional_bool(types[f.name]):
             parser.add_argument(f"--no-{f.name.replace('_', '-')}", f"--no_{f.name}", dest=f.name,
                                 action="store_false", help=argparse.SUPPRESS)
-        if f.name in optional:
-            for action in parser._actions:
-                if action.dest == f.name:
+        for action in parser._actions:
+            if action.dest == f.name:
+                if f.name in optional:
                     action.required = False
+                if _is_int_or_word(types[f.name]):
+                    action.type = _int_or_word
 
 
 def from_args(cls, args: argparse.Namespace, **values):
@@ -112,6 +124,31 @@ def from_args(cls, args: argparse.Namespace, **values):
             v = [p for item in v for p in (item.split(",") if isinstance(item, str) else [item]) if p != ""]
         kwargs[f.name] = v
     return cls(**(kwargs | values))
+
+
+def config_flags(cfg) -> list[str]:
+    """The flags of `cfg`'s command that give `cfg` back through `add_arguments` + `from_args` (what a
+    launcher passes to each process): every CLI field whose value is not its default, the required
+    ones always, in field order. A value no flag can say (None where the default is not) is left out;
+    parsing the flags back shows it (`distill.recipe.launch.stage_flags`)."""
+    flags = []
+    for f in dataclasses.fields(cfg):
+        if not f.metadata.get("cli", True):
+            continue
+        v = getattr(cfg, f.name)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if (default is not MISSING and v == default) or v is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(flag if v else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(v, (list, tuple)):
+            flags += [flag, *map(str, v)] if v else []  # an empty list: no flag takes none, parsing back says so
+        elif isinstance(v, dict):
+            flags += [flag, json.dumps(v, sort_keys=True)]
+        else:
+            flags += [flag, str(v)]
+    return flags
 
 
 def section(name: str, cls, *, drop: tuple[str, ...] = (), rename: dict[str, str] | None = None,

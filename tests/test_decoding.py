@@ -231,8 +231,12 @@ def test_refills_wait_for_refill_min_free_slots_and_change_no_output(setup, engi
     for refill_min in (1, 3):
         dec = ContrastiveDecoder(expert, amateur, len(tok), stops, DecodingConfig(refill_min=refill_min, **kw))
         sizes, admit = [], dec._admit
-        dec._admit = lambda backend, slots, free, queue, admit=admit, sizes=sizes: (
-            sizes.append(len(free)), admit(backend, slots, free, queue))
+        def counted(backend, slots, free, queue, admit=admit, sizes=sizes):
+            left = admit(backend, slots, free, queue)
+            sizes.append(len(free) - len(left))  # rows admitted by this call
+            return left
+
+        dec._admit = counted
         outputs[refill_min] = {r.key: r.tokens for r in dec.generate(
             [Request(str(i), p, seed=100 + i) for i, p in enumerate(prompts)])}
         admitted[refill_min] = sizes

@@ -29,7 +29,10 @@ def test_schema_rejects_unknown_keys_and_wrong_types(tmp_path):
     bad.write_text("name: x\ntrain:\n  seeds: zero\n")
     with pytest.raises(DistillError, match=r"'train.seeds' must be a list"):
         load_recipe(bad)
-    with pytest.raises(DistillError, match=r"'synthesis.batch_size' must be int"):
+    with pytest.raises(DistillError, match=r"'synthesis.max_new_tokens' must be int"):
+        load_recipe(MISTRAL_TO_QWEN, ["synthesis.max_new_tokens=big"])
+    with pytest.raises(DistillError, match=r"mistral-to-qwen.yaml: synthesis: batch_size must be a number of rows or "
+                                           r"auto, got 'big'"):
         load_recipe(MISTRAL_TO_QWEN, ["synthesis.batch_size=big"])
     with pytest.raises(DistillError, match="expected key=value"):
         load_recipe(MISTRAL_TO_QWEN, ["synthesis.batch_size"])

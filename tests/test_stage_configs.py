@@ -86,6 +86,8 @@ def _other(name: str, tp, default):
         return (default or 0.0) + 0.5
     if tp is str:
         return f"x-{name}"
+    if set(typing.get_args(tp)) == {int, str}:  # a number or a word ("auto"): the number shape
+        return 7 if default != 7 else 8
     raise AssertionError(f"no test value for {name}: {tp}")
 
 

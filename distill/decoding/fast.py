@@ -8,10 +8,13 @@ RoPE tables) are read from its config by `distill.decoding.families`; per-layer 
 in each layer's dict.
 
 What makes it fast on a GPU:
-- a static KV cache [batch, kv_heads, capacity, head_dim] per layer; row b writes its next
-  key/value at column lengths[b] and attends to columns <= lengths[b], so rows at different
-  positions share one fixed-shape step and a refilled row simply starts again at column 0
-  (a sliding-window layer keeps a full-length cache too and masks what its window no longer sees);
+- a fixed-shape KV cache: row b writes its next key/value at (logical) column lengths[b] and
+  attends to columns <= lengths[b], so rows at different positions share one fixed-shape step
+  and a refilled row simply starts again at column 0 (a sliding-window layer keeps a full-length
+  cache too and masks what its window no longer sees). Paged (the engine's default,
+  `distill.decoding.paged`): one pool of blocks per layer, a block table shared by the models,
+  blocks handed out between steps as rows grow; static: [batch, kv_heads, capacity, head_dim]
+  per layer, prompt + max_new_tokens columns per row whatever the row uses;
 - that fixed-shape step, for both models at once, is captured once as a CUDA graph and
   replayed every token (one launch instead of ~1,000 kernel launches);
 - decode-time GQA folds the query heads of a KV group into the query-length axis, so the
@@ -39,13 +42,14 @@ from distill.decoding.families import SUPPORTED, read_weights, text_parts, unsup
 log = logging.getLogger(__name__)
 
 ATTENTION_BUCKET = 256  # attention width grows in steps of this many cache columns (one CUDA graph each)
+PAGE_SIZE = 128  # tokens per paged-cache block: FlexAttention's block size, so one mask block is one cache block
 
 
 class FastLM:
     """One model as plain tensors plus a static KV cache."""
 
     def __init__(self, hf_model, compile_layers: bool = False):
-        self.decode_attention_in, self.attention_out_and_mlp = layer_functions(compile_layers)
+        self.decode_attention_in, self.paged_attention_in, self.attention_out_and_mlp = layer_functions(compile_layers)
         w = read_weights(hf_model)
         self.family, self.eps, self.layers = w.family, w.eps, w.layers
         self.heads, self.kv_heads, self.head_dim = w.heads, w.kv_heads, w.head_dim
@@ -63,6 +67,12 @@ class FastLM:
 
     def allocate(self, batch: int, capacity: int) -> None:
         shape = (batch, self.kv_heads, capacity, self.head_dim)
+        self.k_cache = [self.embed.new_zeros(shape) for _ in self.layers]
+        self.v_cache = [self.embed.new_zeros(shape) for _ in self.layers]
+
+    def allocate_paged(self, columns: int) -> None:
+        """A paged pool [kv_heads, columns, head_dim] per layer (distill.decoding.paged)."""
+        shape = (self.kv_heads, columns, self.head_dim)
         self.k_cache = [self.embed.new_zeros(shape) for _ in self.layers]
         self.v_cache = [self.embed.new_zeros(shape) for _ in self.layers]
 
@@ -91,13 +101,15 @@ class FastLM:
         return fn(x, o, *p["o"], p["ln2"], *p["gate_up"], *p["down"], self.eps, **p["mlp_kw"])
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
-               columns: torch.Tensor, flex: dict | None = None) -> torch.Tensor:
+               columns: torch.Tensor, flex: dict | None = None, paged: tuple | None = None) -> torch.Tensor:
         """One token per row: write K/V at column lengths[b], attend to columns <= lengths[b].
 
         `columns` is arange(width): attention reads only the first width columns of the cache,
         so every row must have lengths[b] < width. With `flex` ({window: FlexDecodeAttention}
         over this model's cache length) each row reads only its own live blocks instead, and
-        `columns` is unused.
+        `columns` is unused. `paged` = (addresses [B], gather [B, width] or None): the cache is a
+        paged pool; row b writes at physical column addresses[b] and, without flex, its logical
+        columns 0..width-1 are gathered from physical columns gather[b].
         """
         batch, heads, kv, d = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         width = columns.shape[0]
@@ -108,14 +120,21 @@ class FastLM:
             biases = {w: self._decode_bias(columns, lengths, w, x.dtype) for w in self.windows}
         for p, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             cos, sin = ropes[p["rope"]]
-            q = self.decode_attention_in(x, p["ln1"], *p["qkv"], cos, sin, heads, kv, d, self.eps, kc, vc, rows,
-                                         lengths, **p["attn_kw"])
+            if paged is None:
+                q = self.decode_attention_in(x, p["ln1"], *p["qkv"], cos, sin, heads, kv, d, self.eps, kc, vc, rows,
+                                             lengths, **p["attn_kw"])
+                keys, values = (None, None) if flex is not None else (kc[:, :, :width], vc[:, :, :width])
+            else:
+                q = self.paged_attention_in(x, p["ln1"], *p["qkv"], cos, sin, heads, kv, d, self.eps, kc, vc,
+                                            paged[0], **p["attn_kw"])
+                # [kv, B, width, d] -> [B, kv, width, d]: each row's logical columns, gathered
+                keys, values = (None, None) if flex is not None else (kc[:, paged[1]].transpose(0, 1),
+                                                                      vc[:, paged[1]].transpose(0, 1))
             if flex is not None:
                 o = flex[p["window"]].attend(q, kc, vc, scale=self.attn_scale)
             else:  # query heads h*G..h*G+G-1 share kv head h: fold them into the query axis
-                o = F.scaled_dot_product_attention(q.reshape(batch, kv, heads // kv, d), kc[:, :, :width],
-                                                   vc[:, :, :width], attn_mask=biases[p["window"]],
-                                                   scale=self.attn_scale)
+                o = F.scaled_dot_product_attention(q.reshape(batch, kv, heads // kv, d), keys, values,
+                                                   attn_mask=biases[p["window"]], scale=self.attn_scale)
             x = self._out_mlp(x, o.reshape(batch, heads * d), p, self.attention_out_and_mlp)
         return self._logits(x)
 
@@ -128,10 +147,12 @@ class FastLM:
         bias = torch.zeros(visible.shape, dtype=dtype, device=lengths.device).masked_fill_(~visible, float("-inf"))
         return bias[:, None, None, :]
 
-    def prefill(self, slots: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def prefill(self, slots: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
+                paged: tuple | None = None) -> torch.Tensor:
         """Right-padded prompts [k, T] into cache rows `slots`; returns the last real token's logits.
 
         Padding columns get junk K/V, but decode masks columns > lengths and overwrites them.
+        `paged` = (real [k, T] bool, addresses [real.sum()]): a paged pool takes the real columns only.
         """
         k_rows, width = ids.shape
         heads, kv, d = self.heads, self.kv_heads, self.head_dim
@@ -145,8 +166,12 @@ class FastLM:
             cos, sin = ropes[p["rope"]]
             q, k, v = (t.transpose(1, 2) for t in attention_in(x, p["ln1"], *p["qkv"], cos, sin, heads, kv, d,
                                                                 self.eps, **p["attn_kw"]))  # [k, heads, T, d]
-            kc[slots, :, :width] = k
-            vc[slots, :, :width] = v
+            if paged is None:
+                kc[slots, :, :width] = k
+                vc[slots, :, :width] = v
+            else:  # [k, T, kv, d] at the real columns -> the pool's physical columns
+                kc.index_copy_(1, paged[1], k.transpose(1, 2)[paged[0]].transpose(0, 1))
+                vc.index_copy_(1, paged[1], v.transpose(1, 2)[paged[0]].transpose(0, 1))
             mask = masks.get(p["window"])
             if mask is None:  # plain causal: no mask tensor and no K/V copies, so the flash kernel can run
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=self.attn_scale)
@@ -171,15 +196,29 @@ class FastPair:
 
     def __init__(self, models, batch: int, capacity: int, cuda_graphs: bool = True, bucket: int | None = None,
                  compile_layers: bool = False, decode_attention: str = "sdpa", flex_fallback: bool = False,
-                 concurrent: bool = False):
+                 concurrent: bool = False, kv_cache: str = "static", kv_blocks: int | None = None,
+                 block_size: int | None = None):
         if decode_attention not in ("sdpa", "flex"):
             raise ValueError(f"decode_attention must be sdpa or flex, got {decode_attention!r}")
+        if kv_cache not in ("static", "paged"):
+            raise ValueError(f"kv_cache must be static or paged, got {kv_cache!r}")
         self.lms = [FastLM(m, compile_layers) for m in models]
         self.device = self.lms[0].embed.device
-        self.capacity = self.aligned_capacity(capacity, decode_attention)
+        self.block_size = block_size or PAGE_SIZE
+        self.capacity = self.aligned_capacity(capacity, decode_attention, self.block_size if kv_cache == "paged" else None)
         self.bucket = bucket or ATTENTION_BUCKET
+        self.blocks = None  # the paged cache's block table (distill.decoding.paged), shared by the models
+        if kv_cache == "paged":
+            from distill.decoding.paged import BlockTable
+
+            # without a budget: room for every row at full length, so nothing is ever preempted
+            num_blocks = kv_blocks or batch * (self.capacity // self.block_size) + 1
+            self.blocks = BlockTable(batch, num_blocks, self.block_size, self.capacity, self.device)
         for lm in self.lms:
-            lm.allocate(batch, self.capacity)
+            if self.blocks is None:
+                lm.allocate(batch, self.capacity)
+            else:
+                lm.allocate_paged(self.blocks.num_blocks * self.block_size)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.rows = torch.arange(batch, device=self.device)
@@ -195,7 +234,7 @@ class FastPair:
             from distill.decoding.flex import FlexDecodeAttention
 
             windows = {w for lm in self.lms for w in lm.windows}
-            self.flex = {w: FlexDecodeAttention(self.lengths, self.capacity, w) for w in windows}
+            self.flex = {w: FlexDecodeAttention(self.lengths, self.capacity, w, paged=self.blocks) for w in windows}
             self.bucket = self.capacity  # one width, one graph: the mask, not the width, bounds the reads
         # Eager FlexAttention is correct but dense and slow: where its compile fails (a head_dim
         # under 16 on a GPU, no Triton), an "auto" choice of flex falls back to SDPA instead.
@@ -233,37 +272,44 @@ class FastPair:
         return post_step is not None
 
     @staticmethod
-    def aligned_capacity(capacity: int, decode_attention: str = "sdpa") -> int:
-        """Cache columns per row: flex needs whole 128-column blocks; sdpa's kernels like 64-aligned widths."""
-        align = 128 if decode_attention == "flex" else 64
+    def aligned_capacity(capacity: int, decode_attention: str = "sdpa", block_size: int | None = None) -> int:
+        """Cache columns per row: whole blocks of a paged cache; for a static one flex needs whole
+        128-column blocks and sdpa's kernels like 64-aligned widths."""
+        align = block_size or (128 if decode_attention == "flex" else 64)
         return -(-capacity // align) * align
 
-    @staticmethod
-    def rows_that_fit(models, capacity: int, reserve_fraction: float = 0.1) -> int:
-        """How many rows of static KV cache (all models) fit in the free GPU memory."""
-        per_row = 0
-        for m in models:
-            cfg, base = text_parts(m)
-            head_dim = base.layers[0].self_attn.q_proj.weight.shape[0] // cfg.num_attention_heads
-            elem = next(m.parameters()).element_size()
-            per_row += 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * capacity * elem
-            per_row += 16 * cfg.vocab_size * 4  # float32 logits and sampling temporaries per row
-        free, total = torch.cuda.mem_get_info(next(models[0].parameters()).device)
-        return max(0, int((free - reserve_fraction * total - 2**30) // per_row))
+    # --- the paged cache's admission and growth (no-ops for a static cache) -------------------
+
+    def admit(self, slot: int, columns: int, lookahead: int) -> bool:
+        """Room for a row of `columns` tokens plus its next `lookahead` in slot `slot`: take it or say no."""
+        return self.blocks is None or self.blocks.admit(slot, columns, lookahead)
+
+    def reserve(self, lookahead: int) -> list[int]:
+        """Blocks for the next `lookahead` tokens of every live row; returns the slots preempted for them."""
+        if self.blocks is None:
+            return []
+        preempted = self.blocks.reserve(lookahead, {s: self.bound[s] for s in self.blocks.live()})
+        for s in preempted:
+            self.bound[s] = 0
+        return preempted
 
     @torch.no_grad()
     def _step(self, width: int) -> list[torch.Tensor]:
         for f in (self.flex or {}).values():
             f.update()
-        logits = self._decode_models(width)
+        paged = None
+        if self.blocks is not None:  # once per step, for every model and layer: they share the table
+            paged = (self.blocks.addresses(self.rows, self.lengths),
+                     None if self.flex is not None else self.blocks.gather_index(width))
+        logits = self._decode_models(width, paged)
         if self.post_step is not None:
             self.lengths += self.active.long()  # finished rows stay put, overwriting one junk column
             self.post_step(logits)
         return logits
 
-    def _decode_models(self, width: int) -> list[torch.Tensor]:
+    def _decode_models(self, width: int, paged: tuple | None = None) -> list[torch.Tensor]:
         def decode(i: int) -> torch.Tensor:
-            return self.lms[i].decode(self.tokens, self.lengths, self.rows, self.columns[:width], self.flex)
+            return self.lms[i].decode(self.tokens, self.lengths, self.rows, self.columns[:width], self.flex, paged)
 
         if not self.side_streams:
             return [decode(i) for i in range(len(self.lms))]
@@ -326,7 +372,15 @@ class FastPair:
         ids = ids.to(self.device)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         slots_t = torch.tensor(slots, device=self.device)
-        logits = [lm.prefill(slots_t, ids, lengths).float() for lm in self.lms]
+        paged = None
+        if self.blocks is not None:
+            for s, p in zip(slots, prompts):
+                if not self.blocks.grow(s, len(p)):  # the engine admits only rows that fit (admit())
+                    raise RuntimeError(f"no free cache blocks for a {len(p)}-token prompt in slot {s}")
+            pos = torch.arange(width, device=self.device)
+            real = pos[None, :] < lengths[:, None]
+            paged = (real, self.blocks.addresses(slots_t[:, None].expand(-1, width), pos.expand(len(slots), -1))[real])
+        logits = [lm.prefill(slots_t, ids, lengths, paged).float() for lm in self.lms]
         self.lengths[slots_t] = lengths
         return logits
 
@@ -334,6 +388,8 @@ class FastPair:
         """Rows the engine is done with stop counting towards the attention width."""
         for s in slots:
             self.bound[s] = 0
+            if self.blocks is not None:
+                self.blocks.release(s)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:

@@ -88,6 +88,16 @@ def decode_attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads: int, kv: i
     return q
 
 
+def paged_decode_attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads: int, kv: int, d: int, eps: float,
+                              k_pool, v_pool, addr, **family):
+    """decode_attention_in for a paged cache: k and v go to physical columns `addr` of the pools
+    [kv, columns, d] (distill.decoding.paged); returns q."""
+    q, k, v = attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads, kv, d, eps, **family)
+    k_pool.index_copy_(1, addr, k.transpose(0, 1))
+    v_pool.index_copy_(1, addr, v.transpose(0, 1))
+    return q
+
+
 def attention_out_and_mlp(x, o, w_o, b_o, ln2, w_gate_up, b_gate_up, w_down, b_down, eps: float,
                           f32: bool = False, post_attn=None, post_mlp=None, gelu: bool = False):
     """Residual + o_proj(attention output), then residual + gated MLP (SiLU, or GELU-tanh).
@@ -107,14 +117,16 @@ def attention_out_and_mlp(x, o, w_o, b_o, ln2, w_gate_up, b_gate_up, w_down, b_d
 
 
 def layer_functions(compile_layers: bool):
-    """The two per-layer pieces around attention, eager or torch.compile'd.
+    """The per-layer pieces around attention (static- and paged-cache input, output + MLP), eager or
+    torch.compile'd.
 
     Compiled, Inductor fuses the small kernels between the GEMMs (RMSNorm, RoPE, the K/V cache
     write, SiLU * up, the residual adds) that a decode step otherwise launches one by one: ~20 per layer, which
     CUDA graphs make cheap to launch but not free. One compiled graph serves every layer of
     every model of the same shapes and family quirks (weights are inputs, not constants).
     """
-    return compiled_layer_functions() if compile_layers else (decode_attention_in, attention_out_and_mlp)
+    return compiled_layer_functions() if compile_layers else (decode_attention_in, paged_decode_attention_in,
+                                                              attention_out_and_mlp)
 
 
 @functools.cache
@@ -122,4 +134,5 @@ def compiled_layer_functions():
     from distill.decoding.compiled import CompiledOrEager
 
     return (CompiledOrEager(decode_attention_in, "the decode layers' attention input"),
+            CompiledOrEager(paged_decode_attention_in, "the decode layers' attention input (paged cache)"),
             CompiledOrEager(attention_out_and_mlp, "the decode layers' output and MLP"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from distill import DistillError
 from distill.config import opt
@@ -45,7 +45,9 @@ class SynthesizeConfig:
     top_p: float = opt(1.0, "nucleus sampling mass (1.0 = off)")
     max_new_tokens: int = opt(4096, "longest response in tokens (the max_tokens of the public CoDIT scripts but "
                                     "run_Qwen3-8B.sh, which uses 2048)")
-    batch_size: int = opt(32, "rows decoded together; finished rows are refilled from the queue (128+ on a big GPU)")
+    batch_size: Union[int, str] = opt(
+        "auto", "rows decoded together; finished rows are refilled from the queue. auto: on a GPU with the paged KV "
+                "cache, up to 256 rows, admitted while its free blocks hold their tokens; elsewhere 32")
     seed: int = opt(0, "run seed; each row samples with a seed derived from (seed, id)")
     # Which prompts (distill.synthesize.prompt_sets): the layout, the turns kept, the counted drops
     # (empty, over max_prompt_chars, duplicate text), then the first `limit` or a seeded `sample`.
@@ -77,6 +79,13 @@ class SynthesizeConfig:
                 "row reads up to the longest row); auto = flex on a GPU, with sdpa where flex does not compile")
     concurrent_models: Optional[bool] = opt(None, "fast engine: step the amateur on a second CUDA stream so the two "
                                                   "models' kernels overlap inside the CUDA graph (None: on a GPU only)")
+    kv_cache: Literal["paged", "static"] = opt(
+        "paged", "fast engine: paged hands out KV cache blocks as rows grow and frees them as rows finish (the batch "
+                 "is bounded by the tokens rows hold; rows wait, or the longest is recomputed later, when blocks run "
+                 "out); static keeps prompt + max_new_tokens columns per row")
+    kv_block_size: int = opt(128, "fast engine, paged cache: tokens per cache block")
+    kv_blocks: Optional[int] = opt(None, "fast engine, paged cache: blocks in the pool (all models); default: what "
+                                         "free GPU memory holds beside the models, on CPU room for every row")
     repetition_rule: Literal["public", "ngram"] = opt(
         "public", "which rows are marked repetitive: public = the public CoDIT code's rule (a response of 100+ "
                   "characters whose top character 2/3/4-gram is >= 0.16/0.18/0.20 of its n-grams, or whose top "
@@ -140,7 +149,8 @@ class SynthesizeConfig:
         template_kwargs(_NoTemplate, self.chat_template_kwargs)  # not JSON: an error now, before anything loads
         DecodingConfig(alpha=self.alpha, beta=self.beta, temperature=self.temperature, top_p=self.top_p,
                        max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, engine=self.engine,
-                       decode_attention=self.decode_attention).validate()
+                       decode_attention=self.decode_attention, kv_cache=self.kv_cache,
+                       kv_block_size=self.kv_block_size, kv_blocks=self.kv_blocks).validate()
 
     def settings(self) -> dict:
         # The prompt selection is recorded but not a resume key: rows are keyed by prompt id and their
@@ -148,8 +158,12 @@ class SynthesizeConfig:
         keys = RESUME_KEYS + (BEST_OF_N_KEYS if self.method == "best-of-n" else ())
         return {k: getattr(self, k) for k in keys} | {k: getattr(self, k) for k in SELECTION_KEYS}
 
+    def rows(self) -> int:
+        """batch_size as a number: "auto" is resolved by the engine; here (best-of-n groups, syncs) 32."""
+        return self.batch_size if isinstance(self.batch_size, int) else 32
+
     def judge_settings(self):
-        return judge_settings(self, batch_size=self.batch_size)
+        return judge_settings(self, batch_size=self.rows())
 
 
 class _NoTemplate:

@@ -139,7 +139,8 @@ def _synthesize(cfg: SynthesizeConfig, lock) -> Path:
                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, engine=cfg.engine,
                            cuda_graphs=cfg.cuda_graphs, compile_layers=cfg.compile_layers,
                            decode_attention=cfg.decode_attention, concurrent_models=cfg.concurrent_models,
-                           token_logprobs=cfg.token_logprobs),
+                           token_logprobs=cfg.token_logprobs, kv_cache=cfg.kv_cache, kv_block_size=cfg.kv_block_size,
+                           kv_blocks=cfg.kv_blocks),
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         provenance = {"method": cfg.method, "expert": cfg.expert, "amateur": cfg.amateur, "alpha": cfg.alpha,
                       "beta": cfg.beta, "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -152,7 +153,7 @@ def _synthesize(cfg: SynthesizeConfig, lock) -> Path:
                 return tokenizer.decode(kept, skip_special_tokens=True).strip()
 
             stream = (((r, {}) for r in decoder.generate(requests)) if bon is None else
-                      bon.pick(decoder.generate(requests), text, by_id, max(1, cfg.batch_size // cfg.n)))
+                      bon.pick(decoder.generate(requests), text, by_id, max(1, cfg.rows() // cfg.n)))
             for i, (result, more) in enumerate(stream, 1):
                 tokens = result.tokens[:-1] if result.finish_reason == "stop" else result.tokens
                 response = tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -167,7 +168,7 @@ def _synthesize(cfg: SynthesizeConfig, lock) -> Path:
                               **provenance, "engine": getattr(decoder, "engine_used", None),
                               "row_seed": derive_seed(cfg.seed, p["id"]), **result.extra, **more})  # more: best-of-n
                 fault_point("synthesize.row")
-                if i % cfg.batch_size == 0:
+                if i % cfg.rows() == 0:
                     writer.sync()
                 bar.update(1)
                 # refresh=False: the bar's own interval decides when to redraw (see distill.io.progress)
@@ -175,6 +176,9 @@ def _synthesize(cfg: SynthesizeConfig, lock) -> Path:
         finally:
             bar.close()
             writer.close()
+            if decoder.kv_blocks:
+                log.info("rank %d: paged KV cache of %d blocks; at most %d rows at once, %d preempted and recomputed",
+                         rank, decoder.kv_blocks - 1, decoder.peak_rows, decoder.preemptions)
             if bon:
                 bon.close()
     else:
