@@ -247,8 +247,8 @@ class ContrastiveDecoder:
         cfg, block = self.config, self.config.kv_block_size
         auto = cfg.batch_size == "auto"
         rows = min(n_requests, (AUTO_ROWS if gpu else CPU_ROWS) if auto else cfg.batch_size)
-        per_row = FastPair.aligned_capacity(capacity, levers["decode_attention"], block) // block
-        full = rows * per_row + 1  # every slot at full length: never preempts
+        _, full = FastPair.paged_geometry(capacity, levers["decode_attention"], block, rows, None)  # never preempts
+        per_row = -(-capacity // block)
         blocks = cfg.kv_blocks
         if blocks is None and gpu:
             blocks = min(full, paged.blocks_that_fit(self.models, block, rows))

@@ -71,8 +71,8 @@ class FastLM:
         self.v_cache = [self.embed.new_zeros(shape) for _ in self.layers]
 
     def allocate_paged(self, columns: int) -> None:
-        """A paged pool [kv_heads, columns, head_dim] per layer (distill.decoding.paged)."""
-        shape = (self.kv_heads, columns, self.head_dim)
+        """A paged pool [columns, kv_heads, head_dim] per layer (distill.decoding.paged)."""
+        shape = (columns, self.kv_heads, self.head_dim)
         self.k_cache = [self.embed.new_zeros(shape) for _ in self.layers]
         self.v_cache = [self.embed.new_zeros(shape) for _ in self.layers]
 
@@ -127,9 +127,10 @@ class FastLM:
             else:
                 q = self.paged_attention_in(x, p["ln1"], *p["qkv"], cos, sin, heads, kv, d, self.eps, kc, vc,
                                             paged[0], **p["attn_kw"])
-                # [kv, B, width, d] -> [B, kv, width, d]: each row's logical columns, gathered
-                keys, values = (None, None) if flex is not None else (kc[:, paged[1]].transpose(0, 1),
-                                                                      vc[:, paged[1]].transpose(0, 1))
+                # each row's logical columns, gathered: [B * width, kv, d] -> [B, kv, width, d]
+                if flex is None:
+                    keys, values = (c.index_select(0, paged[1].view(-1)).view(batch, -1, kv, d).transpose(1, 2)
+                                    for c in (kc, vc))
             if flex is not None:
                 o = flex[p["window"]].attend(q, kc, vc, scale=self.attn_scale)
             else:  # query heads h*G..h*G+G-1 share kv head h: fold them into the query axis
@@ -170,8 +171,8 @@ class FastLM:
                 kc[slots, :, :width] = k
                 vc[slots, :, :width] = v
             else:  # [k, T, kv, d] at the real columns -> the pool's physical columns
-                kc.index_copy_(1, paged[1], k.transpose(1, 2)[paged[0]].transpose(0, 1))
-                vc.index_copy_(1, paged[1], v.transpose(1, 2)[paged[0]].transpose(0, 1))
+                kc.index_copy_(0, paged[1], k.transpose(1, 2)[paged[0]])
+                vc.index_copy_(0, paged[1], v.transpose(1, 2)[paged[0]])
             mask = masks.get(p["window"])
             if mask is None:  # plain causal: no mask tensor and no K/V copies, so the flash kernel can run
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=self.attn_scale)
@@ -205,20 +206,23 @@ class FastPair:
         self.lms = [FastLM(m, compile_layers) for m in models]
         self.device = self.lms[0].embed.device
         self.block_size = block_size or PAGE_SIZE
-        self.capacity = self.aligned_capacity(capacity, decode_attention, self.block_size if kv_cache == "paged" else None)
+        self.capacity = self.aligned_capacity(capacity, decode_attention)
         self.bucket = bucket or ATTENTION_BUCKET
         self.blocks = None  # the paged cache's block table (distill.decoding.paged), shared by the models
         if kv_cache == "paged":
             from distill.decoding.paged import BlockTable
 
-            # without a budget: room for every row at full length, so nothing is ever preempted
-            num_blocks = kv_blocks or batch * (self.capacity // self.block_size) + 1
+            self.capacity, num_blocks = self.paged_geometry(capacity, decode_attention, self.block_size, batch,
+                                                            kv_blocks)
             self.blocks = BlockTable(batch, num_blocks, self.block_size, self.capacity, self.device)
+        # A pool with room for every row at full length ("fixed") is laid out as the static cache: the
+        # same memory, and the same reads (a gather costs ~5 % of CoDIT tokens/s on CPU, BENCHMARKS.md).
+        self.paged_layout = self.blocks is not None and not self.blocks.fixed
         for lm in self.lms:
-            if self.blocks is None:
-                lm.allocate(batch, self.capacity)
-            else:
+            if self.paged_layout:
                 lm.allocate_paged(self.blocks.num_blocks * self.block_size)
+            else:
+                lm.allocate(batch, self.capacity)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.rows = torch.arange(batch, device=self.device)
@@ -234,7 +238,8 @@ class FastPair:
             from distill.decoding.flex import FlexDecodeAttention
 
             windows = {w for lm in self.lms for w in lm.windows}
-            self.flex = {w: FlexDecodeAttention(self.lengths, self.capacity, w, paged=self.blocks) for w in windows}
+            table = self.blocks if self.paged_layout else None
+            self.flex = {w: FlexDecodeAttention(self.lengths, self.capacity, w, paged=table) for w in windows}
             self.bucket = self.capacity  # one width, one graph: the mask, not the width, bounds the reads
         # Eager FlexAttention is correct but dense and slow: where its compile fails (a head_dim
         # under 16 on a GPU, no Triton), an "auto" choice of flex falls back to SDPA instead.
@@ -273,10 +278,25 @@ class FastPair:
 
     @staticmethod
     def aligned_capacity(capacity: int, decode_attention: str = "sdpa", block_size: int | None = None) -> int:
-        """Cache columns per row: whole blocks of a paged cache; for a static one flex needs whole
-        128-column blocks and sdpa's kernels like 64-aligned widths."""
-        align = block_size or (128 if decode_attention == "flex" else 64)
+        """Cache columns per row of a static cache: flex needs whole 128-column blocks and sdpa's
+        kernels like 64-aligned widths (with `block_size`: whole blocks too)."""
+        import math
+
+        align = 128 if decode_attention == "flex" else 64
+        align = math.lcm(align, block_size) if block_size else align
         return -(-capacity // align) * align
+
+    @classmethod
+    def paged_geometry(cls, capacity: int, decode_attention: str, block_size: int, rows: int,
+                       kv_blocks: int | None) -> tuple[int, int]:
+        """(columns per row, blocks in the pool) of a paged cache. Without a budget, or with one that
+        holds every row at full length, the pool is "fixed" and laid out as the static cache (its
+        alignment); else rows hold whole blocks only."""
+        static = cls.aligned_capacity(capacity, decode_attention, block_size)
+        full = rows * (static // block_size) + 1  # + the scratch block
+        if kv_blocks is None or kv_blocks >= full:
+            return static, full
+        return -(-capacity // block_size) * block_size, kv_blocks
 
     # --- the paged cache's admission and growth (no-ops for a static cache) -------------------
 
@@ -298,7 +318,7 @@ class FastPair:
         for f in (self.flex or {}).values():
             f.update()
         paged = None
-        if self.blocks is not None:  # once per step, for every model and layer: they share the table
+        if self.paged_layout:  # once per step, for every model and layer: they share the table
             paged = (self.blocks.addresses(self.rows, self.lengths),
                      None if self.flex is not None else self.blocks.gather_index(width))
         logits = self._decode_models(width, paged)
@@ -377,6 +397,7 @@ class FastPair:
             for s, p in zip(slots, prompts):
                 if not self.blocks.grow(s, len(p)):  # the engine admits only rows that fit (admit())
                     raise RuntimeError(f"no free cache blocks for a {len(p)}-token prompt in slot {s}")
+        if self.paged_layout:
             pos = torch.arange(width, device=self.device)
             real = pos[None, :] < lengths[:, None]
             paged = (real, self.blocks.addresses(slots_t[:, None].expand(-1, width), pos.expand(len(slots), -1))[real])

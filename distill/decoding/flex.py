@@ -47,8 +47,8 @@ class FlexDecodeAttention:
     """
 
     def __init__(self, lengths: torch.Tensor, capacity: int, window: int | None, paged=None):
-        """`paged`: a `distill.decoding.paged.BlockTable`; the cache is then its pool [1, kv_heads,
-        blocks * block_size, d], the mask lists each row's physical blocks and the mask_mod maps a
+        """`paged`: a `distill.decoding.paged.BlockTable`; the cache is then its pool, read as [1,
+        kv_heads, blocks * block_size, d], the mask lists each row's physical blocks and the mask_mod maps a
         physical column back to the row's logical one (the conversion torch's PagedAttention does)."""
         from torch.nn.attention.flex_attention import BlockMask
 
@@ -107,10 +107,11 @@ class FlexDecodeAttention:
                scale: float | None = None) -> torch.Tensor:
         """q [B, heads, d] (one token per row) -> attention output [B, heads * d]; scale None: d ** -0.5.
 
-        The cache: [B, kv_heads, capacity, d], or a paged pool [kv_heads, columns, d] shared by every row."""
+        The cache: [B, kv_heads, capacity, d], or a paged pool [columns, kv_heads, d] shared by every
+        row (read as [1, kv_heads, columns, d], a strided view)."""
         batch, heads, d = q.shape
         if k_cache.dim() == 3:
-            k_cache, v_cache = k_cache[None], v_cache[None]
+            k_cache, v_cache = k_cache.permute(1, 0, 2)[None], v_cache.permute(1, 0, 2)[None]
         o = _flex_attention()(q[:, :, None, :], k_cache, v_cache, block_mask=self.block_mask, scale=scale,
                               enable_gqa=heads != k_cache.shape[1])
         return o.reshape(batch, heads * d)

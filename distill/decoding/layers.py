@@ -91,10 +91,10 @@ def decode_attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads: int, kv: i
 def paged_decode_attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads: int, kv: int, d: int, eps: float,
                               k_pool, v_pool, addr, **family):
     """decode_attention_in for a paged cache: k and v go to physical columns `addr` of the pools
-    [kv, columns, d] (distill.decoding.paged); returns q."""
+    [columns, kv, d] (distill.decoding.paged); returns q."""
     q, k, v = attention_in(x, ln1, w_qkv, b_qkv, cos, sin_signed, heads, kv, d, eps, **family)
-    k_pool.index_copy_(1, addr, k.transpose(0, 1))
-    v_pool.index_copy_(1, addr, v.transpose(0, 1))
+    k_pool.index_copy_(0, addr, k)
+    v_pool.index_copy_(0, addr, v)
     return q
 
 

@@ -2,9 +2,11 @@
 
 The static cache holds prompt + max_new_tokens columns per row whatever the row uses, so at a
 4096-token cap the batch is bounded by the cap, not by the tokens rows really hold. Here each
-model keeps, per layer, one pool of blocks [kv_heads, blocks * block_size, head_dim] (the layout of
-torch's experimental PagedAttention, which FlexAttention reads), and ONE block table [rows,
-blocks per row] serves every model: expert and amateur hold the same tokens at the same columns.
+model keeps, per layer, one pool of blocks [blocks * block_size, kv_heads, head_dim], token-major so
+that gathering a row's columns for SDPA copies whole tokens (on CPU several times faster than a
+head-major gather; FlexAttention reads the pool in place as a strided [1, kv_heads, columns, d]),
+and ONE block table [rows, blocks per row] serves every model: expert and amateur hold the same
+tokens at the same columns.
 Row b's logical column c lives at physical column table[b, c // block_size] * block_size +
 c % block_size.
 
@@ -42,20 +44,24 @@ class BlockTable:
         # evaluates the mask over every column, so a column is visible only to the row owning it.
         self.owner = torch.full((num_blocks,), -1, dtype=torch.long, device=device)
         self.logical = torch.zeros(num_blocks, dtype=torch.long, device=device)
-        self.free = list(range(num_blocks - 1, SCRATCH, -1))  # pop() hands out the lowest first
+        # A pool with room for every slot at full length (no budget, as on CPU) is "fixed": nothing can
+        # be preempted, and the fast engine lays it out as the static cache (the same reads, no table
+        # to follow); its blocks are then host bookkeeping alone.
+        self.fixed = num_blocks - 1 >= rows * self.max_blocks
+        self.free = [] if self.fixed else list(range(num_blocks - 1, SCRATCH, -1))  # pop(): the lowest first
+        self.n_free = num_blocks - 1
         self.owned: list[list[int]] = [[] for _ in range(rows)]
-        self.columns = [0] * rows  # columns each slot may write (an upper bound of its cache length)
 
     def blocks_for(self, columns: int) -> int:
         return -(-columns // self.block_size)
 
     @property
     def free_blocks(self) -> int:
-        return len(self.free)
+        return self.n_free
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - 1 - len(self.free)
+        return self.num_blocks - 1 - self.n_free
 
     def live(self) -> list[int]:
         return [s for s, blocks in enumerate(self.owned) if blocks]
@@ -64,30 +70,34 @@ class BlockTable:
         """Blocks for columns 0..columns-1 of `slot` (capped at a full row); False if they are not free."""
         want = min(self.blocks_for(columns), self.max_blocks)
         have = len(self.owned[slot])
-        if want - have > len(self.free):
+        if want - have > self.n_free:
             return False
         if want > have:
-            new = [self.free.pop() for _ in range(want - have)]
+            new = (list(range(1 + slot * self.max_blocks + have, 1 + slot * self.max_blocks + want)) if self.fixed
+                   else [self.free.pop() for _ in range(want - have)])
+            self.n_free -= len(new)
             self.owned[slot] += new
+            if self.fixed:
+                return True
             ids = torch.tensor(new, dtype=torch.long)
             self.table[slot, have:want] = ids.to(self.table.device)
             ids = ids.to(self.logical.device)
             self.logical[ids] = torch.arange(have, want, device=self.logical.device)
             self.owner[ids] = slot
-        self.columns[slot] = max(self.columns[slot], columns)
         return True
 
     def release(self, slot: int) -> None:
         if self.owned[slot]:
-            self.owner[torch.tensor(self.owned[slot], device=self.owner.device)] = -1
-            self.free.extend(reversed(self.owned[slot]))
+            self.n_free += len(self.owned[slot])
+            if not self.fixed:
+                self.owner[torch.tensor(self.owned[slot], device=self.owner.device)] = -1
+                self.free.extend(reversed(self.owned[slot]))
+                self.table[slot] = SCRATCH
             self.owned[slot] = []
-            self.table[slot] = SCRATCH
-        self.columns[slot] = 0
 
     def admit(self, slot: int, columns: int, lookahead: int = 0) -> bool:
         """Room for a new row of `columns` tokens and its next `lookahead`: take its blocks, or say no."""
-        if self.blocks_for(columns + lookahead) > len(self.free):
+        if min(self.blocks_for(columns + lookahead), self.max_blocks) > self.n_free:
             return False
         return self.grow(slot, columns)
 
@@ -97,11 +107,13 @@ class BlockTable:
         Where the free blocks do not cover them all, the longest rows are preempted (released here;
         the caller recomputes them later) until the rest fit. Returns the preempted slots.
         """
+        if self.fixed:  # every slot's run of blocks is its own: nothing to hand out, nothing to preempt
+            return []
         need = {s: min(self.blocks_for(n + lookahead), self.max_blocks) - len(self.owned[s])
                 for s, n in lengths.items()}
         preempted = []
         by_length = sorted(lengths, key=lambda s: (-lengths[s], s))
-        while sum(max(0, v) for v in need.values()) > len(self.free) and len(need) > 1:
+        while sum(max(0, v) for v in need.values()) > self.n_free and len(need) > 1:
             victim = by_length.pop(0)
             need.pop(victim)
             self.release(victim)
@@ -109,7 +121,7 @@ class BlockTable:
         for s, n in lengths.items():
             if s in need and not self.grow(s, n + lookahead):
                 raise DistillError(f"internal: slot {s} cannot grow to {n + lookahead} columns with "
-                                   f"{len(self.free)} free blocks")
+                                   f"{self.n_free} free blocks")
         return preempted
 
     def addresses(self, slots: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
