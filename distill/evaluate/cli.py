@@ -19,5 +19,6 @@ def add_cli(subparsers, summary: str | None = None) -> None:
 
 def _cli(args) -> int:
     scores = run_evaluation(from_args(EvaluateConfig, args))
-    print("\n".join(summary_lines(scores)))
+    if scores is not None:  # None: a rank whose part another rank merges (distill.evaluate.shards)
+        print("\n".join(summary_lines(scores)))
     return 0

@@ -89,14 +89,19 @@ def generate_greedy(model, tokenizer, prompt_ids: Sequence[list[int]], max_new_t
 
 @torch.inference_mode()
 def sum_logprobs(model, sequences: Sequence[list[int]], starts: Sequence[int], batch_size: int,
-                 pad_id: int = 0) -> list[tuple[float, int]]:
+                 pad_id: int = 0, order: Sequence[int] | None = None) -> list[tuple[float, int]]:
     """For each sequence, (sum of log p(token | prefix) over positions >= start, count of those tokens).
 
-    Teacher-forced, right padding; start >= 1 (the first token has no prediction).
+    Teacher-forced, right padding; start >= 1 (the first token has no prediction). `order`: the
+    order in which sequences are cut into batches, as `generate_greedy`'s (default: longest first).
     """
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    if order is None:
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    elif sorted(order) != list(range(len(sequences))):
+        raise ValueError(f"order must be a permutation of range({len(sequences)})")
+    order = list(order)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         width = max(len(sequences[i]) for i in idx)

@@ -16,6 +16,10 @@ Scores go to `<model>/scores.json` (for a hub id from the HF cache: `scores/<org
 unless `out` says otherwise, responses beside them (`*.responses.jsonl`); both are written
 atomically. `--lm-eval TASKS` passes the model to
 lm-evaluation-harness for real checkpoints whose task data is cached locally.
+
+Under `torchrun --nproc_per_node N -m distill.cli evaluate ...` the ranks split the if, knowledge and
+ppl items (one GPU each) and the last to finish writes the scores, equal to one process's
+(`distill.evaluate.shards`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from distill import DistillError
 from distill.evaluate.config import ALL_SUITES, SUITES, EvaluateConfig  # noqa: F401 - SUITES, ALL_SUITES: the API
 from distill.io.files import atomic_write_json, atomic_write_text, iter_jsonl
 from distill.evaluate.metrics import OWN_SPLITS, instruction_following, knowledge_accuracy, length_stats, perplexity
+from distill.evaluate.shards import SPLIT, Shard, gather
+from distill.evaluate.shards import lock as scores_lock
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +88,17 @@ def detect_family(tokenizer, zoo: Path | None) -> str | None:
     return best[1]
 
 
-def _suite_if(model, tokenizer, rows, cfg) -> tuple[dict, list[dict]]:
-    from distill.evaluate.generate import encode_prompts, generate_greedy, render_prompt
-    from distill.evaluate.checkers import check_loose, check_strict
+def _if_prompts(tokenizer, rows) -> tuple[list[list[int]], bool]:
+    from distill.evaluate.generate import encode_prompts, render_prompt
 
     rendered = [render_prompt(tokenizer, r["instruction"]) for r in rows]
     templated = rendered[0][1]
-    ids = encode_prompts(tokenizer, [t for t, _ in rendered], templated)
-    gens = generate_greedy(model, tokenizer, ids, cfg.max_new_tokens, cfg.batch_size, desc="if")
+    return encode_prompts(tokenizer, [t for t, _ in rendered], templated), templated
+
+
+def _score_if(rows, gens, templated) -> tuple[dict, list[dict]]:
+    from distill.evaluate.checkers import check_loose, check_strict
+
     responses = [g["text"] for g in gens]
     scores = instruction_following(responses, rows, check_strict, check_loose)
     scores["prompt_format"] = "chat_template" if templated else "plain (the model has no chat template)"
@@ -101,14 +110,17 @@ def _suite_if(model, tokenizer, rows, cfg) -> tuple[dict, list[dict]]:
     return scores, records
 
 
-def _suite_knowledge(model, tokenizer, rows, cfg, family) -> tuple[dict, list[dict]]:
-    from distill.evaluate.generate import encode_prompts, generate_greedy
+def _knowledge_prompts(tokenizer, rows) -> tuple[list[list[int]], int]:
+    """The clozes' ids and the new tokens each gets: room for the longest answer, and two more."""
+    from distill.evaluate.generate import encode_prompts
 
     # A cloze is plain text for every model (chat-tuned or not): it tests stored facts, not chat.
     answers = [a for r in rows for a in (r.get("answer"), r.get("source_answer"), r.get("target_answer")) if a]
     longest = max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in answers)
-    ids = encode_prompts(tokenizer, [r["prompt"] for r in rows], templated=False)
-    gens = generate_greedy(model, tokenizer, ids, longest + 2, cfg.batch_size, desc="knowledge")
+    return encode_prompts(tokenizer, [r["prompt"] for r in rows], templated=False), longest + 2
+
+
+def _score_knowledge(rows, gens, family) -> tuple[dict, list[dict]]:
     conts = [g["text"] for g in gens]
     scores = knowledge_accuracy(conts, rows, family)
     records = [{"suite": "knowledge", "id": r.get("id", str(i)), "split": r.get("split"), "continuation": c}
@@ -116,23 +128,45 @@ def _suite_knowledge(model, tokenizer, rows, cfg, family) -> tuple[dict, list[di
     return scores, records
 
 
-def _suite_ppl(model, tokenizer, rows, cfg) -> dict:
-    from distill.evaluate.generate import sum_logprobs
-
+def _ppl_texts(tokenizer, rows, cfg) -> tuple[list[list[int]], int]:
     seqs, n_bytes = [], 0
     for r in rows:
         ids = tokenizer(r["text"], add_special_tokens=True, truncation=True, max_length=cfg.max_length)["input_ids"]
         seqs.append(ids)
         n_bytes += len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    sums = sum_logprobs(model, seqs, [1] * len(seqs), cfg.batch_size, pad)
+    return seqs, n_bytes
+
+
+def _score_ppl(rows, sums, n_bytes) -> dict:
     scores = perplexity(-sum(s for s, _ in sums), sum(n for _, n in sums), n_bytes)
     scores["texts"] = len(rows)
     return scores
 
 
+def _greedy(model, tokenizer, ids, max_new_tokens, cfg, shard, desc) -> dict[int, dict]:
+    """This rank's greedy continuations, by item index (one process: every item)."""
+    from distill.evaluate.generate import generate_greedy
+
+    mine = shard.items([len(x) for x in ids], cfg.batch_size)
+    gens = generate_greedy(model, tokenizer, [ids[i] for i in mine], max_new_tokens, cfg.batch_size, desc=desc,
+                           order=range(len(mine)))
+    return dict(zip(mine, gens))
+
+
+def _logprobs(model, tokenizer, seqs, cfg, shard) -> dict[int, tuple[float, int]]:
+    """This rank's (sum of log-probabilities, tokens) of whole texts, by item index."""
+    from distill.evaluate.generate import sum_logprobs
+
+    mine = shard.items([len(x) for x in seqs], cfg.batch_size)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sums = sum_logprobs(model, [seqs[i] for i in mine], [1] * len(mine), cfg.batch_size, pad, order=range(len(mine)))
+    return dict(zip(mine, sums))
+
+
 def run_evaluation(cfg: EvaluateConfig) -> dict:
-    """Evaluate one model; returns the scores dict and writes it (and the responses) to disk."""
+    """Evaluate one model; returns the scores dict and writes it (and the responses) to disk. Under a
+    launcher (WORLD_SIZE > 1) the ranks split the work (`distill.evaluate.shards`): the one that
+    merges returns the scores, the others None."""
     from distill.evaluate.generate import resolve_device_dtype
     from distill.io.models import load_causal_lm, load_tokenizer, resolve_model
 
@@ -180,47 +214,75 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     if not os.access(out.parent if out.parent.exists() else out.parent.parent, os.W_OK):
         raise DistillError(f"cannot write scores to {out}: pass --out to a writable path")
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    shard = Shard.current()
+    if shard.world > 1 and not any(x in inputs for x in SPLIT):
+        if shard.rank:  # nothing here is split item by item: the first rank runs it all
+            log.info("rank %d of %d: nothing to split (suites %s); rank 0 writes %s", shard.rank, shard.world,
+                     list(suites), out)
+            return None
+        shard = Shard()
     start = time.time()
     scores: dict = {"model": str(model_dir), "zoo": str(zoo) if zoo else None, "suites": list(suites),
                     "settings": {k: v for k, v in asdict(cfg).items() if k not in ("model", "zoo", "suites", "out")}}
     scores["settings"].update(device=device, dtype=str(dtype).replace("torch.", ""))
     records: list[dict] = []
-    if suites:
-        tokenizer = load_tokenizer(model_dir)
-        model = load_causal_lm(model_dir, dtype=dtype, device=device)
-        family = cfg.family or detect_family(tokenizer, zoo)
-        scores["family"] = family
-        scores["chat_template"] = bool(getattr(tokenizer, "chat_template", None))
-        if "if" in inputs:
-            scores["if"], recs = _suite_if(model, tokenizer, inputs["if"], cfg)
-            records += recs
-        if "knowledge" in inputs:
-            scores["knowledge"], recs = _suite_knowledge(model, tokenizer, inputs["knowledge"], cfg, family)
-            records += recs
-        if "ppl" in inputs:
-            scores["ppl"] = _suite_ppl(model, tokenizer, inputs["ppl"], cfg)
-        if "judge" in inputs:
-            from distill.evaluate.judge.suite import judge_suite
+    with scores_lock(out, shard) as held:
+        if suites:
+            tokenizer = load_tokenizer(model_dir)
+            model = load_causal_lm(model_dir, dtype=dtype, device=shard.device(device))
+            family = cfg.family or detect_family(tokenizer, zoo)
+            scores["family"] = family
+            scores["chat_template"] = bool(getattr(tokenizer, "chat_template", None))
+            items: dict | None = {}
+            if "if" in inputs:
+                ids, templated = _if_prompts(tokenizer, inputs["if"])
+                items["if"] = _greedy(model, tokenizer, ids, cfg.max_new_tokens, cfg, shard, "if")
+            if "knowledge" in inputs:
+                ids, max_new = _knowledge_prompts(tokenizer, inputs["knowledge"])
+                items["knowledge"] = _greedy(model, tokenizer, ids, max_new, cfg, shard, "knowledge")
+            if "ppl" in inputs:
+                seqs, n_bytes = _ppl_texts(tokenizer, inputs["ppl"], cfg)
+                items["ppl"] = _logprobs(model, tokenizer, seqs, cfg, shard)
+            if shard.world > 1:
+                items = gather(out, shard, held, items)
+                if items is None:
+                    log.info("rank %d of %d: its part is written; the last rank to finish writes %s", shard.rank,
+                             shard.world, out)
+                    return None
 
-            bench, judge = inputs["judge"]
-            cache = Path(cfg.judge_cache) if cfg.judge_cache else out.with_name(out.stem + ".judgments.jsonl")
-            # the if suite's greedy answers to the same prompt file are the judge suite's answers too
-            same = "if" in inputs and Path(bench.name) == path(cfg.prompts, "prompts", "eval.jsonl")
-            answered = {r["id"]: {"text": r["response"], "finish_reason": r["finish_reason"]}
-                        for r in records if r["suite"] == "if"} if same else None
-            scores["judge"], recs = judge_suite(model, tokenizer, bench, judge, cache, cfg.max_new_tokens,
-                                                cfg.batch_size, answered)
-            records += recs
-        del model
-    if cfg.lm_eval_tasks:
-        from distill.evaluate.lm_eval import run_lm_eval
+            def ordered(suite: str) -> list:
+                return [items[suite][i] for i in range(len(inputs[suite]))]
 
-        scores["lm_eval"] = run_lm_eval(model_dir, cfg.lm_eval_tasks, device, scores["settings"]["dtype"],
-                                        cfg.batch_size, cfg.limit)
-    scores["seconds"] = round(time.time() - start, 2)
-    atomic_write_json(out, scores)
-    if cfg.save_responses and records:
-        atomic_write_text(responses_path(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            if "if" in inputs:
+                scores["if"], recs = _score_if(inputs["if"], ordered("if"), templated)
+                records += recs
+            if "knowledge" in inputs:
+                scores["knowledge"], recs = _score_knowledge(inputs["knowledge"], ordered("knowledge"), family)
+                records += recs
+            if "ppl" in inputs:
+                scores["ppl"] = _score_ppl(inputs["ppl"], ordered("ppl"), n_bytes)
+            if "judge" in inputs:
+                from distill.evaluate.judge.suite import judge_suite
+
+                bench, judge = inputs["judge"]
+                cache = Path(cfg.judge_cache) if cfg.judge_cache else out.with_name(out.stem + ".judgments.jsonl")
+                # the if suite's greedy answers to the same prompt file are the judge suite's answers too
+                same = "if" in inputs and Path(bench.name) == path(cfg.prompts, "prompts", "eval.jsonl")
+                answered = {r["id"]: {"text": r["response"], "finish_reason": r["finish_reason"]}
+                            for r in records if r["suite"] == "if"} if same else None
+                scores["judge"], recs = judge_suite(model, tokenizer, bench, judge, cache, cfg.max_new_tokens,
+                                                    cfg.batch_size, answered)
+                records += recs
+            del model
+        if cfg.lm_eval_tasks:
+            from distill.evaluate.lm_eval import run_lm_eval
+
+            scores["lm_eval"] = run_lm_eval(model_dir, cfg.lm_eval_tasks, shard.device(device),
+                                            scores["settings"]["dtype"], cfg.batch_size, cfg.limit)
+        scores["seconds"] = round(time.time() - start, 2)
+        atomic_write_json(out, scores)
+        if cfg.save_responses and records:
+            atomic_write_text(responses_path(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     log.info("scores written to %s", out)
     return scores
 

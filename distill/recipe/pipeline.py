@@ -10,10 +10,15 @@ names it: the text route's ceiling.)
 `theory.t1` / `theory.t3` are true; both are off by default.)
 
 Every stage writes into the run directory. A stage records a key (a hash of its settings
-and of the keys of the stages it reads) in `stages.json` when it finishes; on a rerun a
-stage whose key is unchanged and whose outputs are still there is skipped. An interrupted
-stage simply runs again: synthesis appends and resumes, training resumes from its last
-checkpoint, the rest write atomically.
+and of the keys of the stages it reads) in `stages.json` when it finishes, with its wall time and
+the GPUs it held; on a rerun a stage whose key is unchanged and whose outputs are still there is
+skipped, and the report says it was cached. An interrupted stage simply runs again: synthesis
+appends and resumes, training resumes from its last checkpoint, the rest write atomically.
+
+Where a recipe has several GPUs (train.num_gpus, or synthesis.num_gpus / evaluate.num_gpus), each
+stage is launched with one process per GPU: training through DeepSpeed's launcher, synthesis and
+evaluation through torchrun, whose ranks split the prompts or items and merge what equals the
+one-process output (`distill.recipe.launch`).
 """
 
 from __future__ import annotations
@@ -24,16 +29,16 @@ import logging
 import os
 import re
 import shlex
-import subprocess
 import time
 from pathlib import Path
 
 from distill import DistillError, __version__
 from distill.io.files import atomic_write_json, fault_point
+from distill.recipe.launch import gpus_held, launch_evaluation, launch_synthesis, launch_train  # noqa: F401
 from distill.recipe.state import Stage, StageState
-from distill.train.cli import train_command, train_flags
-from distill.recipe.schema import (Recipe, apply_config, as_dict, evaluate_config, extract_config, load_recipe,
-                                   resolve_references, saved_dict, synthesize_config, train_config)
+from distill.train.cli import train_command
+from distill.recipe.schema import (PLACEMENT_KEYS, Recipe, apply_config, as_dict, evaluate_config, extract_config,
+                                   load_recipe, resolve_references, saved_dict, synthesize_config, train_config)
 
 log = logging.getLogger("distill.recipe.pipeline")
 GOLD = "gold-sft"  # the row trained on source.sft_data
@@ -42,14 +47,6 @@ GOLD = "gold-sft"  # the row trained on source.sft_data
 def _architecture(model_dir: str | Path) -> str:
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     return (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
-
-
-def launch_train(cfg, num_gpus: int) -> None:
-    """Multi-GPU training goes through DeepSpeed's own launcher, one process per GPU."""
-    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--module", "distill.train", *train_flags(cfg)]
-    log.info("launching: %s", shlex.join(cmd))
-    if subprocess.run(cmd).returncode != 0:
-        raise DistillError(f"training failed; the launcher command was: {shlex.join(cmd)}")
 
 
 class Pipeline:
@@ -62,6 +59,7 @@ class Pipeline:
         self.state = StageState(self.run_dir)
         self.notes: list[str] = []
         self.models: dict[str, str] = {}  # row name -> model directory to evaluate
+        self.ran: list[str] = []  # the stages this invocation ran (the others in stages.json are cached)
 
     # -- stages -------------------------------------------------------------------------
 
@@ -151,7 +149,8 @@ class Pipeline:
         from distill.synthesize.run import synthesize
 
         out = self.run_dir / "data" / method
-        synthesize(synthesize_config(self.recipe, method, str(out)))
+        cfg, n = synthesize_config(self.recipe, method, str(out)), self.processes("synthesis")
+        launch_synthesis(cfg, n, str(self.recipe_path)) if n > 1 else synthesize(cfg)
         return {"data": str(out)}
 
     def stage_train(self, method: str, seed: int) -> dict:
@@ -175,8 +174,15 @@ class Pipeline:
         from distill.evaluate.run import run_evaluation
 
         out = self.run_dir / "scores" / f"{row}.json"
-        run_evaluation(evaluate_config(self.recipe, model, str(out)))
+        cfg, n = evaluate_config(self.recipe, model, str(out)), self.processes("evaluate")
+        launch_evaluation(cfg, n, str(self.recipe_path)) if n > 1 else run_evaluation(cfg)
         return {"scores": str(out)}
+
+    def processes(self, section: str) -> int:
+        """How many processes (one per GPU) a stage of `section` runs on: its num_gpus, else train's."""
+        n = getattr(self.recipe, section).num_gpus
+        n = self.recipe.train.num_gpus if n is None else n
+        return n if n and n > 1 else 1
 
     def stage_theory_t1(self) -> dict:
         """T1 on the source pair: the first theory.prompts_limit synthesis prompts (as prompts.*
@@ -247,48 +253,61 @@ class Pipeline:
         s = {k: v for k, v in as_dict(r).items()}
         stages: list[Stage] = []
         models = {"target-base": r.target.base, "source-post": r.source.post}
+        # Where a stage runs (its processes, one per GPU) changes no output: no part of its key.
+        placed = {sec: {k: v for k, v in s[sec].items() if k not in PLACEMENT_KEYS}
+                  for sec in ("synthesis", "evaluate")}
+        on = {sec: self._on(getattr(r, sec).device, self.processes(sec)) for sec in ("synthesis", "evaluate")}
+        on |= {"train": self._on(None, self.processes("train")), "theory": self._on(r.theory.device)}
         wa_ok, why = self._weight_arithmetic_applies()
         if wa_ok:
             stages.append(Stage("chat-vector", {"base": r.source.base, "post": r.source.post,
-                                                "chat_vector": s["chat_vector"]}, self.stage_chat_vector))
+                                                "chat_vector": s["chat_vector"]}, self.stage_chat_vector,
+                                **self._on(r.chat_vector.device)))
             stages.append(Stage("weight-arithmetic", s["weight_arithmetic"], self.stage_weight_arithmetic,
-                                ["chat-vector"]))
+                                ["chat-vector"], **self._on(r.weight_arithmetic.device)))
             models["weight-arithmetic"] = str(self.run_dir / "models" / "weight-arithmetic")
         else:
             self.notes.append(f"Weight-arithmetic route skipped: {why}.")
         if r.theory.t1:  # the source pair alone: before synthesis, so a pair T1 cannot take fails early
-            stages.append(Stage("theory-t1", self._theory_settings("t1"), self.stage_theory_t1))
+            stages.append(Stage("theory-t1", self._theory_settings("t1"), self.stage_theory_t1, **on["theory"]))
         for method in r.synthesis.methods:  # all data first, then all training
             # The method list itself is not a setting of one method's data: adding a method reuses the others.
-            synthesis = {k: v for k, v in s["synthesis"].items() if k != "methods"}
+            synthesis = {k: v for k, v in placed["synthesis"].items() if k != "methods"}
             settings = {"source": s["source"], "prompts": s["prompts"], "synthesis": synthesis, "method": method}
-            stages.append(Stage(f"synthesize-{method}", settings, lambda m=method: self.stage_synthesize(m)))
+            stages.append(Stage(f"synthesize-{method}", settings, lambda m=method: self.stage_synthesize(m),
+                                **on["synthesis"]))
         for method in r.synthesis.methods:
             for seed in r.train.seeds:
                 name = f"train-{method}-seed{seed}"
                 settings = {"target": s["target"], "train": s["train"], "seed": seed}
                 stages.append(Stage(name, settings, lambda m=method, sd=seed: self.stage_train(m, sd),
-                                    [f"synthesize-{method}"]))
+                                    [f"synthesize-{method}"], **on["train"]))
                 models[f"{method}-seed{seed}"] = str(self.run_dir / "models" / f"{method}-seed{seed}")
         if r.source.sft_data:  # the ceiling: the same training on the teacher's own SFT data
             for seed in r.train.seeds:
                 settings = {"target": s["target"], "train": s["train"], "seed": seed, "data": r.source.sft_data}
-                stages.append(Stage(f"train-{GOLD}-seed{seed}", settings, lambda sd=seed: self.stage_train(GOLD, sd)))
+                stages.append(Stage(f"train-{GOLD}-seed{seed}", settings, lambda sd=seed: self.stage_train(GOLD, sd),
+                                    **on["train"]))
                 models[f"{GOLD}-seed{seed}"] = str(self.run_dir / "models" / f"{GOLD}-seed{seed}")
         if r.theory.t3:  # every synthesized dataset and tuned target of the run
             reads = [st.name for st in stages if st.name.startswith(("synthesize-", "train-"))]
-            stages.append(Stage("theory-t3", self._theory_settings("t3"), self.stage_theory_t3, reads))
+            stages.append(Stage("theory-t3", self._theory_settings("t3"), self.stage_theory_t3, reads, **on["theory"]))
         if r.evaluate.zoo:
             for row, model in models.items():
                 producer = [st.name for st in stages if st.name.endswith(row)]
-                stages.append(Stage(f"evaluate-{row}", {"model": model, "evaluate": s["evaluate"]},
-                                    lambda rw=row, md=model: self.stage_evaluate(rw, md), producer))
+                stages.append(Stage(f"evaluate-{row}", {"model": model, "evaluate": placed["evaluate"]},
+                                    lambda rw=row, md=model: self.stage_evaluate(rw, md), producer,
+                                    **on["evaluate"]))
         else:
             self.notes.append("Evaluation skipped: set evaluate.zoo to a directory with the world's layout.")
         reads = [st.name for st in stages if st.name.startswith(("evaluate-", "theory-"))]
         stages.append(Stage("report", {"version": __version__}, self.stage_report, reads))
         self.models = models
         return stages
+
+    @staticmethod
+    def _on(device: str | None, processes: int = 1) -> dict:
+        return {"processes": processes, "gpus": gpus_held(device, processes)}
 
     def _weight_arithmetic_applies(self) -> tuple[bool, str]:
         wa = self.recipe.weight_arithmetic
@@ -302,7 +321,8 @@ class Pipeline:
     def stage_report(self) -> dict:
         from distill.recipe.report import write_report
 
-        path = write_report(self.run_dir, self.recipe, self.recipe_path, self.state.done, self.notes)
+        path = write_report(self.run_dir, self.recipe, self.recipe_path, self.state.done, self.notes,
+                            ran=self.ran)
         return {"report": str(path)}
 
     # -- run ------------------------------------------------------------------------------
@@ -333,6 +353,7 @@ class Pipeline:
             outputs = stage.run()
             fault_point("run.stage")
             self.state.record(stage, outputs, time.time() - t0)
+            self.ran.append(stage.name)
             log.info("[%d/%d] %s done in %.1f s", i, total, stage.name, time.time() - t0)
         return self.run_dir / "report.md"
 

@@ -4,7 +4,8 @@ A recipe names the source pair, the target, the prompts and every setting of eve
 stage sections ARE the stages' configs (`distill.config.section`): `synthesis:` and `prompts:` are
 `SynthesizeConfig`, `train:` is `TrainConfig`, `evaluate:` is `EvaluateConfig`, `chat_vector:` and
 `weight_arithmetic:` are the chat-vector configs, each without the paths the pipeline fills in and
-with the recipe-only keys (`synthesis.methods`, `train.seeds`, `train.num_gpus`) on top. Every option of
+with the recipe-only keys (`synthesis.methods`, `train.seeds`, and `num_gpus` of train, synthesis and
+evaluate: how many processes, one per GPU, each stage is launched on) on top. Every option of
 a stage's command line is a key of its section, with the same name, default and help.
 Unknown keys and wrong types are errors that name the key and the file (pydantic, strict). Strings may refer
 to `${zoo}` (the embedded world's directory, when the recipe builds one), `${run_dir}`,
@@ -101,16 +102,29 @@ SynthesisConfig = section(
                                       help="codit | direct (plain sampling from the expert) | direct-masked "
                                            "(direct with CoDIT's alpha mask, beta 0: the ablation that separates "
                                            "the mask from the contrast) | best-of-n (synthesis.n direct samples, "
-                                           "the one synthesis.judge scores best kept)"))],
+                                           "the one synthesis.judge scores best kept)")),
+           ("num_gpus", Optional[int], opt(None, "processes, one per GPU: >1 launches `torchrun --nproc_per_node "
+                                                 "N` and the ranks split the prompts (the merged dataset is the "
+                                                 "one-process one); null: train.num_gpus; 1: in the pipeline's "
+                                                 "own process"))],
     doc="`distill synthesize`'s options (SynthesizeConfig), once per method; alpha is CoDIT's and direct-masked's "
         "(direct uses none).")
 TrainStageConfig = section(
     "TrainStageConfig", TrainConfig, drop=tuple(FILLED["train"]), defaults=_RERUN,
     extra=[("seeds", list[int], opt(factory=lambda: [0], help="one trained model per method and seed")),
-           ("num_gpus", Optional[int], opt(None, ">1: launch through the `deepspeed` launcher"))],
+           ("num_gpus", Optional[int], opt(None, ">1: launch through the `deepspeed` launcher, one process per "
+                                                 "GPU; synthesis and evaluate use as many unless their own "
+                                                 "num_gpus says otherwise"))],
     doc="`distill train`'s options (TrainConfig), once per method and seed.")
-EvaluateStageConfig = section("EvaluateStageConfig", EvaluateConfig, drop=tuple(FILLED["evaluate"]),
-                              doc="`distill evaluate`'s options (EvaluateConfig), once per model row.")
+EvaluateStageConfig = section(
+    "EvaluateStageConfig", EvaluateConfig, drop=tuple(FILLED["evaluate"]),
+    extra=[("num_gpus", Optional[int], opt(None, "processes, one per GPU: >1 launches `torchrun --nproc_per_node "
+                                                 "N` and the ranks split the if, knowledge and ppl items (the "
+                                                 "scores are the one-process ones); null: train.num_gpus; 1: in "
+                                                 "the pipeline's own process"))],
+    doc="`distill evaluate`'s options (EvaluateConfig), once per model row.")
+# Recipe-only keys that say where a stage runs, not what it writes: no part of its cache key.
+PLACEMENT_KEYS = ("num_gpus",)
 ChatVectorStageConfig = section("ChatVectorStageConfig", ExtractConfig, drop=tuple(FILLED["chat_vector"]),
                                 defaults=_RERUN, doc="`distill chat-vector extract`'s options (ExtractConfig).")
 WeightArithmeticConfig = section(
@@ -273,6 +287,10 @@ def _check_values(recipe: Recipe, where: str) -> None:
             check()
         except DistillError as exc:
             raise DistillError(f"{where}: {key}: {exc}") from None
+    for key in ("synthesis", "evaluate"):
+        n = getattr(recipe, key).num_gpus
+        if n is not None and n < 1:
+            raise DistillError(f"{where}: {key}.num_gpus must be >= 1 (or null: train.num_gpus), got {n}")
     th = recipe.theory
     for key, low in (("prompts_limit", 1), ("max_new_tokens", 1), ("chunk_tokens", 0), ("t3_n", 3),
                      ("batch_size", 1)):

@@ -17,10 +17,13 @@ class Stage:
     settings: dict  # everything that changes the stage's output
     run: Callable[[], dict]  # returns what later stages and the report need (paths, notes)
     inputs: list[str] = field(default_factory=list)  # names of the stages it reads
+    processes: int = 1  # how many processes it runs on (a launch across GPUs: one per GPU)
+    gpus: int = 0  # GPUs it holds while it runs (none on the CPU), for the report's GPU-hours
 
 
 class StageState:
-    """`stages.json` in the run directory: finished stages, their keys, outputs and timings."""
+    """`stages.json` in the run directory: finished stages, their keys, outputs, wall times (seconds)
+    and the processes and GPUs each ran on; rewritten atomically after each stage."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "stages.json"
@@ -38,7 +41,8 @@ class StageState:
             Path(v).exists() for v in entry.get("outputs", {}).values() if isinstance(v, str))
 
     def record(self, stage: Stage, outputs: dict, seconds: float) -> None:
-        self.done[stage.name] = {"key": self.key(stage), "outputs": outputs, "seconds": round(seconds, 1)}
+        self.done[stage.name] = {"key": self.key(stage), "outputs": outputs, "seconds": round(seconds, 1),
+                                 "processes": stage.processes, "gpus": stage.gpus}
         atomic_write_json(self.path, self.done)
 
     def forget(self, names: list[str]) -> None:

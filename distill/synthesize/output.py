@@ -27,11 +27,7 @@ def prepare_out(cfg, prompt_ids: list[str], record: dict) -> Path:
         if out.exists() and not out.is_dir():
             raise DistillError(f"output {out} is a file; choose a directory path for --out")
         if prov.exists():
-            old = json.loads(prov.read_text())["settings"]
-            # A key an older distill did not record counts as its default (the rows were made that way).
-            defaults = {f.name: f.default for f in dataclasses.fields(type(cfg))} | LEGACY_DEFAULTS
-            changed = {k: (old.get(k, defaults.get(k)), v) for k, v in cfg.settings().items()
-                       if k not in SELECTION_KEYS and old.get(k, defaults.get(k)) != v}
+            changed = changed_settings(out, cfg)
             # An output without a finished row (a run that failed at once) has nothing to lose.
             if changed and not cfg.overwrite and finished_rows(out):
                 raise DistillError(f"output {out} holds a run with other settings {changed}; rerun with the "
@@ -49,6 +45,36 @@ def prepare_out(cfg, prompt_ids: list[str], record: dict) -> Path:
         raise storage_error(exc, out) or DistillError(f"cannot write to {out} ({exc.strerror}); choose a writable "
                                                       f"--out") from None
     return out
+
+
+def changed_settings(out: Path, cfg) -> dict:
+    """{setting: (recorded, now)} for each row-changing setting in which the run recorded in D's
+    provenance differs from `cfg` (empty: no run there, or the same settings)."""
+    prov = Path(out) / "provenance.json"
+    if not prov.exists():
+        return {}
+    old = json.loads(prov.read_text())["settings"]
+    # A key an older distill did not record counts as its default (the rows were made that way).
+    defaults = {f.name: f.default for f in dataclasses.fields(type(cfg))} | LEGACY_DEFAULTS
+    return {k: (old.get(k, defaults.get(k)), v) for k, v in cfg.settings().items()
+            if k not in SELECTION_KEYS and old.get(k, defaults.get(k)) != v}
+
+
+def discard_before_launch(cfg) -> bool:
+    """What the ranks of a launch cannot do themselves (`discard_rows` refuses under WORLD_SIZE > 1):
+    with --overwrite, drop an older run made with other settings. Run once, by the process that
+    launches the ranks, before it launches them; True if it discarded one."""
+    from distill.io.locking import output_lock
+
+    out = Path(cfg.out)
+    if not cfg.overwrite or not out.is_dir():
+        return False
+    with output_lock(out, "synthesis output"):
+        if not changed_settings(out, cfg):
+            return False
+        discard_rows(out)
+        (out / "provenance.json").unlink()  # else every rank would find the old settings and discard again
+    return True
 
 
 def only_skeleton(out: Path) -> bool:

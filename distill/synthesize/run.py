@@ -53,6 +53,8 @@ def _load(cfg: SynthesizeConfig, local_rank: int, vocab: int):
     device = cfg.device
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and _rank()[1] > 1:  # plain cuda is the first GPU: every rank would share it
+        device = f"cuda:{local_rank}"
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)  # one GPU per rank; CUDA graphs capture on the current device
     dtype = torch_dtype(cfg.dtype, device)
