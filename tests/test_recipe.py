@@ -255,6 +255,10 @@ def test_multi_gpu_training_goes_through_the_deepspeed_launcher_with_parseable_f
     pipeline = recipe_mod.Pipeline(recipe, MISTRAL_TO_QWEN)
     pipeline.state.done["synthesize-codit"] = {"key": "k", "outputs": {"data": str(tmp_path / "data")}}
     seen = []
+    import distill.recipe.launch as launch
+
+    assert recipe.train.deepspeed == "auto"  # the recipe's; decided once for the launch (here: as 8 GPUs would)
+    monkeypatch.setattr(launch, "resolve_deepspeed_auto", lambda model, gpus: "zero3" if gpus == 8 else "?")
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     pipeline.stage_train("codit", 1)
     cmd = seen[0]
