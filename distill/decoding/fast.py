@@ -277,13 +277,10 @@ class FastPair:
         return post_step is not None
 
     @staticmethod
-    def aligned_capacity(capacity: int, decode_attention: str = "sdpa", block_size: int | None = None) -> int:
+    def aligned_capacity(capacity: int, decode_attention: str = "sdpa") -> int:
         """Cache columns per row of a static cache: flex needs whole 128-column blocks and sdpa's
-        kernels like 64-aligned widths (with `block_size`: whole blocks too)."""
-        import math
-
+        kernels like 64-aligned widths."""
         align = 128 if decode_attention == "flex" else 64
-        align = math.lcm(align, block_size) if block_size else align
         return -(-capacity // align) * align
 
     @classmethod
@@ -291,9 +288,9 @@ class FastPair:
                        kv_blocks: int | None) -> tuple[int, int]:
         """(columns per row, blocks in the pool) of a paged cache. Without a budget, or with one that
         holds every row at full length, the pool is "fixed" and laid out as the static cache (its
-        alignment); else rows hold whole blocks only."""
-        static = cls.aligned_capacity(capacity, decode_attention, block_size)
-        full = rows * (static // block_size) + 1  # + the scratch block
+        columns; its blocks are bookkeeping); else rows hold whole blocks."""
+        static = cls.aligned_capacity(capacity, decode_attention)
+        full = rows * -(-static // block_size) + 1  # + the scratch block
         if kv_blocks is None or kv_blocks >= full:
             return static, full
         return -(-capacity // block_size) * block_size, kv_blocks

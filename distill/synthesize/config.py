@@ -68,8 +68,8 @@ class SynthesizeConfig:
     dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = opt(
         "auto", "model dtype; auto = bfloat16 on cuda (float16 where bf16 is not native), float32 on cpu")
     engine: Literal["auto", "eager", "fast"] = opt(
-        "auto", "auto: the fast static-cache/CUDA-graph engine on cuda for Llama, Mistral, Qwen2/3, Gemma-3 and "
-                "Olmo-2/3, else the eager Hugging Face engine (the card records which ran)")
+        "auto", "auto: the fast engine (paged KV cache, CUDA graphs on a GPU) for Llama, Mistral, Qwen2/3, "
+                "Gemma-3 and Olmo-2/3, else the eager Hugging Face engine (the card records which ran)")
     cuda_graphs: bool = opt(True, "fast engine: replay the decode step as CUDA graphs (--no-cuda-graphs: a fallback "
                                   "if graph capture misbehaves on your setup)")
     compile_layers: Optional[bool] = opt(None, "fast engine: torch.compile the per-layer work around attention "
