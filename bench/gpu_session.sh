@@ -4,11 +4,14 @@
 #   bash bench/gpu_session.sh main     # under 10 min (one call, timeout_s 600): the goals' lines
 #   bash bench/gpu_session.sh extra    # about 7 min, if the budget still allows a start
 #   bash bench/gpu_session.sh families # about 8 min: the model families' GPU tests and CoDIT lines
+#   bash bench/gpu_session.sh paged    # under 10 min: issue 21's decoding goals (paged KV cache, the
+#                                      # real workload, the 256-token line) and the fused loss vs Liger
+#   bash bench/gpu_session.sh zero3    # about 6 min: ZeRO-3 with the levers that made ZeRO-2 fast
 # Each part has its own time budgets and writes its results as it goes.
 #
 #   wheels first, in the project venv (the GPU image has no deepspeed/datasets/evaluate):
 #     .venv/bin/pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8 hjson pydantic \
-#         pydantic-core annotated-types typing-inspection datasets dill multiprocess evaluate
+#         pydantic-core annotated-types typing-inspection datasets dill multiprocess evaluate liger-kernel
 #   then run one part per command on the GPU machine, with the .whl/ folder carried along.
 #   Results land under $OUT (or bench/gpu-results).
 #
@@ -47,7 +50,7 @@
 #    family within 10 % of the Mistral line once normalised.
 set -uo pipefail
 PART=${1:-main}
-case "$PART" in main|extra|families) ;; *) echo "usage: bash bench/gpu_session.sh main|extra|families" >&2; exit 2 ;; esac
+case "$PART" in main|extra|families|paged|zero3) ;; *) echo "usage: bash bench/gpu_session.sh main|extra|families|paged|zero3" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-results}
 export PYTHONUNBUFFERED=1
@@ -72,6 +75,29 @@ TORCH_LOGS=recompiles timeout 355 python3 bench/train_bench.py --device cuda --s
 stamp decoding
 timeout 125 python3 bench/decoding_bench.py --device cuda --hf-batches 128 --hf-methods contrast --batches 128 \
     --concurrent-models off,on --budget-s 100 --json "$W/decoding.json" 2>&1 | tee "$OUT/decoding.txt" | grep -E "^\||fast engine|compile"
+elif [ "$PART" = paged ]; then
+# issue 21, not run yet. 1. the paged cache's GPU parity tests (CUDA graphs, sdpa and flex, a budget
+# that preempts); 2. the real workload: 2,000 prompts of LMSYS-Chat-1M-shaped lengths, cap 4096,
+# Llama-3.1-8B pair, paged against static in one run (goal: >= 2x end to end, steady state >= 60 %
+# of the bandwidth bound); 3. the fixed 256-token line at batch 128 (goal >= 8,000 tokens/s on an
+# H100); 4. the fused loss against Liger-Kernel's at Qwen2.5's vocabulary.
+stamp paged gpu tests
+timeout 90 python3 -m pytest -p no:cacheprovider -m gpu tests/test_paged.py tests/test_decoding.py --tb=short 2>&1 \
+    | tee "$OUT/gpu_tests_paged.txt" | tail -4
+stamp workload
+timeout 330 python3 bench/decoding_workload.py --device cuda --config llama3.1-8b --prompts 2000 \
+    --caches paged,static --json "$W/decoding_workload.json" 2>&1 | tee "$OUT/decoding_workload.txt" | grep -E "^\{|paged /"
+stamp fixed line
+timeout 90 python3 bench/decoding_bench.py --device cuda --skip-hf --batches 128 --budget-s 70 \
+    --json "$W/decoding_fixed.json" 2>&1 | tee "$OUT/decoding_fixed.txt" | grep -E "^\||fast engine|compile"
+stamp fused loss vs liger
+timeout 60 python3 bench/fused_ce_bench.py --device cuda --tokens 8192 --hidden 1536 --vocab 151936 --dtype bfloat16 \
+    2>&1 | tee "$OUT/fused_ce_liger.txt" | grep -E "^\||Liger"
+elif [ "$PART" = zero3 ]; then
+stamp zero3
+TORCH_LOGS=recompiles timeout 345 python3 bench/train_bench.py --device cuda --steps 6 --budget-s 335 \
+    --configs zero3-compile-flex@8x4,zero3@8x4,zero2-compile-flex-nooverlap-nocheck@8x4 \
+    --json "$W/train_zero3.json" 2>&1 | tee "$OUT/train_zero3.txt" | grep -E "^\||^  [a-z0-9@-]+: "
 elif [ "$PART" = families ]; then
 stamp family gpu tests
 timeout 220 python3 -m pytest -p no:cacheprovider -m gpu tests/test_fast_families.py --tb=short 2>&1 \

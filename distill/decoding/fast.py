@@ -218,6 +218,8 @@ class FastPair:
         # A pool with room for every row at full length ("fixed") is laid out as the static cache: the
         # same memory, and the same reads (a gather costs ~5 % of CoDIT tokens/s on CPU, BENCHMARKS.md).
         self.paged_layout = self.blocks is not None and not self.blocks.fixed
+        if self.paged_layout and not (cuda_graphs and self.device.type == "cuda") and bucket is None:
+            self.bucket = self.block_size  # no graph per width to keep: gather only the blocks rows reach
         for lm in self.lms:
             if self.paged_layout:
                 lm.allocate_paged(self.blocks.num_blocks * self.block_size)
