@@ -208,3 +208,17 @@ def test_a_request_cap_ends_its_row_early_and_changes_nothing_before(pairs, tok,
         assert capped[k].tokens == full[k].tokens[:cap]
         assert capped[k].finish_reason == ("length" if len(full[k].tokens) > cap else full[k].finish_reason)
     assert dec.steps > 0 and dec.row_steps > 0 and dec.kv_token_steps > dec.row_steps  # rows hold > 1 token
+
+
+def test_the_synthesize_command_line_takes_batch_size_auto_or_a_number():
+    from distill.cli import build_parser
+    from distill.config import from_args
+    from distill.synthesize.config import SynthesizeConfig
+
+    base = ["synthesize", "--expert", "E", "--prompts", "P", "--out", "O", "--method", "direct"]
+    for given, want in ((["--batch-size", "auto"], "auto"), (["--batch-size", "64"], 64), ([], "auto")):
+        argv = base + given + ["--kv-blocks", "9"]
+        cfg = from_args(SynthesizeConfig, build_parser(argv).parse_args(argv))
+        assert cfg.batch_size == want and cfg.kv_blocks == 9 and cfg.kv_cache == "paged"
+    with pytest.raises(DistillError, match="batch_size must be a number of rows or auto, got 'lots'"):
+        from_args(SynthesizeConfig, build_parser(base).parse_args(base + ["--batch-size", "lots"]))
