@@ -87,6 +87,8 @@ def test_paged_equals_static_equals_eager_under_a_small_block_budget(pairs, tok,
     if temperature:
         assert lengths[0] < 15 and lengths[-1] == 40  # very different lengths
     assert roomy[2].preemptions == 0 and tight[2].preemptions > 0
+    assert roomy[2].deferred == 0 and tight[2].deferred > 0  # admission waited for blocks, too
+    assert roomy[2].peak_rows == 4
     # roomy: 4 slots x 8 blocks (51 columns, aligned to 64) + scratch, laid out as the static cache
     assert tight[2].kv_blocks == 9 and roomy[2].kv_blocks == 4 * 8 + 1
     assert roomy[2].backend.blocks.fixed and not tight[2].backend.blocks.fixed

@@ -177,6 +177,7 @@ class ContrastiveDecoder:
                                f"{next(amateur.parameters()).device}); the engine steps both in one process")
         self.tokens_generated = 0
         self.preemptions = 0  # paged cache: rows stopped for want of blocks and recomputed later
+        self.deferred = 0  # paged cache: admissions put off because the free blocks did not hold the row
         self.peak_rows = 0  # the most rows live at once (the batch the engine held)
         # summed over decode steps: steps, rows live, their cache tokens (mean batch = row_steps / steps)
         self.steps = self.row_steps = self.kv_token_steps = 0
@@ -342,6 +343,7 @@ class ContrastiveDecoder:
                 break
             r = queue[0]
             if hasattr(backend, "admit") and not backend.admit(i, len(r.prompt_ids) + len(r.prefix), cfg.check_every):
+                self.deferred += 1
                 break  # paged cache: no blocks for it now; rows finishing free them
             taken.append(i)
             reqs.append(queue.popleft())
