@@ -249,18 +249,11 @@ class ContrastiveDecoder:
         cfg, block = self.config, self.config.kv_block_size
         auto = cfg.batch_size == "auto"
         rows = min(n_requests, (AUTO_ROWS if gpu else CPU_ROWS) if auto else cfg.batch_size)
-        _, full = FastPair.paged_geometry(capacity, levers["decode_attention"], block, rows, None)  # never preempts
-        per_row = -(-capacity // block)
-        blocks = cfg.kv_blocks
-        if blocks is None and gpu:
-            blocks = min(full, paged.blocks_that_fit(self.models, block, rows))
-            if blocks - 1 < per_row:
-                raise DistillError(f"no room in GPU memory for the KV cache of one row of {capacity} tokens "
-                                   f"({per_row} blocks of {block}) beside the models; lower max_new_tokens or use a "
-                                   f"larger GPU")
-        blocks = blocks or full
+        static = FastPair.aligned_capacity(capacity, levers["decode_attention"])
+        blocks = paged.pool_blocks(self.models, capacity, static, block, rows, cfg.kv_blocks, gpu)
+        fixed = blocks >= paged.geometry(capacity, static, block, rows, None)[1]
         log.info("paged KV cache: %d blocks of %d tokens (%d rows at full length), %d slots%s", blocks - 1, block,
-                 (blocks - 1) // per_row, rows, ", admitted while blocks are free" if blocks < full else "")
+                 (blocks - 1) // -(-capacity // block), rows, "" if fixed else ", admitted while blocks are free")
         self.kv_blocks = blocks
         return FastPair(self.models, rows, capacity, kv_cache="paged", kv_blocks=blocks, block_size=block,
                         **levers), rows

@@ -136,7 +136,35 @@ class BlockTable:
         return self.table[:, torch.div(cols, bs, rounding_mode="floor")] * bs + cols % bs
 
 
-# --- what fits in GPU memory: the fast engine's cache, static or paged ---------------------------
+# --- the pool's size, and what fits in GPU memory ---------------------------------------------
+
+def geometry(capacity: int, static_columns: int, block_size: int, rows: int,
+             kv_blocks: int | None) -> tuple[int, int]:
+    """(columns per row, blocks in the pool) of a paged cache for rows of `capacity` tokens.
+
+    Without a budget, or with one that holds every row at full length, the pool is "fixed" and laid
+    out as the static cache (its `static_columns`; the blocks are bookkeeping); else rows hold whole
+    blocks."""
+    full = rows * -(-static_columns // block_size) + 1  # + the scratch block
+    if kv_blocks is None or kv_blocks >= full:
+        return static_columns, full
+    return -(-capacity // block_size) * block_size, kv_blocks
+
+
+def pool_blocks(models, capacity: int, static_columns: int, block_size: int, rows: int, kv_blocks: int | None,
+                gpu: bool) -> int:
+    """The pool for `rows` slots: `kv_blocks`, else on a GPU what free memory holds (no more than every
+    row at full length needs), else room for every row at full length."""
+    full = geometry(capacity, static_columns, block_size, rows, None)[1]
+    if kv_blocks is not None or not gpu:
+        return kv_blocks or full
+    blocks = min(full, blocks_that_fit(models, block_size, rows))
+    per_row = -(-capacity // block_size)
+    if blocks - 1 < per_row:
+        raise DistillError(f"no room in GPU memory for the KV cache of one row of {capacity} tokens ({per_row} "
+                           f"blocks of {block_size}) beside the models; lower max_new_tokens or use a larger GPU")
+    return blocks
+
 
 RESERVE_FRACTION = 0.1  # of the GPU's memory, left to the allocator, CUDA graphs and kernels' workspaces
 
