@@ -131,9 +131,8 @@ class BlockTable:
 
     def gather_index(self, width: int) -> torch.Tensor:
         """[rows, width] physical columns of every row's logical columns 0..width-1 (width <= a full row)."""
-        cols = torch.arange(width, device=self.table.device)
-        bs = self.block_size
-        return self.table[:, torch.div(cols, bs, rounding_mode="floor")] * bs + cols % bs
+        rows = torch.arange(self.table.shape[0], device=self.table.device)
+        return self.addresses(rows[:, None], torch.arange(width, device=self.table.device)[None, :])
 
 
 # --- the pool's size, and what fits in GPU memory ---------------------------------------------
