@@ -9,7 +9,7 @@ from distill import DistillError
 from distill.decoding.engine import ContrastiveDecoder, DecodingConfig, Request
 from distill.decoding.step import (contrastive_scores, next_token, plausibility_mask, row_uniform, select_next,
                                    top_p_filter)
-from tiny import make_model, make_tokenizer
+from tiny import make_model, make_tokenizer, score_recorder
 
 TEXTS = ["the quick brown fox", "answer", "write the response in lowercase letters and end with the word",
          "the capital", "please repeat the request", "the lazy dog"]
@@ -32,12 +32,7 @@ def run(expert, amateur, vocab, prompts, hook=None, stop_ids=(2,), **kw):
 
 def run_with_scores(expert, amateur, vocab, prompts, **kw):
     """run(), plus every live row's score vector keyed by (request key, step)."""
-    seen = {}
-
-    def hook(keys, steps, active, scores):
-        for k, s, a, row in zip(keys, steps, active, scores):
-            if a:
-                seen[k, s] = row.clone()
+    seen, hook = score_recorder()
 
     return run(expert, amateur, vocab, prompts, hook, **kw), seen
 

@@ -13,6 +13,7 @@ import torch
 from distill import DistillError
 from distill.decoding.engine import ContrastiveDecoder, DecodingConfig, Request
 from family_models import FAMILIES, FAST_FAMILIES, WINDOW, make_family_model
+from tiny import score_recorder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,12 +47,7 @@ def run(models, beta=0.5, hook=True, **kw):
     """Greedy CoDIT; every live row's score vector keyed by (request key, step), and the decoder.
 
     hook=False: no score hook, so that on a GPU the token choice runs inside the CUDA graph too."""
-    seen = {}
-
-    def record(keys, steps, active, scores):
-        for k, s, a, row in zip(keys, steps, active, scores):
-            if a:
-                seen[k, s] = row.clone()
+    seen, record = score_recorder()
 
     cfg = DecodingConfig(alpha=0.1, beta=beta, temperature=0.0, max_new_tokens=kw.pop("max_new_tokens", 16),
                          batch_size=3, check_every=4, **kw)

@@ -8,7 +8,7 @@ import torch
 from distill import DistillError
 from distill.decoding.engine import ContrastiveDecoder, DecodingConfig, Request
 from distill.decoding.paged import BlockTable
-from tiny import make_model, make_tokenizer
+from tiny import make_model, make_tokenizer, score_recorder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,12 +37,7 @@ def run(models, vocab, prompts, stops=(2,), hook=True, **kw):
     """Tokens, finish reasons and every live row's scores by (key, step), and the decoder.
 
     hook=False: no score hook, so that on a GPU the token choice runs inside the CUDA graph too."""
-    seen = {}
-
-    def record(keys, steps, active, scores):
-        for k, s, a, row in zip(keys, steps, active, scores):
-            if a:
-                seen[k, s] = row.clone()
+    seen, record = score_recorder()
 
     dec = ContrastiveDecoder(*models, vocab, stops, DecodingConfig(**kw), pad_token_id=3,
                              score_hook=record if hook else None)

@@ -35,17 +35,6 @@ AUTO_ROWS = 256  # slots of batch_size auto on a GPU with the paged cache; the f
 CPU_ROWS = 32  # batch_size auto elsewhere (CPU, the static cache, the eager engine)
 
 # ---------------------------------------------------------------------------------------------
-# Output rows, checked once the models are loaded (the tokenizers are checked before: distill.decoding.pair)
-# ---------------------------------------------------------------------------------------------
-
-def check_embedding_rows(model, vocab_size: int, name: str) -> None:
-    rows = model.get_output_embeddings().weight.shape[0]
-    if rows < vocab_size:
-        raise DistillError(f"{name} has {rows} output rows but its tokenizer has {vocab_size} tokens; "
-                           f"the tokenizer does not belong to this model")
-
-
-# ---------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------
 
@@ -212,7 +201,7 @@ class ContrastiveDecoder:
                 self.engine_used, self.engine_reason = "fast", None
                 if self.config.kv_cache == "paged":
                     return self._paged(n_requests, capacity, gpu, levers)
-                batch = min(n_requests, CPU_ROWS if self.config.batch_size == "auto" else self.config.batch_size)
+                batch = self._slots(n_requests, CPU_ROWS)
                 if gpu:
                     columns = FastPair.aligned_capacity(capacity, attention)
                     from distill.decoding import paged
@@ -237,7 +226,7 @@ class ContrastiveDecoder:
             self.engine_reason = reason
         from distill.decoding.eager import EagerPair
 
-        batch = min(n_requests, CPU_ROWS if self.config.batch_size == "auto" else self.config.batch_size)
+        batch = self._slots(n_requests, CPU_ROWS)
         return EagerPair(self.models, batch, self.pad_token_id), batch
 
     def _paged(self, n_requests: int, capacity: int, gpu: bool, levers: dict):
@@ -246,17 +235,19 @@ class ContrastiveDecoder:
         from distill.decoding import paged
         from distill.decoding.fast import FastPair
 
-        cfg, block = self.config, self.config.kv_block_size
-        auto = cfg.batch_size == "auto"
-        rows = min(n_requests, (AUTO_ROWS if gpu else CPU_ROWS) if auto else cfg.batch_size)
+        block, rows = self.config.kv_block_size, self._slots(n_requests, AUTO_ROWS if gpu else CPU_ROWS)
         static = FastPair.aligned_capacity(capacity, levers["decode_attention"])
-        blocks = paged.pool_blocks(self.models, capacity, static, block, rows, cfg.kv_blocks, gpu)
-        fixed = blocks >= paged.geometry(capacity, static, block, rows, None)[1]
-        log.info("paged KV cache: %d blocks of %d tokens (%d rows at full length), %d slots%s", blocks - 1, block,
-                 (blocks - 1) // -(-capacity // block), rows, "" if fixed else ", admitted while blocks are free")
-        self.kv_blocks = blocks
-        return FastPair(self.models, rows, capacity, kv_cache="paged", kv_blocks=blocks, block_size=block,
-                        **levers), rows
+        self.kv_blocks = paged.pool_blocks(self.models, capacity, static, block, rows, self.config.kv_blocks, gpu)
+        pair = FastPair(self.models, rows, capacity, kv_cache="paged", kv_blocks=self.kv_blocks, block_size=block,
+                        **levers)
+        log.info("paged KV cache: %d blocks of %d tokens (%d rows at full length), %d slots%s", self.kv_blocks - 1,
+                 block, (self.kv_blocks - 1) // pair.blocks.max_blocks, rows,
+                 "" if pair.blocks.fixed else ", admitted while blocks are free")
+        return pair, rows
+
+    def _slots(self, n_requests: int, auto_rows: int) -> int:
+        """The batch: batch_size (auto_rows when "auto"), never more than the requests."""
+        return min(n_requests, auto_rows if self.config.batch_size == "auto" else self.config.batch_size)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
         """Yield one Result per request, in order of completion."""

@@ -229,6 +229,14 @@ def check_pair(expert: str, amateur: str | None = None, trust_remote_code: bool 
     return tok, check
 
 
+def check_embedding_rows(model, vocab_size: int, name: str) -> None:
+    """The loaded model's output rows against its tokenizer (the config-level twin: _check_rows)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise DistillError(f"{name} has {rows} output rows but its tokenizer has {vocab_size} tokens; "
+                           f"the tokenizer does not belong to this model")
+
+
 def _check_rows(config: dict, vocab: int, what: str, model_dir: Path) -> None:
     rows = output_rows(config)
     if rows is not None and rows < vocab:

@@ -47,7 +47,7 @@ def _load(cfg: SynthesizeConfig, local_rank: int, vocab: int):
     """The models, on this rank's device."""
     import torch
 
-    from distill.decoding.engine import check_embedding_rows
+    from distill.decoding.pair import check_embedding_rows
     from distill.io.models import load_causal_lm, torch_dtype
 
     device = cfg.device
